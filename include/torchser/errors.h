@@ -1,0 +1,97 @@
+#pragma once
+
+/// \file
+/// The exceptions torchser throws.
+///
+/// The names mirror the Python exception classes that huggingface_hub raises
+/// (`ValueError`, `OSError`, `huggingface_hub.errors.DDUFError`, ...), so that
+/// code ported from Python catches the same thing. Everything derives from
+/// `torchser::Error`, which derives from `std::runtime_error`; messages keep
+/// the reference's text byte for byte where it has one, and name the file,
+/// entry or key where it does not. Errors raised by LibTorch itself
+/// (`c10::Error`) are never caught and rewrapped.
+
+#include <stdexcept>
+#include <string>
+
+#include <torchser/export.h>
+
+namespace torchser {
+
+/// Root of every exception torchser throws itself.
+class TORCHSER_API Error : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+  // Out-of-line destructors anchor each vtable and type_info in the library.
+  ~Error() override;
+};
+
+/// Python `ValueError`: an argument or a file's content has the wrong value.
+class TORCHSER_API ValueError : public Error {
+ public:
+  using Error::Error;
+  ~ValueError() override;
+};
+
+/// Python `KeyError`: a lookup in a fixed table failed (for example a dtype
+/// that the format has no name for).
+class TORCHSER_API KeyError : public Error {
+ public:
+  using Error::Error;
+  ~KeyError() override;
+};
+
+/// Python `RuntimeError`: an operation cannot be carried out as asked
+/// (for example strict loading with missing keys).
+class TORCHSER_API RuntimeError : public Error {
+ public:
+  using Error::Error;
+  ~RuntimeError() override;
+};
+
+/// Python `OSError`: a file could not be read or written, or is not what
+/// its name says.
+class TORCHSER_API OSError : public Error {
+ public:
+  using Error::Error;
+  ~OSError() override;
+};
+
+/// Python `FileNotFoundError` (a subclass of `OSError`, as in Python).
+class TORCHSER_API FileNotFoundError : public OSError {
+ public:
+  using OSError::OSError;
+  ~FileNotFoundError() override;
+};
+
+/// `huggingface_hub.errors.DDUFError`: base of the DDUF errors.
+class TORCHSER_API DDUFError : public Error {
+ public:
+  using Error::Error;
+  ~DDUFError() override;
+};
+
+/// `huggingface_hub.errors.DDUFCorruptedFileError`: the archive is damaged or
+/// breaks a DDUF rule.
+class TORCHSER_API DDUFCorruptedFileError : public DDUFError {
+ public:
+  using DDUFError::DDUFError;
+  ~DDUFCorruptedFileError() override;
+};
+
+/// `huggingface_hub.errors.DDUFExportError`: an export could not be completed.
+class TORCHSER_API DDUFExportError : public DDUFError {
+ public:
+  using DDUFError::DDUFError;
+  ~DDUFExportError() override;
+};
+
+/// `huggingface_hub.errors.DDUFInvalidEntryNameError`: an entry name breaks
+/// the DDUF naming rules.
+class TORCHSER_API DDUFInvalidEntryNameError : public DDUFExportError {
+ public:
+  using DDUFExportError::DDUFExportError;
+  ~DDUFInvalidEntryNameError() override;
+};
+
+} // namespace torchser

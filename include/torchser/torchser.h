@@ -1,0 +1,14 @@
+#pragma once
+
+/// \file
+/// Umbrella header: everything torchser offers. Prefer the single headers in
+/// code that cares about compile time (module.h pulls in torch::nn).
+
+#include <torchser/constants.h>
+#include <torchser/errors.h>
+#include <torchser/export.h>
+#include <torchser/module.h>
+#include <torchser/split.h>
+#include <torchser/state_dict.h>
+#include <torchser/storage.h>
+#include <torchser/version.h>

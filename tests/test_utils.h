@@ -1,0 +1,78 @@
+#pragma once
+
+// Helpers shared by the test files.
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <system_error>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+namespace torchser::testing {
+
+/// The fixtures written by the Python reference implementations (a verbatim
+/// copy of the project's shared fixtures, see tests/fixtures/README.md).
+inline std::filesystem::path fixtures_dir() {
+  return std::filesystem::path(TORCHSER_FIXTURES_DIR);
+}
+
+inline std::string read_file(const std::filesystem::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) {
+    throw std::runtime_error("cannot open test file " + path.string());
+  }
+  std::ostringstream content;
+  content << in.rdbuf();
+  return content.str();
+}
+
+/// A fresh directory under the system temp dir, removed with its content.
+class TempDir {
+ public:
+  TempDir() {
+    std::string pattern =
+        (std::filesystem::temp_directory_path() / "torchser-test-XXXXXX")
+            .string();
+    if (::mkdtemp(pattern.data()) == nullptr) {
+      throw std::runtime_error("mkdtemp failed for " + pattern);
+    }
+    path_ = pattern;
+  }
+  ~TempDir() {
+    std::error_code ignored;
+    std::filesystem::remove_all(path_, ignored);
+  }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+
+  const std::filesystem::path& path() const {
+    return path_;
+  }
+  std::filesystem::path operator/(const std::string& name) const {
+    return path_ / name;
+  }
+
+ private:
+  std::filesystem::path path_;
+};
+
+} // namespace torchser::testing
+
+/// EXPECT that `statement` throws exactly `exception_type` (or a subclass)
+/// with a message equal to `message`.
+#define EXPECT_THROW_MESSAGE(statement, exception_type, message) \
+  EXPECT_THAT(                                                   \
+      [&] { statement; },                                        \
+      ::testing::ThrowsMessage<exception_type>(::testing::StrEq(message)))
+
+/// EXPECT that `statement` throws `exception_type` with a message that
+/// contains `fragment`.
+#define EXPECT_THROW_CONTAINS(statement, exception_type, fragment) \
+  EXPECT_THAT(                                                     \
+      [&] { statement; },                                          \
+      ::testing::ThrowsMessage<exception_type>(                    \
+          ::testing::HasSubstr(fragment)))

@@ -1,0 +1,16 @@
+#include <torchser/errors.h>
+
+namespace torchser {
+
+Error::~Error() = default;
+ValueError::~ValueError() = default;
+KeyError::~KeyError() = default;
+RuntimeError::~RuntimeError() = default;
+OSError::~OSError() = default;
+FileNotFoundError::~FileNotFoundError() = default;
+DDUFError::~DDUFError() = default;
+DDUFCorruptedFileError::~DDUFCorruptedFileError() = default;
+DDUFExportError::~DDUFExportError() = default;
+DDUFInvalidEntryNameError::~DDUFInvalidEntryNameError() = default;
+
+} // namespace torchser
