@@ -6,8 +6,6 @@
 #include <limits>
 #include <string>
 
-#include <c10/util/Exception.h>
-
 #include <torchser/errors.h>
 #include <torchser/storage.h>
 
@@ -230,6 +228,7 @@ namespace detail {
 StateDictSplit plan_shards(
     const std::vector<PlanEntry>& entries,
     std::size_t group_count,
+    bool keys_unique,
     const SplitOptions& options) {
   const FilenamePattern pattern(options.filename_pattern());
   const std::int64_t max = options.max_shard_size().bytes();
@@ -336,7 +335,16 @@ StateDictSplit plan_shards(
   split.metadata.total_size = total_size;
   split.is_sharded = shard_count > 1;
   split.filename_to_tensors.reserve(shard_count);
-  split.tensor_to_filename.reserve(n);
+  // Keys from a container with unique keys go in without a duplicate check,
+  // and their index is built once at the end.
+  std::vector<OrderedMap<std::string>::Item> owners;
+  std::vector<std::size_t> owner_hashes;
+  if (keys_unique) {
+    owners.reserve(n);
+    owner_hashes.reserve(n);
+  } else {
+    split.tensor_to_filename.reserve(n);
+  }
   for (std::size_t s = 0; s < shard_count; ++s) {
     std::string filename =
         pattern.format(shard_count == 1 ? "" : shard_suffix(s, shard_count));
@@ -344,15 +352,25 @@ StateDictSplit plan_shards(
     names.reserve(shards[s].size());
     for (const std::size_t e : shards[s]) {
       names.emplace_back(entries[e].key);
+      if (keys_unique) {
+        owner_hashes.push_back(OrderedMap<std::string>::hash_of(names.back()));
+        owners.emplace_back(names.back(), filename);
+        continue;
+      }
       try {
-        split.tensor_to_filename.insert(names.back(), std::string(filename));
-      } catch (const c10::Error&) {
+        split.tensor_to_filename.insert(names.back(), filename);
+      } catch (const ValueError&) {
         throw ValueError(
             "Duplicate tensor name '" + names.back() +
             "' in the state dict: every name must be unique.");
       }
     }
     split.filename_to_tensors.insert(std::move(filename), std::move(names));
+  }
+  if (keys_unique) {
+    split.tensor_to_filename =
+        OrderedMap<std::string>::from_unique_items(
+        std::move(owners), std::move(owner_hashes));
   }
   return split;
 }
@@ -362,15 +380,22 @@ StateDictSplit plan_shards(
 StateDictSplit split_torch_state_dict_into_shards(
     const StateDict& state_dict,
     const SplitOptions& options) {
-  for (const auto& item : state_dict) {
-    detail::check_tensor_has_storage(
-        item.value(), "Tensor '" + item.key() + "'");
+  try {
+    return split_state_dict_into_shards_factory(
+        state_dict,
+        [](const at::Tensor& t) { return get_torch_storage_size(t); },
+        [](const at::Tensor& t) { return get_torch_storage_id(t); },
+        options);
+  } catch (const ValueError&) {
+    // The storage functions do not know the key of a bad tensor; find it here
+    // rather than checking every tensor up front (a second pass over a
+    // million TensorImpls costs more than the planning itself).
+    for (const auto& item : state_dict) {
+      detail::check_tensor_has_storage(
+          item.value(), "Tensor '" + item.key() + "'");
+    }
+    throw;
   }
-  return split_state_dict_into_shards_factory(
-      state_dict,
-      [](const at::Tensor& t) { return get_torch_storage_size(t); },
-      [](const at::Tensor& t) { return get_torch_storage_id(t); },
-      options);
 }
 
 } // namespace torchser

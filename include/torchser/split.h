@@ -24,7 +24,9 @@
 
 #include <cstdint>
 #include <iterator>
+#include <map>
 #include <optional>
+#include <tuple>
 #include <string>
 #include <string_view>
 #include <type_traits>
@@ -38,6 +40,7 @@
 
 #include <torchser/constants.h>
 #include <torchser/export.h>
+#include <torchser/ordered_map.h>
 #include <torchser/state_dict.h>
 
 namespace torchser {
@@ -116,12 +119,10 @@ struct TORCHSER_API StateDictSplit {
   /// `{"total_size": ...}`.
   SplitMetadata metadata;
   /// File name → tensor names, in shard order, names in placement order.
-  torch::OrderedDict<std::string, std::vector<std::string>> filename_to_tensors{
-      "File name"};
+  OrderedMap<std::vector<std::string>> filename_to_tensors;
   /// Tensor name → file name, in shard order then placement order (not
   /// sorted, as in Python).
-  torch::OrderedDict<std::string, std::string> tensor_to_filename{
-      "Tensor name"};
+  OrderedMap<std::string> tensor_to_filename;
   /// Whether there is more than one file (`len(filename_to_tensors) > 1`).
   bool is_sharded = false;
 };
@@ -183,10 +184,25 @@ struct PlanEntry {
 };
 
 /// The planner proper, shared by every instantiation of the factory.
+/// `keys_unique`: the container guarantees unique keys, so the duplicate
+/// check can be skipped.
 TORCHSER_API StateDictSplit plan_shards(
     const std::vector<PlanEntry>& entries,
     std::size_t group_count,
+    bool keys_unique,
     const SplitOptions& options);
+
+/// Containers whose keys are unique by construction.
+template <typename Container>
+struct HasUniqueKeys : std::false_type {};
+template <typename V>
+struct HasUniqueKeys<torch::OrderedDict<std::string, V>> : std::true_type {};
+template <typename V>
+struct HasUniqueKeys<OrderedMap<V>> : std::true_type {};
+template <typename K, typename V, typename C, typename A>
+struct HasUniqueKeys<std::map<K, V, C, A>> : std::true_type {};
+template <typename K, typename V, typename H, typename E, typename A>
+struct HasUniqueKeys<std::unordered_map<K, V, H, E, A>> : std::true_type {};
 
 template <typename Item, typename = void>
 struct HasKeyMethod : std::false_type {};
@@ -219,6 +235,51 @@ struct HasSize<
     Container,
     std::void_t<decltype(std::size(std::declval<const Container&>()))>>
     : std::true_type {};
+
+/// Dense indices for storage ids in first-seen order (Python's
+/// `storage_id_to_tensors` keys), without a node allocation per id.
+template <typename Id>
+class FirstSeenIndex {
+ public:
+  void reserve(std::size_t count) {
+    ids_.reserve(count);
+    index_.reserve(count);
+  }
+  std::size_t size() const noexcept {
+    return ids_.size();
+  }
+  /// The dense index of `id`, and whether it was seen for the first time.
+  std::pair<std::int64_t, bool> index_of(Id&& id) {
+    const std::size_t hash = std::hash<Id>{}(id);
+    const std::ptrdiff_t found =
+        index_.find(hash, [&](std::size_t p) { return ids_[p] == id; });
+    if (found >= 0) {
+      return {static_cast<std::int64_t>(found), false};
+    }
+    ids_.push_back(std::move(id));
+    index_.append(hash);
+    return {static_cast<std::int64_t>(ids_.size() - 1), true};
+  }
+
+ private:
+  std::vector<Id> ids_;
+  FlatIndex index_;
+};
+
+/// Prefetch hints for the planner's single pass (no effect on results).
+template <typename T>
+void prefetch_value(const T& /*unused*/) {}
+inline void prefetch_value(const at::Tensor& tensor) {
+  __builtin_prefetch(tensor.unsafeGetTensorImpl());
+}
+template <typename Item>
+void prefetch_item(const Item& item) {
+  const auto& key = item_key(item);
+  if constexpr (std::is_same_v<std::decay_t<decltype(key)>, std::string>) {
+    __builtin_prefetch(key.data());
+  }
+  prefetch_value(item_value(item));
+}
 
 template <typename T>
 struct IsOptional : std::false_type {};
@@ -278,10 +339,25 @@ StateDictSplit split_state_dict_into_shards_factory(
   if constexpr (detail::HasSize<StateDictT>::value) {
     entries.reserve(std::size(state_dict));
   }
-  std::unordered_map<Id, std::int64_t> groups;
+  detail::FirstSeenIndex<Id> groups;
   groups.reserve(entries.capacity());
 
-  for (const auto& item : state_dict) {
+  // Planning reads every key's characters and every tensor's impl once,
+  // scattered over the heap: for large state dicts those cache misses are
+  // most of the cost, so touch them a few items ahead.
+  constexpr std::size_t kPrefetchAhead = 8;
+  const auto begin = std::begin(state_dict);
+  const auto end = std::end(state_dict);
+  auto ahead = begin;
+  for (std::size_t k = 0; k < kPrefetchAhead && ahead != end; ++k) {
+    ++ahead;
+  }
+  for (auto it = begin; it != end; ++it) {
+    if (ahead != end) {
+      detail::prefetch_item(*ahead);
+      ++ahead;
+    }
+    const auto& item = *it;
     const auto& key = detail::item_key(item);
     const auto& value = detail::item_value(item);
     std::int64_t size = 0;
@@ -297,10 +373,9 @@ StateDictSplit split_state_dict_into_shards_factory(
     }
     std::int64_t group = -1;
     if (auto id = get_storage_id(value); id.has_value()) {
-      auto [it, inserted] = groups.try_emplace(
-          std::move(*id), static_cast<std::int64_t>(groups.size()));
-      group = it->second;
-      if (!inserted) {
+      bool first_seen = false;
+      std::tie(group, first_seen) = groups.index_of(std::move(*id));
+      if (!first_seen) {
         entries.push_back({key, 0, group, detail::PlanRole::kAlias});
         continue;
       }
@@ -310,7 +385,8 @@ StateDictSplit split_state_dict_into_shards_factory(
     }
     entries.push_back({key, size, group, detail::PlanRole::kSized});
   }
-  return detail::plan_shards(entries, groups.size(), options);
+  return detail::plan_shards(
+      entries, groups.size(), detail::HasUniqueKeys<StateDictT>::value, options);
 }
 
 } // namespace torchser

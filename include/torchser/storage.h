@@ -75,14 +75,17 @@ namespace std {
 template <>
 struct hash<torchser::StorageId> {
   size_t operator()(const torchser::StorageId& id) const noexcept {
-    // Pointers dominate: distinct live storages never share one, so the other
-    // fields only need to perturb the value.
-    size_t h = std::hash<std::uintptr_t>{}(id.data_ptr);
-    h ^= std::hash<std::int64_t>{}(id.nbytes) + 0x9e3779b97f4a7c15ULL +
-        (h << 6) + (h >> 2);
-    h ^= std::hash<c10::Device>{}(id.device) + 0x9e3779b97f4a7c15ULL +
-        (h << 6) + (h >> 2);
-    return h;
+    // Distinct live storages of one device have distinct addresses, at least
+    // 16 bytes apart, so the address alone identifies them; keeping its
+    // order (rather than scrambling it) lets a table of storages allocated
+    // one after another be filled and probed nearly sequentially. The device
+    // goes into the top bits; nbytes only separates the empty storages
+    // (address 0) and is equal for every alias of one storage anyway.
+    const auto device =
+        (static_cast<size_t>(static_cast<std::uint8_t>(id.device.type())) << 8) |
+        static_cast<size_t>(static_cast<std::uint8_t>(id.device.index()));
+    return (static_cast<size_t>(id.data_ptr) >> 4) ^
+        (device << 48) ^ static_cast<size_t>(id.nbytes);
   }
 };
 } // namespace std
