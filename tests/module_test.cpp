@@ -2,12 +2,12 @@
 
 #include <torchser/module.h>
 
-#include <nlohmann/json.hpp>
+#include <torch/nn/modules/activation.h>
 #include <torch/nn/modules/batchnorm.h>
 #include <torch/nn/modules/container/sequential.h>
 #include <torch/nn/modules/embedding.h>
 #include <torch/nn/modules/linear.h>
-#include <torch/nn/modules/activation.h>
+#include <nlohmann/json.hpp>
 
 #include <torchser/storage.h>
 
@@ -20,11 +20,15 @@ TEST(ModuleStateDictTest, SequentialMatchesPythonKeysAndOrder) {
   // The fixture's module: Sequential(Linear(4,3), ReLU, Linear(3,2),
   // BatchNorm1d(2)), saved from Python.
   torch::nn::Sequential model(
-      torch::nn::Linear(4, 3), torch::nn::ReLU(), torch::nn::Linear(3, 2),
+      torch::nn::Linear(4, 3),
+      torch::nn::ReLU(),
+      torch::nn::Linear(3, 2),
       torch::nn::BatchNorm1d(2));
-  const auto expected = nlohmann::ordered_json::parse(torchser::testing::read_file(
-      torchser::testing::fixtures_dir() / "reference/pickle/expected.json"))
-                            .at("sequential_state_dict.bin");
+  const auto expected =
+      nlohmann::ordered_json::parse(torchser::testing::read_file(
+                                        torchser::testing::fixtures_dir() /
+                                        "reference/pickle/expected.json"))
+          .at("sequential_state_dict.bin");
   std::vector<std::string> python_keys;
   for (const auto& [key, value] : expected.items()) {
     if (key != "_module") {
@@ -36,7 +40,8 @@ TEST(ModuleStateDictTest, SequentialMatchesPythonKeysAndOrder) {
 
 struct Block : torch::nn::Module {
   Block() {
-    proj = register_module("proj", torch::nn::Linear(torch::nn::LinearOptions(2, 2).bias(false)));
+    proj = register_module(
+        "proj", torch::nn::Linear(torch::nn::LinearOptions(2, 2).bias(false)));
     scale = register_parameter("scale", at::ones({2}));
     register_buffer("steps", at::zeros({1}, at::kLong));
     norm = register_module("norm", torch::nn::BatchNorm1d(2));
@@ -50,7 +55,8 @@ struct TiedModel : torch::nn::Module {
   TiedModel() {
     embed = register_module("embed", torch::nn::Embedding(5, 2));
     block = register_module("block", std::make_shared<Block>());
-    head = register_module("head", torch::nn::Linear(torch::nn::LinearOptions(2, 5).bias(false)));
+    head = register_module(
+        "head", torch::nn::Linear(torch::nn::LinearOptions(2, 5).bias(false)));
     // Tie the way LibTorch users do: the registered parameter keeps its
     // TensorImpl and takes the embedding's storage.
     head->weight.set_data(embed->weight);
@@ -65,9 +71,15 @@ TEST(ModuleStateDictTest, OwnParametersThenBuffersThenChildren) {
   EXPECT_EQ(
       state_dict(model).keys(),
       (std::vector<std::string>{
-          "embed.weight", "block.scale", "block.steps", "block.proj.weight",
-          "block.norm.weight", "block.norm.bias", "block.norm.running_mean",
-          "block.norm.running_var", "block.norm.num_batches_tracked",
+          "embed.weight",
+          "block.scale",
+          "block.steps",
+          "block.proj.weight",
+          "block.norm.weight",
+          "block.norm.bias",
+          "block.norm.running_mean",
+          "block.norm.running_var",
+          "block.norm.num_batches_tracked",
           "head.weight"}));
 }
 
@@ -76,7 +88,9 @@ TEST(ModuleStateDictTest, EntriesAreDetachedAliasesOfTheModuleTensors) {
   const auto sd = state_dict(model);
   EXPECT_FALSE(sd["embed.weight"].requires_grad());
   EXPECT_EQ(sd["embed.weight"].data_ptr(), model.embed->weight.data_ptr());
-  EXPECT_EQ(get_torch_storage_id(sd["head.weight"]), get_torch_storage_id(sd["embed.weight"]));
+  EXPECT_EQ(
+      get_torch_storage_id(sd["head.weight"]),
+      get_torch_storage_id(sd["embed.weight"]));
 }
 
 } // namespace

@@ -29,8 +29,14 @@ TEST(PythonReprTest, EscapesLikePython) {
 
 TEST(PythonStripTest, StripsPythonWhitespace) {
   EXPECT_EQ(python_strip("  10 KB \t\n"), "10 KB");
-  EXPECT_EQ(python_strip("\x1c\x1f" "5GB\x0b\x0c"), "5GB");
-  EXPECT_EQ(python_strip("\xc2\xa0" "5GB\xe3\x80\x80"), "5GB");
+  EXPECT_EQ(
+      python_strip("\x1c\x1f"
+                   "5GB\x0b\x0c"),
+      "5GB");
+  EXPECT_EQ(
+      python_strip("\xc2\xa0"
+                   "5GB\xe3\x80\x80"),
+      "5GB");
   EXPECT_EQ(python_strip("   "), "");
   EXPECT_EQ(python_strip("caf\xc3\xa9 "), "caf\xc3\xa9");
 }
@@ -39,7 +45,8 @@ TEST(FilenamePatternTest, ReplacesEverySuffixField) {
   const FilenamePattern pattern("model{suffix}.safetensors");
   EXPECT_TRUE(pattern.has_suffix());
   EXPECT_EQ(pattern.format(""), "model.safetensors");
-  EXPECT_EQ(pattern.format("-00001-of-00002"), "model-00001-of-00002.safetensors");
+  EXPECT_EQ(
+      pattern.format("-00001-of-00002"), "model-00001-of-00002.safetensors");
   EXPECT_EQ(FilenamePattern("{suffix}/a{suffix}").format("-x"), "-x/a-x");
 }
 
@@ -58,7 +65,8 @@ TEST(FilenamePatternTest, PatternWithoutSuffixIsKeptVerbatim) {
 
 TEST(FilenamePatternTest, OtherFieldsAndLoneBracesAreValueErrors) {
   EXPECT_THROW_MESSAGE(
-      FilenamePattern("model{variant}.bin"), ValueError,
+      FilenamePattern("model{variant}.bin"),
+      ValueError,
       "Invalid filename_pattern 'model{variant}.bin': unsupported replacement "
       "field '{variant}'. torchser substitutes only '{suffix}' ('{{' and '}}' "
       "stand for literal braces).");
@@ -66,10 +74,12 @@ TEST(FilenamePatternTest, OtherFieldsAndLoneBracesAreValueErrors) {
   EXPECT_THROW_CONTAINS(
       FilenamePattern("model{suffix:>8}.bin"), ValueError, "'{suffix:>8}'");
   EXPECT_THROW_CONTAINS(
-      FilenamePattern("model{suffix"), ValueError,
+      FilenamePattern("model{suffix"),
+      ValueError,
       "single '{' encountered in format string.");
   EXPECT_THROW_CONTAINS(
-      FilenamePattern("model}.bin"), ValueError,
+      FilenamePattern("model}.bin"),
+      ValueError,
       "single '}' encountered in format string.");
 }
 

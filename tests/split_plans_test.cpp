@@ -19,19 +19,24 @@ namespace {
 using nlohmann::ordered_json;
 
 const ordered_json& plans() {
-  static const ordered_json doc = ordered_json::parse(
-      torchser::testing::read_file(
+  static const ordered_json doc =
+      ordered_json::parse(torchser::testing::read_file(
           torchser::testing::fixtures_dir() / "reference/split/plans.json"));
   return doc;
 }
 
 at::ScalarType dtype_named(const std::string& name) {
   static const std::map<std::string, at::ScalarType> dtypes = {
-      {"float16", at::kHalf},   {"bfloat16", at::kBFloat16},
-      {"float32", at::kFloat},  {"float64", at::kDouble},
-      {"int8", at::kChar},      {"uint8", at::kByte},
-      {"int16", at::kShort},    {"int32", at::kInt},
-      {"int64", at::kLong},     {"bool", at::kBool}};
+      {"float16", at::kHalf},
+      {"bfloat16", at::kBFloat16},
+      {"float32", at::kFloat},
+      {"float64", at::kDouble},
+      {"int8", at::kChar},
+      {"uint8", at::kByte},
+      {"int16", at::kShort},
+      {"int32", at::kInt},
+      {"int64", at::kLong},
+      {"bool", at::kBool}};
   return dtypes.at(name);
 }
 
@@ -45,7 +50,8 @@ StateDict rebuild_state_dict(const ordered_json& c) {
     const auto name = t.at("name").get<std::string>();
     if (t.contains("base")) {
       const auto shape = t.at("shape").get<std::vector<int64_t>>();
-      auto tensor = at::zeros(shape, dtype_named(t.at("dtype").get<std::string>()));
+      auto tensor =
+          at::zeros(shape, dtype_named(t.at("dtype").get<std::string>()));
       bases[t.at("base").get<std::string>()] = tensor;
       by_name[name] = tensor;
     } else {
@@ -75,11 +81,15 @@ TEST_P(SplitPlansTest, MatchesHuggingfaceHubPlan) {
   const auto& c = plans().at("cases").at(GetParam());
   const auto& expected = c.at("expected");
   const auto split = split_torch_state_dict_into_shards(
-      rebuild_state_dict(c), SplitOptions().max_shard_size(max_shard_size_of(c)));
+      rebuild_state_dict(c),
+      SplitOptions().max_shard_size(max_shard_size_of(c)));
 
   EXPECT_EQ(split.is_sharded, expected.at("is_sharded").get<bool>());
-  EXPECT_EQ(split.metadata.total_size, expected.at("metadata").at("total_size").get<std::int64_t>());
-  ASSERT_EQ(expected.at("metadata").size(), 1U) << "the reference's metadata is only total_size";
+  EXPECT_EQ(
+      split.metadata.total_size,
+      expected.at("metadata").at("total_size").get<std::int64_t>());
+  ASSERT_EQ(expected.at("metadata").size(), 1U)
+      << "the reference's metadata is only total_size";
 
   std::vector<std::pair<std::string, std::vector<std::string>>> want_files;
   for (const auto& [file, names] : expected.at("filename_to_tensors").items()) {

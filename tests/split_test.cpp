@@ -56,19 +56,29 @@ std::int64_t dummy_size(const DummyItem& item) {
 }
 
 DummyStateDict dummy_state_dict() {
-  return {{"layer_1", {6}}, {"layer_2", {10}}, {"layer_3", {30}},
-          {"layer_4", {2}}, {"layer_5", {2}}};
+  return {
+      {"layer_1", {6}},
+      {"layer_2", {10}},
+      {"layer_3", {30}},
+      {"layer_4", {2}},
+      {"layer_5", {2}}};
 }
 
 SplitOptions dummy_options(ShardSize max) {
-  return SplitOptions().filename_pattern("file{suffix}.dummy").max_shard_size(max);
+  return SplitOptions()
+      .filename_pattern("file{suffix}.dummy")
+      .max_shard_size(max);
 }
 
 // FX-torch: int64 tensors of one element, 8 bytes each.
 StateDict torch_state_dict() {
   StateDict sd;
   for (const auto& [name, value] : std::vector<std::pair<std::string, int64_t>>{
-           {"layer_1", 4}, {"layer_2", 10}, {"layer_3", 30}, {"layer_4", 2}, {"layer_5", 2}}) {
+           {"layer_1", 4},
+           {"layer_2", 10},
+           {"layer_3", 30},
+           {"layer_4", 2},
+           {"layer_5", 2}}) {
     sd.insert(name, at::tensor({value}, at::kLong));
   }
   return sd;
@@ -84,8 +94,10 @@ TEST(ParseSizeToIntTest, UpstreamCases) {
   EXPECT_EQ(parse_size_to_int("3GB"), 3'000'000'000);
   EXPECT_EQ(parse_size_to_int(" 10 KB "), 10'000);
   EXPECT_EQ(parse_size_to_int("20mb"), 20'000'000);
-  EXPECT_THROW_CONTAINS(parse_size_to_int("1KiB"), ValueError, "Unit 'IB' not supported");
-  EXPECT_THROW_CONTAINS(parse_size_to_int("1ooKB"), ValueError, "Could not parse the size value");
+  EXPECT_THROW_CONTAINS(
+      parse_size_to_int("1KiB"), ValueError, "Unit 'IB' not supported");
+  EXPECT_THROW_CONTAINS(
+      parse_size_to_int("1ooKB"), ValueError, "Could not parse the size value");
 }
 
 TEST(ParseSizeToIntTest, AcceptsWhatPythonFloatAccepts) {
@@ -102,63 +114,91 @@ TEST(ParseSizeToIntTest, AcceptsWhatPythonFloatAccepts) {
   EXPECT_EQ(parse_size_to_int("5.KB"), 5000);
   EXPECT_EQ(parse_size_to_int("1E+2 Kb"), 100'000);
   EXPECT_EQ(parse_size_to_int("2.5e-1MB"), 250'000);
-  EXPECT_EQ(parse_size_to_int("1e-400GB"), 0); // float() underflows to 0.0
+  EXPECT_EQ(parse_size_to_int("1e-400GB"), 0);  // float() underflows to 0.0
   EXPECT_EQ(parse_size_to_int("-0.0009KB"), 0); // int() truncates toward zero
   EXPECT_EQ(parse_size_to_int("0.0019KB"), 1);
 }
 
 TEST(ParseSizeToIntTest, UnknownUnitMessage) {
   EXPECT_THROW_MESSAGE(
-      parse_size_to_int("1KiB"), ValueError,
-      "Unit 'IB' not supported. Supported units are TB, GB, MB, KB. Got '1KiB'.");
+      parse_size_to_int("1KiB"),
+      ValueError,
+      "Unit 'IB' not supported. Supported units are TB, GB, MB, KB. Got "
+      "'1KiB'.");
   EXPECT_THROW_MESSAGE(
-      parse_size_to_int("5GiB"), ValueError,
-      "Unit 'IB' not supported. Supported units are TB, GB, MB, KB. Got '5GiB'.");
+      parse_size_to_int("5GiB"),
+      ValueError,
+      "Unit 'IB' not supported. Supported units are TB, GB, MB, KB. Got "
+      "'5GiB'.");
   EXPECT_THROW_MESSAGE(
-      parse_size_to_int("5B"), ValueError,
+      parse_size_to_int("5B"),
+      ValueError,
       "Unit '5B' not supported. Supported units are TB, GB, MB, KB. Got '5B'.");
   EXPECT_THROW_MESSAGE(
-      parse_size_to_int("B"), ValueError,
+      parse_size_to_int("B"),
+      ValueError,
       "Unit 'B' not supported. Supported units are TB, GB, MB, KB. Got 'B'.");
   EXPECT_THROW_MESSAGE(
-      parse_size_to_int("  "), ValueError,
+      parse_size_to_int("  "),
+      ValueError,
       "Unit '' not supported. Supported units are TB, GB, MB, KB. Got ''.");
   EXPECT_THROW_MESSAGE(
-      parse_size_to_int(" 12 "), ValueError,
+      parse_size_to_int(" 12 "),
+      ValueError,
       "Unit '12' not supported. Supported units are TB, GB, MB, KB. Got '12'.");
 }
 
 TEST(ParseSizeToIntTest, UnparsableNumberMessage) {
   EXPECT_THROW_MESSAGE(
-      parse_size_to_int("1ooKB"), ValueError,
+      parse_size_to_int("1ooKB"),
+      ValueError,
       "Could not parse the size value from '1ooKB': could not convert string "
       "to float: '1oo'");
   EXPECT_THROW_MESSAGE(
-      parse_size_to_int("KB"), ValueError,
+      parse_size_to_int("KB"),
+      ValueError,
       "Could not parse the size value from 'KB': could not convert string to "
       "float: ''");
   EXPECT_THROW_MESSAGE(
-      parse_size_to_int("it's 5GB"), ValueError,
+      parse_size_to_int("it's 5GB"),
+      ValueError,
       "Could not parse the size value from 'it's 5GB': could not convert "
       "string to float: \"it's 5\"");
   // Underscores only between digits, as in Python.
-  for (const char* bad : {"1__0KB", "_1KB", "1_KB", "1._5KB", "1e_5KB", "--1KB", "1e KB", ".KB", "0x10KB", "1 0KB"}) {
+  for (const char* bad :
+       {"1__0KB",
+        "_1KB",
+        "1_KB",
+        "1._5KB",
+        "1e_5KB",
+        "--1KB",
+        "1e KB",
+        ".KB",
+        "0x10KB",
+        "1 0KB"}) {
     SCOPED_TRACE(bad);
-    EXPECT_THROW_CONTAINS(parse_size_to_int(bad), ValueError, "Could not parse the size value from");
+    EXPECT_THROW_CONTAINS(
+        parse_size_to_int(bad),
+        ValueError,
+        "Could not parse the size value from");
   }
 }
 
 TEST(ParseSizeToIntTest, InfinityNanAndHugeValuesAreValueErrors) {
   EXPECT_THROW_MESSAGE(
-      parse_size_to_int("inf GB"), ValueError,
+      parse_size_to_int("inf GB"),
+      ValueError,
       "cannot convert float infinity to integer (size 'inf GB')");
-  EXPECT_THROW_CONTAINS(parse_size_to_int("-Infinity KB"), ValueError, "infinity");
+  EXPECT_THROW_CONTAINS(
+      parse_size_to_int("-Infinity KB"), ValueError, "infinity");
   EXPECT_THROW_CONTAINS(parse_size_to_int("1e999KB"), ValueError, "infinity");
   EXPECT_THROW_MESSAGE(
-      parse_size_to_int("nan MB"), ValueError,
+      parse_size_to_int("nan MB"),
+      ValueError,
       "cannot convert float NaN to integer (size 'nan MB')");
   EXPECT_THROW_MESSAGE(
-      parse_size_to_int("1e7TB"), ValueError,
+      parse_size_to_int("1e7TB"),
+      ValueError,
       "Size '1e7TB' is too large: it does not fit in a 64-bit byte count.");
   EXPECT_EQ(parse_size_to_int("9e6TB"), 9'000'000'000'000'000'000);
 }
@@ -178,23 +218,27 @@ TEST(ShardSizeTest, AcceptsBytesAndSizeStrings) {
 
 TEST(ShardSizeTest, BadStringThrowsAtTheCallSite) {
   EXPECT_THROW_CONTAINS(
-      SplitOptions().max_shard_size("5GiB"), ValueError,
+      SplitOptions().max_shard_size("5GiB"),
+      ValueError,
       "Unit 'IB' not supported");
 }
 
 TEST(ShardSizeTest, ZeroAndNegativeSizesAreValueErrors) {
   EXPECT_THROW_MESSAGE(
-      ShardSize(0), ValueError,
+      ShardSize(0),
+      ValueError,
       "max_shard_size must be a positive number of bytes, got 0.");
   EXPECT_THROW_CONTAINS(ShardSize(-5), ValueError, "got -5.");
   // The reference parses these to 0 / -1000 and plans one shard per tensor.
   EXPECT_THROW_MESSAGE(
-      ShardSize("0.00001KB"), ValueError,
+      ShardSize("0.00001KB"),
+      ValueError,
       "max_shard_size must be a positive number of bytes, got 0 from "
       "'0.00001KB'.");
   EXPECT_THROW_CONTAINS(ShardSize("-1KB"), ValueError, "got -1000 from '-1KB'");
   EXPECT_THROW_CONTAINS(
-      ShardSize(std::uint64_t{1} << 63), ValueError,
+      ShardSize(std::uint64_t{1} << 63),
+      ValueError,
       "does not fit in a 64-bit signed byte count");
 }
 
@@ -206,12 +250,18 @@ TEST(SplitFactoryTest, SingleShard) {
   const auto split = split_state_dict_into_shards_factory(
       dummy_state_dict(), dummy_size, NoStorageId{}, dummy_options(100));
   EXPECT_FALSE(split.is_sharded);
-  EXPECT_THAT(files_of(split), ElementsAre(Pair("file.dummy", ElementsAre("layer_1", "layer_2", "layer_3", "layer_4", "layer_5"))));
+  EXPECT_THAT(
+      files_of(split),
+      ElementsAre(Pair(
+          "file.dummy",
+          ElementsAre("layer_1", "layer_2", "layer_3", "layer_4", "layer_5"))));
   EXPECT_THAT(
       owners_of(split),
       ElementsAre(
-          Pair("layer_1", "file.dummy"), Pair("layer_2", "file.dummy"),
-          Pair("layer_3", "file.dummy"), Pair("layer_4", "file.dummy"),
+          Pair("layer_1", "file.dummy"),
+          Pair("layer_2", "file.dummy"),
+          Pair("layer_3", "file.dummy"),
+          Pair("layer_4", "file.dummy"),
           Pair("layer_5", "file.dummy")));
   EXPECT_EQ(split.metadata.total_size, 50);
 }
@@ -227,7 +277,8 @@ TEST(SplitFactoryTest, OversizeTensorIsPushedAheadOfTheOpenShard) {
           Pair("file-00001-of-00004.dummy", ElementsAre("layer_1")),
           Pair("file-00002-of-00004.dummy", ElementsAre("layer_3")),
           Pair("file-00003-of-00004.dummy", ElementsAre("layer_2")),
-          Pair("file-00004-of-00004.dummy", ElementsAre("layer_4", "layer_5"))));
+          Pair(
+              "file-00004-of-00004.dummy", ElementsAre("layer_4", "layer_5"))));
   EXPECT_THAT(
       owners_of(split),
       ElementsAre(
@@ -241,17 +292,27 @@ TEST(SplitFactoryTest, OversizeTensorIsPushedAheadOfTheOpenShard) {
 
 TEST(SplitFactoryTest, TensorsOfOneStorageStayWithTheFirstKey) {
   // S-03: the storage id is the first element.
-  const DummyStateDict sd = {{"layer_1", {1}}, {"layer_2", {2}}, {"layer_3", {1}}, {"layer_4", {2}}, {"layer_5", {1}}};
+  const DummyStateDict sd = {
+      {"layer_1", {1}},
+      {"layer_2", {2}},
+      {"layer_3", {1}},
+      {"layer_4", {2}},
+      {"layer_5", {1}}};
   const auto split = split_state_dict_into_shards_factory(
-      sd, dummy_size,
+      sd,
+      dummy_size,
       [](const DummyItem& item) { return std::optional<int>(item[0]); },
       SplitOptions().max_shard_size(1));
   EXPECT_TRUE(split.is_sharded);
   EXPECT_THAT(
       files_of(split),
       ElementsAre(
-          Pair("model-00001-of-00002.safetensors", ElementsAre("layer_2", "layer_4")),
-          Pair("model-00002-of-00002.safetensors", ElementsAre("layer_1", "layer_3", "layer_5"))));
+          Pair(
+              "model-00001-of-00002.safetensors",
+              ElementsAre("layer_2", "layer_4")),
+          Pair(
+              "model-00002-of-00002.safetensors",
+              ElementsAre("layer_1", "layer_3", "layer_5"))));
   EXPECT_THAT(
       owners_of(split),
       ElementsAre(
@@ -280,10 +341,16 @@ TEST(SplitFactoryTest, NonTensorEntriesAreSkipped) {
         }
         return dummy_size(std::get<DummyItem>(item));
       },
-      NoStorageId{}, dummy_options(100));
+      NoStorageId{},
+      dummy_options(100));
   EXPECT_FALSE(split.is_sharded);
-  EXPECT_THAT(files_of(split), ElementsAre(Pair("file.dummy", ElementsAre("layer_1", "layer_2"))));
-  EXPECT_THAT(owners_of(split), ElementsAre(Pair("layer_1", "file.dummy"), Pair("layer_2", "file.dummy")));
+  EXPECT_THAT(
+      files_of(split),
+      ElementsAre(Pair("file.dummy", ElementsAre("layer_1", "layer_2"))));
+  EXPECT_THAT(
+      owners_of(split),
+      ElementsAre(
+          Pair("layer_1", "file.dummy"), Pair("layer_2", "file.dummy")));
   EXPECT_EQ(split.metadata.total_size, 16);
   EXPECT_EQ(size_calls, 3);
 }
@@ -296,27 +363,43 @@ TEST(SplitFactoryTest, SharedWrapperSubclassesReplayedWithSyntheticIds) {
     std::optional<std::string> id;
   };
   const std::vector<std::pair<std::string, Item>> sd = {
-      {"layer_1", {8, "1"}}, {"layer_2", {8, "2"}}, {"layer_3", {8, "3"}},
-      {"layer_4", {8, "4"}}, {"layer_5", {8, "5"}}, {"layer_6", {16, "A"}},
-      {"ts_shared_1", {16, "B"}}, {"ts_shared_2", {16, "B"}}};
+      {"layer_1", {8, "1"}},
+      {"layer_2", {8, "2"}},
+      {"layer_3", {8, "3"}},
+      {"layer_4", {8, "4"}},
+      {"layer_5", {8, "5"}},
+      {"layer_6", {16, "A"}},
+      {"ts_shared_1", {16, "B"}},
+      {"ts_shared_2", {16, "B"}}};
   const auto split = split_state_dict_into_shards_factory(
-      sd, [](const Item& i) { return i.size; },
+      sd,
+      [](const Item& i) { return i.size; },
       [](const Item& i) { return i.id; },
-      SplitOptions().filename_pattern("pytorch_model{suffix}.bin").max_shard_size(32));
+      SplitOptions()
+          .filename_pattern("pytorch_model{suffix}.bin")
+          .max_shard_size(32));
   EXPECT_TRUE(split.is_sharded);
   EXPECT_THAT(
       files_of(split),
       ElementsAre(
-          Pair("pytorch_model-00001-of-00003.bin", ElementsAre("layer_1", "layer_2", "layer_3", "layer_4")),
-          Pair("pytorch_model-00002-of-00003.bin", ElementsAre("layer_5", "layer_6")),
-          Pair("pytorch_model-00003-of-00003.bin", ElementsAre("ts_shared_1", "ts_shared_2"))));
+          Pair(
+              "pytorch_model-00001-of-00003.bin",
+              ElementsAre("layer_1", "layer_2", "layer_3", "layer_4")),
+          Pair(
+              "pytorch_model-00002-of-00003.bin",
+              ElementsAre("layer_5", "layer_6")),
+          Pair(
+              "pytorch_model-00003-of-00003.bin",
+              ElementsAre("ts_shared_1", "ts_shared_2"))));
   EXPECT_EQ(split.metadata.total_size, 72);
 }
 
 TEST(SplitFactoryTest, GreedyInKeyOrderWithoutBinPacking) {
   // §3.A-1, the docstring example: [6,6,2,6,2,2] with limit 10.
-  const DummyStateDict sd = {{"a", {6}}, {"b", {6}}, {"c", {2}}, {"d", {6}}, {"e", {2}}, {"f", {2}}};
-  const auto split = split_state_dict_into_shards_factory(sd, dummy_size, NoStorageId{}, dummy_options(10));
+  const DummyStateDict sd = {
+      {"a", {6}}, {"b", {6}}, {"c", {2}}, {"d", {6}}, {"e", {2}}, {"f", {2}}};
+  const auto split = split_state_dict_into_shards_factory(
+      sd, dummy_size, NoStorageId{}, dummy_options(10));
   EXPECT_THAT(
       files_of(split),
       ElementsAre(
@@ -330,13 +413,15 @@ TEST(SplitFactoryTest, ShardMayReachExactlyTheMaximum) {
   // oversize.
   const DummyStateDict sd = {{"a", {5}}, {"b", {5}}, {"c", {1}}};
   EXPECT_THAT(
-      files_of(split_state_dict_into_shards_factory(sd, dummy_size, NoStorageId{}, dummy_options(10))),
+      files_of(split_state_dict_into_shards_factory(
+          sd, dummy_size, NoStorageId{}, dummy_options(10))),
       ElementsAre(
           Pair("file-00001-of-00002.dummy", ElementsAre("a", "b")),
           Pair("file-00002-of-00002.dummy", ElementsAre("c"))));
   const DummyStateDict exact = {{"a", {10}}, {"b", {1}}};
   EXPECT_THAT(
-      files_of(split_state_dict_into_shards_factory(exact, dummy_size, NoStorageId{}, dummy_options(10))),
+      files_of(split_state_dict_into_shards_factory(
+          exact, dummy_size, NoStorageId{}, dummy_options(10))),
       ElementsAre(
           Pair("file-00001-of-00002.dummy", ElementsAre("a")),
           Pair("file-00002-of-00002.dummy", ElementsAre("b"))));
@@ -349,9 +434,13 @@ TEST(SplitFactoryTest, AliasesOfAnOversizeTensorJoinItsShard) {
     std::optional<char> id;
   };
   const std::vector<std::pair<std::string, Item>> sd = {
-      {"big", {50, 'X'}}, {"small", {5, std::nullopt}}, {"big_alias", {50, 'X'}}};
+      {"big", {50, 'X'}},
+      {"small", {5, std::nullopt}},
+      {"big_alias", {50, 'X'}}};
   const auto split = split_state_dict_into_shards_factory(
-      sd, [](const Item& i) { return i.size; }, [](const Item& i) { return i.id; },
+      sd,
+      [](const Item& i) { return i.size; },
+      [](const Item& i) { return i.id; },
       SplitOptions().filename_pattern("m{suffix}").max_shard_size(10));
   EXPECT_THAT(
       files_of(split),
@@ -370,22 +459,32 @@ TEST(SplitFactoryTest, AliasesJoinStorageByStorageInFirstSeenOrder) {
     int id;
   };
   const std::vector<std::pair<std::string, Item>> sd = {
-      {"p", {1, 1}}, {"q", {1, 2}}, {"q_alias", {1, 2}}, {"p_alias", {1, 1}}, {"q_alias2", {1, 2}}};
+      {"p", {1, 1}},
+      {"q", {1, 2}},
+      {"q_alias", {1, 2}},
+      {"p_alias", {1, 1}},
+      {"q_alias2", {1, 2}}};
   const auto split = split_state_dict_into_shards_factory(
-      sd, [](const Item& i) { return i.size; },
-      [](const Item& i) { return std::optional<int>(i.id); }, SplitOptions());
+      sd,
+      [](const Item& i) { return i.size; },
+      [](const Item& i) { return std::optional<int>(i.id); },
+      SplitOptions());
   EXPECT_THAT(
       files_of(split),
-      ElementsAre(Pair("model.safetensors", ElementsAre("p", "q", "p_alias", "q_alias", "q_alias2"))));
+      ElementsAre(Pair(
+          "model.safetensors",
+          ElementsAre("p", "q", "p_alias", "q_alias", "q_alias2"))));
   EXPECT_EQ(split.metadata.total_size, 2);
 }
 
 TEST(SplitFactoryTest, SingleOversizeTensorGetsTheUnsuffixedName) {
   // §3.A-8
   const DummyStateDict sd = {{"huge", {500}}};
-  const auto split = split_state_dict_into_shards_factory(sd, dummy_size, NoStorageId{}, dummy_options(10));
+  const auto split = split_state_dict_into_shards_factory(
+      sd, dummy_size, NoStorageId{}, dummy_options(10));
   EXPECT_FALSE(split.is_sharded);
-  EXPECT_THAT(files_of(split), ElementsAre(Pair("file.dummy", ElementsAre("huge"))));
+  EXPECT_THAT(
+      files_of(split), ElementsAre(Pair("file.dummy", ElementsAre("huge"))));
 }
 
 TEST(SplitFactoryTest, SuffixWidthGrowsPastFiveDigits) {
@@ -394,10 +493,15 @@ TEST(SplitFactoryTest, SuffixWidthGrowsPastFiveDigits) {
   for (int i = 0; i < 100'001; ++i) {
     sd.emplace_back("t" + std::to_string(i), DummyItem{1});
   }
-  const auto split = split_state_dict_into_shards_factory(sd, dummy_size, NoStorageId{}, dummy_options(1));
+  const auto split = split_state_dict_into_shards_factory(
+      sd, dummy_size, NoStorageId{}, dummy_options(1));
   ASSERT_EQ(split.filename_to_tensors.size(), 100'001U);
-  EXPECT_EQ(split.filename_to_tensors.items().front().key(), "file-00001-of-100001.dummy");
-  EXPECT_EQ(split.filename_to_tensors.items().back().key(), "file-100001-of-100001.dummy");
+  EXPECT_EQ(
+      split.filename_to_tensors.items().front().key(),
+      "file-00001-of-100001.dummy");
+  EXPECT_EQ(
+      split.filename_to_tensors.items().back().key(),
+      "file-100001-of-100001.dummy");
   EXPECT_EQ(split.tensor_to_filename["t99999"], "file-100000-of-100001.dummy");
 }
 
@@ -406,13 +510,15 @@ TEST(SplitFactoryTest, WorksOverOrderedDictAndStdMap) {
   ordered.insert("z", {4});
   ordered.insert("a", {4});
   EXPECT_THAT(
-      files_of(split_state_dict_into_shards_factory(ordered, dummy_size, NoStorageId{}, dummy_options(5))),
+      files_of(split_state_dict_into_shards_factory(
+          ordered, dummy_size, NoStorageId{}, dummy_options(5))),
       ElementsAre(
           Pair("file-00001-of-00002.dummy", ElementsAre("z")),
           Pair("file-00002-of-00002.dummy", ElementsAre("a"))));
   const std::map<std::string, DummyItem> sorted = {{"z", {4}}, {"a", {4}}};
   EXPECT_THAT(
-      files_of(split_state_dict_into_shards_factory(sorted, dummy_size, NoStorageId{}, dummy_options(5))),
+      files_of(split_state_dict_into_shards_factory(
+          sorted, dummy_size, NoStorageId{}, dummy_options(5))),
       ElementsAre(
           Pair("file-00001-of-00002.dummy", ElementsAre("a")),
           Pair("file-00002-of-00002.dummy", ElementsAre("z"))));
@@ -422,7 +528,9 @@ TEST(SplitFactoryTest, PatternWithoutSuffixIsAValueErrorWhenSharded) {
   // SPEC deviation 4 (the reference keeps only the last shard, §3.A-6/E-15).
   EXPECT_THROW_MESSAGE(
       split_state_dict_into_shards_factory(
-          dummy_state_dict(), dummy_size, NoStorageId{},
+          dummy_state_dict(),
+          dummy_size,
+          NoStorageId{},
           SplitOptions().filename_pattern("my-pattern").max_shard_size(10)),
       ValueError,
       "filename_pattern 'my-pattern' has no '{suffix}' placeholder, but the "
@@ -430,37 +538,50 @@ TEST(SplitFactoryTest, PatternWithoutSuffixIsAValueErrorWhenSharded) {
       "Add '{suffix}' to the pattern or raise max_shard_size.");
   // One shard is fine: the pattern is the file name.
   const auto split = split_state_dict_into_shards_factory(
-      dummy_state_dict(), dummy_size, NoStorageId{},
+      dummy_state_dict(),
+      dummy_size,
+      NoStorageId{},
       SplitOptions().filename_pattern("my-pattern").max_shard_size(100));
-  EXPECT_THAT(files_of(split), ElementsAre(Pair("my-pattern", ::testing::SizeIs(5))));
+  EXPECT_THAT(
+      files_of(split), ElementsAre(Pair("my-pattern", ::testing::SizeIs(5))));
 }
 
 TEST(SplitFactoryTest, InvalidPatternIsAValueErrorEvenForOneShard) {
   EXPECT_THROW_CONTAINS(
       split_state_dict_into_shards_factory(
-          dummy_state_dict(), dummy_size, NoStorageId{},
+          dummy_state_dict(),
+          dummy_size,
+          NoStorageId{},
           SplitOptions().filename_pattern("model{variant}{suffix}.bin")),
-      ValueError, "unsupported replacement field '{variant}'");
+      ValueError,
+      "unsupported replacement field '{variant}'");
 }
 
 TEST(SplitFactoryTest, EmptyStateDictIsAValueError) {
   EXPECT_THROW_MESSAGE(
       split_state_dict_into_shards_factory(DummyStateDict{}, dummy_size),
-      ValueError, "Cannot split an empty state dict: there is no tensor to save.");
+      ValueError,
+      "Cannot split an empty state dict: there is no tensor to save.");
 }
 
 TEST(SplitFactoryTest, StateDictWithoutTensorsIsAValueError) {
-  const std::vector<std::pair<std::string, std::string>> sd = {{"a", "x"}, {"b", "y"}};
+  const std::vector<std::pair<std::string, std::string>> sd = {
+      {"a", "x"}, {"b", "y"}};
   EXPECT_THROW_MESSAGE(
       split_state_dict_into_shards_factory(
-          sd, [](const std::string&) -> std::optional<int> { return std::nullopt; }),
-      ValueError, "Cannot split the state dict: none of its 2 entries is a tensor.");
+          sd,
+          [](const std::string&) -> std::optional<int> {
+            return std::nullopt;
+          }),
+      ValueError,
+      "Cannot split the state dict: none of its 2 entries is a tensor.");
 }
 
 TEST(SplitFactoryTest, NegativeStorageSizeIsAValueError) {
   const DummyStateDict sd = {{"ok", {1}}, {"bad", {-3}}};
   EXPECT_THROW_MESSAGE(
-      split_state_dict_into_shards_factory(sd, dummy_size), ValueError,
+      split_state_dict_into_shards_factory(sd, dummy_size),
+      ValueError,
       "Storage size of 'bad' is negative (-3 bytes).");
 }
 
@@ -468,21 +589,28 @@ TEST(SplitFactoryTest, TotalSizeOverflowIsAValueError) {
   const std::vector<std::pair<std::string, std::int64_t>> sd = {
       {"a", std::numeric_limits<std::int64_t>::max()}, {"b", 1}};
   EXPECT_THROW_CONTAINS(
-      split_state_dict_into_shards_factory(sd, [](std::int64_t s) { return s; }),
-      ValueError, "overflows 64 bits at 'b'");
+      split_state_dict_into_shards_factory(
+          sd, [](std::int64_t s) { return s; }),
+      ValueError,
+      "overflows 64 bits at 'b'");
 }
 
 TEST(SplitFactoryTest, DuplicateNamesAreAValueError) {
   const DummyStateDict sd = {{"a", {1}}, {"b", {1}}, {"a", {1}}};
   EXPECT_THROW_MESSAGE(
-      split_state_dict_into_shards_factory(sd, dummy_size), ValueError,
-      "Duplicate tensor name 'a' in the state dict: every name must be unique.");
+      split_state_dict_into_shards_factory(sd, dummy_size),
+      ValueError,
+      "Duplicate tensor name 'a' in the state dict: every name must be "
+      "unique.");
 }
 
 TEST(SplitFactoryTest, ZeroSizeTensorsArePlaced) {
   const DummyStateDict sd = {{"a", {0}}, {"b", {10}}, {"c", {0}}};
-  const auto split = split_state_dict_into_shards_factory(sd, dummy_size, NoStorageId{}, dummy_options(10));
-  EXPECT_THAT(files_of(split), ElementsAre(Pair("file.dummy", ElementsAre("a", "b", "c"))));
+  const auto split = split_state_dict_into_shards_factory(
+      sd, dummy_size, NoStorageId{}, dummy_options(10));
+  EXPECT_THAT(
+      files_of(split),
+      ElementsAre(Pair("file.dummy", ElementsAre("a", "b", "c"))));
 }
 
 // ---------------------------------------------------------------------------
@@ -491,18 +619,25 @@ TEST(SplitFactoryTest, ZeroSizeTensorsArePlaced) {
 TEST(SplitTorchTest, DefaultsArePythonDefaults) {
   const auto split = split_torch_state_dict_into_shards(torch_state_dict());
   EXPECT_FALSE(split.is_sharded);
-  EXPECT_THAT(files_of(split), ElementsAre(Pair("model.safetensors", ::testing::SizeIs(5))));
+  EXPECT_THAT(
+      files_of(split),
+      ElementsAre(Pair("model.safetensors", ::testing::SizeIs(5))));
   EXPECT_EQ(split.metadata.total_size, 40);
 }
 
 TEST(SplitTorchTest, ShardsByStorageBytes) {
   // FX-torch with max 30 (E-01's plan): 8-byte tensors, three fit per shard.
-  const auto split = split_torch_state_dict_into_shards(torch_state_dict(), SplitOptions().max_shard_size(30));
+  const auto split = split_torch_state_dict_into_shards(
+      torch_state_dict(), SplitOptions().max_shard_size(30));
   EXPECT_THAT(
       files_of(split),
       ElementsAre(
-          Pair("model-00001-of-00002.safetensors", ElementsAre("layer_1", "layer_2", "layer_3")),
-          Pair("model-00002-of-00002.safetensors", ElementsAre("layer_4", "layer_5"))));
+          Pair(
+              "model-00001-of-00002.safetensors",
+              ElementsAre("layer_1", "layer_2", "layer_3")),
+          Pair(
+              "model-00002-of-00002.safetensors",
+              ElementsAre("layer_4", "layer_5"))));
   EXPECT_EQ(split.metadata.total_size, 40);
 }
 
@@ -514,11 +649,14 @@ TEST(SplitTorchTest, SharedLayersStayTogetherAndCountOnce) {
   sd.insert("unique_1", at::tensor({int64_t{10}}, at::kLong));
   sd.insert("unique_2", at::tensor({int64_t{30}}, at::kLong));
   sd.insert("shared_2", s);
-  const auto split = split_torch_state_dict_into_shards(sd, SplitOptions().max_shard_size(2));
+  const auto split =
+      split_torch_state_dict_into_shards(sd, SplitOptions().max_shard_size(2));
   EXPECT_THAT(
       files_of(split),
       ElementsAre(
-          Pair("model-00001-of-00003.safetensors", ElementsAre("shared_1", "shared_2")),
+          Pair(
+              "model-00001-of-00003.safetensors",
+              ElementsAre("shared_1", "shared_2")),
           Pair("model-00002-of-00003.safetensors", ElementsAre("unique_1")),
           Pair("model-00003-of-00003.safetensors", ElementsAre("unique_2"))));
   EXPECT_EQ(split.metadata.total_size, 24);
@@ -531,11 +669,14 @@ TEST(SplitTorchTest, ViewsCountTheirWholeStorageOnce) {
   sd.insert("part", big.slice(0, 10, 20));
   sd.insert("small", at::zeros({2}, at::kFloat));
   sd.insert("transposed", big.view({10, 10}).t());
-  const auto split = split_torch_state_dict_into_shards(sd, SplitOptions().max_shard_size(100));
+  const auto split = split_torch_state_dict_into_shards(
+      sd, SplitOptions().max_shard_size(100));
   EXPECT_THAT(
       files_of(split),
       ElementsAre(
-          Pair("model-00001-of-00002.safetensors", ElementsAre("part", "transposed")),
+          Pair(
+              "model-00001-of-00002.safetensors",
+              ElementsAre("part", "transposed")),
           Pair("model-00002-of-00002.safetensors", ElementsAre("small"))));
   EXPECT_EQ(split.metadata.total_size, 408);
 }
@@ -546,17 +687,22 @@ TEST(SplitTorchTest, EmptyTensorsShareOneIdAndOneFile) {
   sd.insert("a", at::empty({0}));
   sd.insert("w", at::zeros({4}));
   sd.insert("b", at::empty({0}));
-  const auto split = split_torch_state_dict_into_shards(sd, SplitOptions().max_shard_size(16));
-  EXPECT_THAT(files_of(split), ElementsAre(Pair("model.safetensors", ElementsAre("a", "w", "b"))));
+  const auto split =
+      split_torch_state_dict_into_shards(sd, SplitOptions().max_shard_size(16));
+  EXPECT_THAT(
+      files_of(split),
+      ElementsAre(Pair("model.safetensors", ElementsAre("a", "w", "b"))));
   EXPECT_EQ(split.metadata.total_size, 16);
 }
 
 TEST(SplitTorchTest, MetaTensorsAreIndependent) {
-  const auto meta = at::empty({4}, at::TensorOptions().device(at::kMeta).dtype(at::kFloat));
+  const auto meta =
+      at::empty({4}, at::TensorOptions().device(at::kMeta).dtype(at::kFloat));
   StateDict sd;
   sd.insert("a", meta);
   sd.insert("b", meta);
-  const auto split = split_torch_state_dict_into_shards(sd, SplitOptions().max_shard_size(16));
+  const auto split =
+      split_torch_state_dict_into_shards(sd, SplitOptions().max_shard_size(16));
   EXPECT_THAT(
       files_of(split),
       ElementsAre(
@@ -570,21 +716,29 @@ TEST(SplitTorchTest, UndefinedTensorIsAValueErrorNamingTheKey) {
   sd.insert("ok", at::zeros({1}));
   sd.insert("decoder.bias", at::Tensor());
   EXPECT_THROW_MESSAGE(
-      split_torch_state_dict_into_shards(sd), ValueError,
+      split_torch_state_dict_into_shards(sd),
+      ValueError,
       "Tensor 'decoder.bias': the tensor is undefined (a default-constructed "
       "at::Tensor has no storage).");
 }
 
 TEST(SplitTorchTest, SparseTensorIsAValueErrorNamingTheKey) {
   StateDict sd;
-  sd.insert("embedding", at::_sparse_coo_tensor_unsafe(at::zeros({1, 1}, at::kLong), at::ones({1}), {3}));
+  sd.insert(
+      "embedding",
+      at::_sparse_coo_tensor_unsafe(
+          at::zeros({1, 1}, at::kLong), at::ones({1}), {3}));
   EXPECT_THROW_CONTAINS(
-      split_torch_state_dict_into_shards(sd), ValueError,
+      split_torch_state_dict_into_shards(sd),
+      ValueError,
       "Tensor 'embedding': a tensor with layout Sparse has no storage");
 }
 
 TEST(SplitTorchTest, EmptyStateDictIsAValueError) {
-  EXPECT_THROW_CONTAINS(split_torch_state_dict_into_shards(StateDict()), ValueError, "empty state dict");
+  EXPECT_THROW_CONTAINS(
+      split_torch_state_dict_into_shards(StateDict()),
+      ValueError,
+      "empty state dict");
 }
 
 TEST(SplitTorchTest, InputIsNotModified) {

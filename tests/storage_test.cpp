@@ -52,23 +52,36 @@ TEST(StorageSizeTest, EmptyAndScalarTensors) {
 }
 
 TEST(StorageSizeTest, MetaTensorIsNumelTimesElementSize) {
-  const auto meta = at::empty({3, 4}, at::TensorOptions().device(at::kMeta).dtype(at::kFloat));
+  const auto meta = at::empty(
+      {3, 4}, at::TensorOptions().device(at::kMeta).dtype(at::kFloat));
   EXPECT_EQ(get_torch_storage_size(meta), 48);
-  const auto meta_half = at::empty({5}, at::TensorOptions().device(at::kMeta).dtype(at::kHalf));
+  const auto meta_half =
+      at::empty({5}, at::TensorOptions().device(at::kMeta).dtype(at::kHalf));
   EXPECT_EQ(get_torch_storage_size(meta_half), 10);
 }
 
 std::vector<at::ScalarType> dtypes_of_this_build() {
   std::vector<at::ScalarType> dtypes = {
-      at::kBool,  at::kByte,   at::kChar,      at::kShort,
-      at::kInt,   at::kLong,   at::kHalf,      at::kBFloat16,
-      at::kFloat, at::kDouble, at::kComplexHalf, at::kComplexFloat,
+      at::kBool,
+      at::kByte,
+      at::kChar,
+      at::kShort,
+      at::kInt,
+      at::kLong,
+      at::kHalf,
+      at::kBFloat16,
+      at::kFloat,
+      at::kDouble,
+      at::kComplexHalf,
+      at::kComplexFloat,
       at::kComplexDouble};
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 1)
+#if TORCH_VERSION_MAJOR > 2 || \
+    (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 1)
   dtypes.push_back(at::kFloat8_e4m3fn);
   dtypes.push_back(at::kFloat8_e5m2);
 #endif
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 3)
+#if TORCH_VERSION_MAJOR > 2 || \
+    (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 3)
   dtypes.push_back(at::kUInt16);
   dtypes.push_back(at::kUInt32);
   dtypes.push_back(at::kUInt64);
@@ -80,8 +93,12 @@ TEST(StorageSizeTest, EveryDtypeOfTheBuild) {
   for (const auto dtype : dtypes_of_this_build()) {
     const auto t = at::empty({2, 3}, dtype);
     SCOPED_TRACE(c10::toString(dtype));
-    EXPECT_EQ(get_torch_storage_size(t), 6 * static_cast<std::int64_t>(t.element_size()));
-    EXPECT_EQ(get_torch_storage_size(t.slice(1, 1)), 6 * static_cast<std::int64_t>(t.element_size()));
+    EXPECT_EQ(
+        get_torch_storage_size(t),
+        6 * static_cast<std::int64_t>(t.element_size()));
+    EXPECT_EQ(
+        get_torch_storage_size(t.slice(1, 1)),
+        6 * static_cast<std::int64_t>(t.element_size()));
     EXPECT_EQ(get_torch_storage_id(t), get_torch_storage_id(t[1]));
   }
 }
@@ -112,7 +129,9 @@ TEST(StorageIdTest, DistinctStoragesHaveDistinctIds) {
   const auto b = at::zeros({4});
   EXPECT_NE(get_torch_storage_id(a), get_torch_storage_id(b));
   EXPECT_NE(get_torch_storage_id(a), get_torch_storage_id(a.clone()));
-  EXPECT_NE(get_torch_storage_id(a.t()), get_torch_storage_id(a.t().contiguous().add(1)));
+  EXPECT_NE(
+      get_torch_storage_id(a.t()),
+      get_torch_storage_id(a.t().contiguous().add(1)));
 }
 
 TEST(StorageIdTest, IdIsDeviceAddressAndStorageBytes) {
@@ -163,8 +182,10 @@ TEST(StorageIdTest, HashGroupsViewsTogether) {
   const auto a = at::zeros({4, 4});
   const auto b = at::zeros({4, 4});
   std::unordered_set<StorageId> ids = {
-      *get_torch_storage_id(a), *get_torch_storage_id(a.t()),
-      *get_torch_storage_id(a[1]), *get_torch_storage_id(b),
+      *get_torch_storage_id(a),
+      *get_torch_storage_id(a.t()),
+      *get_torch_storage_id(a[1]),
+      *get_torch_storage_id(b),
       *get_torch_storage_id(b.slice(1, 2))};
   EXPECT_EQ(ids.size(), 2U);
 }
@@ -172,11 +193,13 @@ TEST(StorageIdTest, HashGroupsViewsTogether) {
 TEST(StorageIdTest, UndefinedTensorIsAValueError) {
   const at::Tensor undefined;
   EXPECT_THROW_MESSAGE(
-      get_torch_storage_id(undefined), ValueError,
+      get_torch_storage_id(undefined),
+      ValueError,
       "get_torch_storage_id: the tensor is undefined (a default-constructed "
       "at::Tensor has no storage).");
   EXPECT_THROW_CONTAINS(
-      get_torch_storage_size(undefined), ValueError,
+      get_torch_storage_size(undefined),
+      ValueError,
       "get_torch_storage_size: the tensor is undefined");
 }
 
@@ -185,7 +208,9 @@ TEST(StorageIdTest, SparseTensorIsAValueError) {
   const auto values = at::ones({1});
   const auto sparse = at::_sparse_coo_tensor_unsafe(indices, values, {3});
   EXPECT_THROW_CONTAINS(
-      get_torch_storage_id(sparse), ValueError, "with layout Sparse has no storage");
+      get_torch_storage_id(sparse),
+      ValueError,
+      "with layout Sparse has no storage");
   EXPECT_THROW_CONTAINS(
       get_torch_storage_size(sparse), ValueError, "to_dense()");
 }

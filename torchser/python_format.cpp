@@ -51,9 +51,9 @@ std::size_t decode_utf8(std::string_view text, std::size_t i, char32_t& out) {
 // str.isspace(): Unicode White_Space plus the ASCII separators \x1c-\x1f.
 bool is_python_space(char32_t c) {
   return (c >= 0x09 && c <= 0x0D) || (c >= 0x1C && c <= 0x20) || c == 0x85 ||
-      c == 0xA0 || c == 0x1680 || (c >= 0x2000 && c <= 0x200A) ||
-      c == 0x2028 || c == 0x2029 || c == 0x202F || c == 0x205F ||
-      c == 0x3000;
+         c == 0xA0 || c == 0x1680 || (c >= 0x2000 && c <= 0x200A) ||
+         c == 0x2028 || c == 0x2029 || c == 0x202F || c == 0x205F ||
+         c == 0x3000;
 }
 
 // Python's repr() escapes non-printable code points. Full printability needs

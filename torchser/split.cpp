@@ -106,12 +106,13 @@ bool parse_python_float(std::string_view text, double& out) {
     const std::size_t first = mantissa.find_first_not_of("0.");
     long order = 0;
     if (first != std::string_view::npos) {
-      const std::size_t point = dot == std::string::npos ? mantissa.size() : dot;
+      const std::size_t point =
+          dot == std::string::npos ? mantissa.size() : dot;
       order = first < point ? static_cast<long>(point - first) - 1
                             : -static_cast<long>(first - point);
     }
-    value = order + exponent > 0 ? std::numeric_limits<double>::infinity()
-                                 : 0.0;
+    value =
+        order + exponent > 0 ? std::numeric_limits<double>::infinity() : 0.0;
   } else if (error != std::errc() || end != clean.data() + clean.size()) {
     return false;
   }
@@ -199,8 +200,8 @@ std::int64_t ShardSize::from_signed(std::int64_t bytes) {
 }
 
 std::int64_t ShardSize::from_unsigned(std::uint64_t bytes) {
-  if (bytes > static_cast<std::uint64_t>(
-                  std::numeric_limits<std::int64_t>::max())) {
+  if (bytes >
+      static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max())) {
     throw ValueError(
         "max_shard_size " + std::to_string(bytes) +
         " does not fit in a 64-bit signed byte count.");
@@ -295,7 +296,7 @@ StateDictSplit plan_shards(
     throw ValueError(
         n == 0 ? "Cannot split an empty state dict: there is no tensor to save."
                : "Cannot split the state dict: none of its " +
-                std::to_string(n) + " entries is a tensor.");
+                     std::to_string(n) + " entries is a tensor.");
   }
   const std::size_t shard_count = shards.size();
   if (shard_count > 1 && !pattern.has_suffix()) {
@@ -368,8 +369,7 @@ StateDictSplit plan_shards(
     split.filename_to_tensors.insert(std::move(filename), std::move(names));
   }
   if (keys_unique) {
-    split.tensor_to_filename =
-        OrderedMap<std::string>::from_unique_items(
+    split.tensor_to_filename = OrderedMap<std::string>::from_unique_items(
         std::move(owners), std::move(owner_hashes));
   }
   return split;
@@ -378,8 +378,7 @@ StateDictSplit plan_shards(
 } // namespace detail
 
 StateDictSplit split_torch_state_dict_into_shards(
-    const StateDict& state_dict,
-    const SplitOptions& options) {
+    const StateDict& state_dict, const SplitOptions& options) {
   try {
     return split_state_dict_into_shards_factory(
         state_dict,

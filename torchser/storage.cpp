@@ -13,8 +13,7 @@ namespace detail {
 // Python reaches the storage through `untyped_storage()`, which sparse and
 // mkldnn tensors do not have; it fails there too, only less clearly.
 void check_tensor_has_storage(
-    const at::Tensor& tensor,
-    std::string_view context) {
+    const at::Tensor& tensor, std::string_view context) {
   if (!tensor.defined()) {
     throw ValueError(
         std::string(context) +

@@ -30,7 +30,12 @@ std::string human_bytes(std::int64_t bytes) {
     ++unit;
   }
   char buffer[32];
-  std::snprintf(buffer, sizeof buffer, unit == 0 ? "%.0f %s" : "%.1f %s", value, units[unit]);
+  std::snprintf(
+      buffer,
+      sizeof buffer,
+      unit == 0 ? "%.0f %s" : "%.1f %s",
+      value,
+      units[unit]);
   return buffer;
 }
 
@@ -41,17 +46,20 @@ int run(int argc, char** argv) {
     if (arg == "--max-shard-size" && i + 1 < argc) {
       max_shard_size = argv[++i];
     } else if (arg == "-h" || arg == "--help") {
-      std::cout << "usage: torchser_demo [--max-shard-size SIZE]  (default 200KB)\n";
+      std::cout
+          << "usage: torchser_demo [--max-shard-size SIZE]  (default 200KB)\n";
       return 0;
     } else {
-      std::cerr << "torchser_demo: unknown argument '" << arg << "' (try --help)\n";
+      std::cerr << "torchser_demo: unknown argument '" << arg
+                << "' (try --help)\n";
       return 2;
     }
   }
 
   const demo::TinyLM model;
   const torchser::StateDict sd = torchser::state_dict(*model);
-  std::cout << "TinyLM: " << sd.size() << " tensors; lm_head.weight is tied to embed.weight: "
+  std::cout << "TinyLM: " << sd.size()
+            << " tensors; lm_head.weight is tied to embed.weight: "
             << (torchser::get_torch_storage_id(sd["lm_head.weight"]) ==
                         torchser::get_torch_storage_id(sd["embed.weight"])
                     ? "yes"
@@ -60,8 +68,10 @@ int run(int argc, char** argv) {
 
   const auto split = torchser::split_torch_state_dict_into_shards(
       sd, torchser::SplitOptions().max_shard_size(max_shard_size));
-  std::cout << "Shard plan (max_shard_size " << human_bytes(max_shard_size.bytes())
-            << ", the plan huggingface_hub's split_torch_state_dict_into_shards gives):\n";
+  std::cout << "Shard plan (max_shard_size "
+            << human_bytes(max_shard_size.bytes())
+            << ", the plan huggingface_hub's "
+               "split_torch_state_dict_into_shards gives):\n";
   for (const auto& shard : split.filename_to_tensors) {
     // A file stores each storage once: aliases (the tied lm_head) add no bytes.
     std::unordered_map<torchser::StorageId, std::string> owner;
@@ -72,8 +82,8 @@ int run(int argc, char** argv) {
         bytes += id.nbytes;
       }
     }
-    std::cout << "  " << shard.key() << "  " << shard.value().size() << " tensors, "
-              << human_bytes(bytes) << "\n";
+    std::cout << "  " << shard.key() << "  " << shard.value().size()
+              << " tensors, " << human_bytes(bytes) << "\n";
     for (const auto& name : shard.value()) {
       const auto& first = owner.at(*torchser::get_torch_storage_id(sd[name]));
       std::cout << "      " << name << " " << sd[name].sizes();
@@ -83,10 +93,11 @@ int run(int argc, char** argv) {
       std::cout << "\n";
     }
   }
-  std::cout << "\nis_sharded: " << (split.is_sharded ? "true" : "false")
-            << "\ntotal_size: " << split.metadata.total_size << " bytes ("
-            << human_bytes(split.metadata.total_size)
-            << "; each storage counted once, so the tied lm_head adds nothing)\n";
+  std::cout
+      << "\nis_sharded: " << (split.is_sharded ? "true" : "false")
+      << "\ntotal_size: " << split.metadata.total_size << " bytes ("
+      << human_bytes(split.metadata.total_size)
+      << "; each storage counted once, so the tied lm_head adds nothing)\n";
   return 0;
 }
 

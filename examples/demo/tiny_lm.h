@@ -26,12 +26,20 @@ struct TinyLMConfig {
 
 struct BlockImpl : torch::nn::Module {
   explicit BlockImpl(const TinyLMConfig& c)
-      : attn_norm(register_module("attn_norm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({c.hidden_size})))),
-        qkv(register_module("qkv", torch::nn::Linear(c.hidden_size, 3 * c.hidden_size))),
-        out(register_module("out", torch::nn::Linear(c.hidden_size, c.hidden_size))),
-        mlp_norm(register_module("mlp_norm", torch::nn::BatchNorm1d(c.hidden_size))),
-        up(register_module("up", torch::nn::Linear(c.hidden_size, c.intermediate_size))),
-        down(register_module("down", torch::nn::Linear(c.intermediate_size, c.hidden_size))) {}
+      : attn_norm(register_module(
+            "attn_norm",
+            torch::nn::LayerNorm(
+                torch::nn::LayerNormOptions({c.hidden_size})))),
+        qkv(register_module(
+            "qkv", torch::nn::Linear(c.hidden_size, 3 * c.hidden_size))),
+        out(register_module(
+            "out", torch::nn::Linear(c.hidden_size, c.hidden_size))),
+        mlp_norm(
+            register_module("mlp_norm", torch::nn::BatchNorm1d(c.hidden_size))),
+        up(register_module(
+            "up", torch::nn::Linear(c.hidden_size, c.intermediate_size))),
+        down(register_module(
+            "down", torch::nn::Linear(c.intermediate_size, c.hidden_size))) {}
 
   torch::nn::LayerNorm attn_norm;
   torch::nn::Linear qkv;
@@ -44,12 +52,18 @@ TORCH_MODULE(Block);
 
 struct TinyLMImpl : torch::nn::Module {
   explicit TinyLMImpl(const TinyLMConfig& c = {})
-      : embed(register_module("embed", torch::nn::Embedding(c.vocab_size, c.hidden_size))),
+      : embed(register_module(
+            "embed", torch::nn::Embedding(c.vocab_size, c.hidden_size))),
         layers(register_module("layers", torch::nn::ModuleList())),
-        norm(register_module("norm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({c.hidden_size})))),
+        norm(register_module(
+            "norm",
+            torch::nn::LayerNorm(
+                torch::nn::LayerNormOptions({c.hidden_size})))),
         lm_head(register_module(
             "lm_head",
-            torch::nn::Linear(torch::nn::LinearOptions(c.hidden_size, c.vocab_size).bias(false)))) {
+            torch::nn::Linear(
+                torch::nn::LinearOptions(c.hidden_size, c.vocab_size)
+                    .bias(false)))) {
     for (std::int64_t i = 0; i < c.num_layers; ++i) {
       layers->push_back(Block(c));
     }

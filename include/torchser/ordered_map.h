@@ -67,7 +67,8 @@ class FlatIndex {
   /// slot writes for a million keys are cache misses that can overlap.
   void assign(std::vector<std::size_t> hashes) {
     if (hashes.size() > kMaxEntries) {
-      throw ValueError("torchser::OrderedMap cannot hold more than 2^32 - 2 entries.");
+      throw ValueError(
+          "torchser::OrderedMap cannot hold more than 2^32 - 2 entries.");
     }
     hashes_ = std::move(hashes);
     rebuild(hashes_.size());
@@ -77,7 +78,8 @@ class FlatIndex {
   /// checked with find() that no equal entry exists.
   void append(std::size_t hash) {
     if (hashes_.size() >= kMaxEntries) {
-      throw ValueError("torchser::OrderedMap cannot hold more than 2^32 - 2 entries.");
+      throw ValueError(
+          "torchser::OrderedMap cannot hold more than 2^32 - 2 entries.");
     }
     hashes_.push_back(hash);
     if (hashes_.size() * 2 > slots_.size()) {
@@ -115,7 +117,7 @@ class FlatIndex {
     slots_[s] = static_cast<std::uint32_t>(position + 1);
   }
 
-  std::vector<std::size_t> hashes_; // per entry, for probing and rebuilds
+  std::vector<std::size_t> hashes_;  // per entry, for probing and rebuilds
   std::vector<std::uint32_t> slots_; // 0 = empty, else position + 1
 };
 
@@ -135,7 +137,8 @@ class OrderedMap {
   /// One entry: `key()` and `value()`, as `torch::OrderedDict::Item`.
   class Item {
    public:
-    Item(std::string key, V value) : key_(std::move(key)), value_(std::move(value)) {}
+    Item(std::string key, V value)
+        : key_(std::move(key)), value_(std::move(value)) {}
     const std::string& key() const noexcept {
       return key_;
     }
@@ -183,10 +186,10 @@ class OrderedMap {
   /// The same, with `hashes[i] == OrderedMap::hash_of(items[i].key())`
   /// computed by the caller while the keys were still in cache.
   static OrderedMap from_unique_items(
-      std::vector<Item> items,
-      std::vector<std::size_t> hashes) {
+      std::vector<Item> items, std::vector<std::size_t> hashes) {
     if (hashes.size() != items.size()) {
-      throw ValueError("OrderedMap::from_unique_items: one hash per item is required.");
+      throw ValueError(
+          "OrderedMap::from_unique_items: one hash per item is required.");
     }
     OrderedMap map;
     map.items_ = std::move(items);
@@ -279,8 +282,10 @@ class OrderedMap {
   }
 
  private:
-  std::ptrdiff_t find_position(std::string_view key, std::size_t hash) const noexcept {
-    return index_.find(hash, [&](std::size_t p) { return items_[p].key() == key; });
+  std::ptrdiff_t find_position(
+      std::string_view key, std::size_t hash) const noexcept {
+    return index_.find(
+        hash, [&](std::size_t p) { return items_[p].key() == key; });
   }
 
   std::vector<Item> items_;

@@ -26,9 +26,9 @@
 #include <iterator>
 #include <map>
 #include <optional>
-#include <tuple>
 #include <string>
 #include <string_view>
+#include <tuple>
 #include <type_traits>
 #include <unordered_map>
 #include <utility>
@@ -52,9 +52,9 @@ namespace torchser {
 /// and "-1KB" is -1000, as in Python.
 ///
 /// Throws ValueError with the reference's messages:
-/// `Unit '{unit}' not supported. Supported units are TB, GB, MB, KB. Got '{s}'.`
-/// and `Could not parse the size value from '{s}': could not convert string to
-/// float: '{number}'`; also for "inf"/"nan" and sizes beyond int64.
+/// `Unit '{unit}' not supported. Supported units are TB, GB, MB, KB. Got
+/// '{s}'.` and `Could not parse the size value from '{s}': could not convert
+/// string to float: '{number}'`; also for "inf"/"nan" and sizes beyond int64.
 TORCHSER_API std::int64_t parse_size_to_int(std::string_view size_as_str);
 
 /// A maximum shard size: a byte count or a size string (Python's `int | str`).
@@ -85,9 +85,9 @@ class TORCHSER_API ShardSize {
     static_assert(!std::is_same_v<Integer, bool>, "a size is not a bool");
   }
   /// From a size string such as "5GB" (see parse_size_to_int()).
-  ShardSize(const char* size); // NOLINT(google-explicit-constructor)
+  ShardSize(const char* size);        // NOLINT(google-explicit-constructor)
   ShardSize(const std::string& size); // NOLINT(google-explicit-constructor)
-  ShardSize(std::string_view size); // NOLINT(google-explicit-constructor)
+  ShardSize(std::string_view size);   // NOLINT(google-explicit-constructor)
 
   /// The size in bytes; always positive.
   std::int64_t bytes() const noexcept {
@@ -155,8 +155,7 @@ struct TORCHSER_API SplitOptions {
 /// }
 /// ```
 TORCHSER_API StateDictSplit split_torch_state_dict_into_shards(
-    const StateDict& state_dict,
-    const SplitOptions& options = {});
+    const StateDict& state_dict, const SplitOptions& options = {});
 
 /// A storage-id callable for split_state_dict_into_shards_factory() that
 /// treats every entry as independent (Python's `lambda t: None`).
@@ -171,14 +170,14 @@ namespace detail {
 
 /// How one state-dict entry takes part in planning.
 enum class PlanRole : std::uint8_t {
-  kSized, ///< Sized and placed greedily.
-  kAlias, ///< Shares a storage seen before: joins that storage's shard.
+  kSized,   ///< Sized and placed greedily.
+  kAlias,   ///< Shares a storage seen before: joins that storage's shard.
   kSkipped, ///< Not a tensor (the size callable returned nullopt).
 };
 
 struct PlanEntry {
   std::string_view key;
-  std::int64_t size; ///< Meaningful for kSized only.
+  std::int64_t size;  ///< Meaningful for kSized only.
   std::int64_t group; ///< Dense storage index in first-seen order, or -1.
   PlanRole role;
 };
@@ -326,8 +325,10 @@ StateDictSplit split_state_dict_into_shards_factory(
     GetStorageSize&& get_storage_size,
     GetStorageId&& get_storage_id = {},
     const SplitOptions& options = {}) {
-  using Value = std::decay_t<decltype(detail::item_value(*std::begin(state_dict)))>;
-  using IdResult = std::decay_t<std::invoke_result_t<GetStorageId&, const Value&>>;
+  using Value =
+      std::decay_t<decltype(detail::item_value(*std::begin(state_dict)))>;
+  using IdResult =
+      std::decay_t<std::invoke_result_t<GetStorageId&, const Value&>>;
   static_assert(
       detail::IsOptional<IdResult>::value,
       "get_storage_id must return std::optional<Id>");
@@ -386,7 +387,10 @@ StateDictSplit split_state_dict_into_shards_factory(
     entries.push_back({key, size, group, detail::PlanRole::kSized});
   }
   return detail::plan_shards(
-      entries, groups.size(), detail::HasUniqueKeys<StateDictT>::value, options);
+      entries,
+      groups.size(),
+      detail::HasUniqueKeys<StateDictT>::value,
+      options);
 }
 
 } // namespace torchser

@@ -38,7 +38,7 @@ struct TORCHSER_API StorageId {
 
   friend bool operator==(const StorageId& a, const StorageId& b) noexcept {
     return a.device == b.device && a.data_ptr == b.data_ptr &&
-        a.nbytes == b.nbytes;
+           a.nbytes == b.nbytes;
   }
   friend bool operator!=(const StorageId& a, const StorageId& b) noexcept {
     return !(a == b);
@@ -82,10 +82,11 @@ struct hash<torchser::StorageId> {
     // goes into the top bits; nbytes only separates the empty storages
     // (address 0) and is equal for every alias of one storage anyway.
     const auto device =
-        (static_cast<size_t>(static_cast<std::uint8_t>(id.device.type())) << 8) |
+        (static_cast<size_t>(static_cast<std::uint8_t>(id.device.type()))
+         << 8) |
         static_cast<size_t>(static_cast<std::uint8_t>(id.device.index()));
-    return (static_cast<size_t>(id.data_ptr) >> 4) ^
-        (device << 48) ^ static_cast<size_t>(id.nbytes);
+    return (static_cast<size_t>(id.data_ptr) >> 4) ^ (device << 48) ^
+           static_cast<size_t>(id.nbytes);
   }
 };
 } // namespace std

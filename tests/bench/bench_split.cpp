@@ -33,7 +33,10 @@ torchser::StateDict make_state_dict(std::int64_t n) {
   at::Tensor previous;
   for (std::int64_t i = 0; i < n; ++i) {
     at::Tensor t = (i % 10 == 9) ? previous.slice(0, 1) : at::zeros({16});
-    sd.insert("model.layers." + std::to_string(i / 10) + ".w" + std::to_string(i % 10), t);
+    sd.insert(
+        "model.layers." + std::to_string(i / 10) + ".w" +
+            std::to_string(i % 10),
+        t);
     previous = t;
   }
   return sd;
@@ -50,7 +53,8 @@ double time_torchser(const torchser::StateDict& sd, int repeats) {
     const auto start = Clock::now();
     const auto split = torchser::split_torch_state_dict_into_shards(
         sd, torchser::SplitOptions().max_shard_size(6400));
-    seconds.push_back(std::chrono::duration<double>(Clock::now() - start).count());
+    seconds.push_back(
+        std::chrono::duration<double>(Clock::now() - start).count());
     if (split.tensor_to_filename.size() != sd.size()) {
       std::cerr << "bench: plan lost tensors\n";
       std::exit(1);
@@ -66,19 +70,27 @@ double time_python(std::int64_t n, int repeats) {
       "import sys,time,statistics\n"
       "try:\n"
       " import torch\n"
-      " from huggingface_hub.serialization._torch import split_torch_state_dict_into_shards\n"
+      " from huggingface_hub.serialization._torch import "
+      "split_torch_state_dict_into_shards\n"
       "except Exception:\n"
       " print(-1); sys.exit(0)\n"
-      "n=" + std::to_string(n) + "\n"
+      "n=" +
+      std::to_string(n) +
+      "\n"
       "sd={}\nprev=None\n"
       "for i in range(n):\n"
       " t=prev[1:] if i%10==9 else torch.zeros(16)\n"
       " sd[f'model.layers.{i//10}.w{i%10}']=t; prev=t\n"
       "ts=[]\n"
-      "for _ in range(" + std::to_string(repeats) + "):\n"
-      " s=time.perf_counter(); split_torch_state_dict_into_shards(sd, max_shard_size=6400); ts.append(time.perf_counter()-s)\n"
+      "for _ in range(" +
+      std::to_string(repeats) +
+      "):\n"
+      " s=time.perf_counter(); split_torch_state_dict_into_shards(sd, "
+      "max_shard_size=6400); ts.append(time.perf_counter()-s)\n"
       "print(statistics.median(ts))\n";
-  const std::string command = "/usr/bin/python3 - 2>/dev/null <<'TORCHSER_EOF'\n" + script + "TORCHSER_EOF\n";
+  const std::string command =
+      "/usr/bin/python3 - 2>/dev/null <<'TORCHSER_EOF'\n" + script +
+      "TORCHSER_EOF\n";
   FILE* pipe = ::popen(command.c_str(), "r");
   if (pipe == nullptr) {
     return -1;
@@ -108,11 +120,14 @@ int main(int argc, char** argv) {
       python_max = std::atoll(argv[i + 1]);
     }
   }
-  std::cout << "| tensors | shards | torchser | per tensor | huggingface_hub (Python) | speed-up |\n"
+  std::cout << "| tensors | shards | torchser | per tensor | huggingface_hub "
+               "(Python) | speed-up |\n"
             << "|---:|---:|---:|---:|---:|---:|\n";
   for (std::int64_t n = 1000; n <= max_tensors; n *= 10) {
     const auto sd = make_state_dict(n);
-    const int repeats = std::getenv("BENCH_REPEATS") ? std::atoi(std::getenv("BENCH_REPEATS")) : (n >= 1'000'000 ? 3 : 7);
+    const int repeats = std::getenv("BENCH_REPEATS")
+                            ? std::atoi(std::getenv("BENCH_REPEATS"))
+                            : (n >= 1'000'000 ? 3 : 7);
     const double ours = time_torchser(sd, repeats);
     const auto shards = torchser::split_torch_state_dict_into_shards(
                             sd, torchser::SplitOptions().max_shard_size(6400))
@@ -131,9 +146,10 @@ int main(int argc, char** argv) {
       }
     }
     char per[32];
-    std::snprintf(per, sizeof per, "%.0f ns", ours * 1e9 / static_cast<double>(n));
-    std::cout << "| " << n << " | " << shards << " | " << ms(ours) << " | " << per << " | "
-              << python << " | " << ratio << " |" << std::endl;
+    std::snprintf(
+        per, sizeof per, "%.0f ns", ours * 1e9 / static_cast<double>(n));
+    std::cout << "| " << n << " | " << shards << " | " << ms(ours) << " | "
+              << per << " | " << python << " | " << ratio << " |" << std::endl;
   }
   return 0;
 }

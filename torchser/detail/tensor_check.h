@@ -13,6 +13,7 @@ namespace torchser::detail {
 /// "tensor 'name'"), when `tensor` is undefined or has no storage (sparse,
 /// mkldnn and nested layouts). Meta tensors pass: they have a size but no
 /// memory.
-void check_tensor_has_storage(const at::Tensor& tensor, std::string_view context);
+void check_tensor_has_storage(
+    const at::Tensor& tensor, std::string_view context);
 
 } // namespace torchser::detail

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs the built torchser into a scratch prefix, then configures, builds
+# and runs examples/consumer against it through find_package(torchser).
+#
+# Usage: install_consumer_test.sh BUILD_DIR SOURCE_DIR
+set -euo pipefail
+build_dir=$1
+source_dir=$2
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
+
+cmake --install "$build_dir" --prefix "$scratch/prefix" >/dev/null
+cmake -S "$source_dir/examples/consumer" -B "$scratch/build" -G Ninja \
+  -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$scratch/prefix" >/dev/null
+cmake --build "$scratch/build" >/dev/null
+"$scratch/build/consumer"
+# The install holds the public headers and nothing private.
+test -f "$scratch/prefix/include/torchser/split.h"
+test -f "$scratch/prefix/include/torchser/version.h"
+test ! -e "$scratch/prefix/include/torchser/detail"
+if grep -rqE '#include <(nlohmann|zip)' "$scratch/prefix/include/torchser"; then
+  echo "a public header includes a private dependency" >&2
+  exit 1
+fi
