@@ -8,6 +8,7 @@ KeyError::~KeyError() = default;
 RuntimeError::~RuntimeError() = default;
 OSError::~OSError() = default;
 FileNotFoundError::~FileNotFoundError() = default;
+SafetensorError::~SafetensorError() = default;
 DDUFError::~DDUFError() = default;
 DDUFCorruptedFileError::~DDUFCorruptedFileError() = default;
 DDUFExportError::~DDUFExportError() = default;

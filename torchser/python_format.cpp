@@ -2,6 +2,7 @@
 
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 
 #include <torchser/errors.h>
 
@@ -79,6 +80,30 @@ void append_hex_escape(std::string& out, char32_t c) {
 }
 
 } // namespace
+
+std::size_t utf8_error_position(std::string_view text) {
+  for (std::size_t i = 0; i < text.size();) {
+    // ASCII fast path: eight bytes at a time.
+    while (i + 8 <= text.size()) {
+      std::uint64_t chunk = 0;
+      std::memcpy(&chunk, text.data() + i, 8);
+      if ((chunk & 0x8080808080808080ULL) != 0) {
+        break;
+      }
+      i += 8;
+    }
+    if (i >= text.size()) {
+      break;
+    }
+    char32_t c = 0;
+    const std::size_t length = decode_utf8(text, i, c);
+    if (length == 0) {
+      return i;
+    }
+    i += length;
+  }
+  return std::string_view::npos;
+}
 
 std::string python_repr(std::string_view text) {
   const bool has_single = text.find('\'') != std::string_view::npos;

@@ -64,6 +64,38 @@ class TORCHSER_API FileNotFoundError : public OSError {
   ~FileNotFoundError() override;
 };
 
+/// `safetensors_rust.SafetensorError`: a safetensors file or buffer breaks a
+/// rule of the format. kind() says which rule (the official reader's error
+/// variants, plus torchser's own UnsupportedDtype); the message starts with
+/// the official text and then names the file and the offending detail.
+class TORCHSER_API SafetensorError : public Error {
+ public:
+  enum class Kind {
+    kHeaderTooSmall, ///< fewer than 8 bytes
+    kHeaderTooLarge, ///< header length over 100,000,000 bytes
+    kInvalidHeaderLength, ///< header length points past the end of the file
+    kInvalidHeader, ///< header is not valid UTF-8
+    kInvalidHeaderDeserialization, ///< header is not the expected JSON
+    kTensorNotFound, ///< no tensor of that name
+    kTensorInvalidInfo, ///< byte size disagrees with shape and dtype
+    kInvalidOffset, ///< gap, overlap, or end before begin
+    kMetadataIncompleteBuffer, ///< trailing or missing bytes
+    kValidationOverflow, ///< shape × element size overflows 64 bits
+    kMisalignedSlice, ///< sub-byte tensor that does not end on a byte
+    kInvalidSlice, ///< get_slice() index out of range or too many indices
+    kUnsupportedDtype, ///< a valid dtype this LibTorch build cannot hold
+  };
+  SafetensorError(Kind kind, const std::string& message)
+      : Error(message), kind_(kind) {}
+  ~SafetensorError() override;
+  Kind kind() const noexcept {
+    return kind_;
+  }
+
+ private:
+  Kind kind_;
+};
+
 /// `huggingface_hub.errors.DDUFError`: base of the DDUF errors.
 class TORCHSER_API DDUFError : public Error {
  public:

@@ -16,6 +16,11 @@ namespace torchser::detail {
 /// are not valid UTF-8 are shown as \xNN.
 TORCHSER_API std::string python_repr(std::string_view text);
 
+/// Position of the first byte of `text` that does not start a valid UTF-8
+/// sequence (overlong forms, surrogates and values past U+10FFFF are
+/// invalid), or std::string_view::npos when all of it is valid.
+TORCHSER_API std::size_t utf8_error_position(std::string_view text);
+
 /// Python's str.strip() with no argument: removes leading and trailing
 /// characters for which str.isspace() is true (ASCII and Unicode spaces).
 TORCHSER_API std::string_view python_strip(std::string_view text);

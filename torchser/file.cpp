@@ -1,0 +1,220 @@
+#include "torchser/detail/file.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <utility>
+
+#include <torchser/errors.h>
+
+namespace torchser::detail {
+namespace {
+
+constexpr std::size_t kWriteBufferSize = std::size_t{1} << 20;
+// Linux caps one read()/write() at 0x7ffff000 bytes; ask for less.
+constexpr std::size_t kMaxIo = std::size_t{1} << 30;
+
+} // namespace
+
+void throw_os_error(
+    const std::string& what,
+    const std::filesystem::path& path,
+    int error) {
+  const std::string message =
+      what + " '" + path.string() + "': " + std::strerror(error);
+  if (error == ENOENT) {
+    throw FileNotFoundError(message);
+  }
+  throw OSError(message);
+}
+
+File File::open_read(const std::filesystem::path& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    throw_os_error("Cannot open", path, errno);
+  }
+  File file(fd, path);
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) {
+    throw_os_error("Cannot stat", path, errno);
+  }
+  if (S_ISDIR(st.st_mode)) {
+    throw_os_error("Cannot read", path, EISDIR);
+  }
+  return file;
+}
+
+File::File(File&& other) noexcept
+    : fd_(std::exchange(other.fd_, -1)), path_(std::move(other.path_)) {}
+
+File& File::operator=(File&& other) noexcept {
+  if (this != &other) {
+    if (fd_ >= 0) {
+      ::close(fd_);
+    }
+    fd_ = std::exchange(other.fd_, -1);
+    path_ = std::move(other.path_);
+  }
+  return *this;
+}
+
+File::~File() {
+  if (fd_ >= 0) {
+    ::close(fd_);
+  }
+}
+
+std::uint64_t File::size() const {
+  struct stat st {};
+  if (::fstat(fd_, &st) != 0) {
+    throw_os_error("Cannot stat", path_, errno);
+  }
+  return static_cast<std::uint64_t>(st.st_size);
+}
+
+void File::pread_exact(void* data, std::size_t size, std::uint64_t offset) const {
+  auto* out = static_cast<std::uint8_t*>(data);
+  std::size_t done = 0;
+  while (done < size) {
+    const std::size_t chunk = std::min(size - done, kMaxIo);
+    const ssize_t got = ::pread(
+        fd_, out + done, chunk, static_cast<off_t>(offset + done));
+    if (got < 0) {
+      if (errno == EINTR) {
+        continue;
+      }
+      throw_os_error("Cannot read", path_, errno);
+    }
+    if (got == 0) {
+      throw OSError(
+          "Cannot read '" + path_.string() + "': the file ends at byte " +
+          std::to_string(offset + done) + ", but " + std::to_string(size) +
+          " bytes were expected from byte " + std::to_string(offset) +
+          " (was it truncated while being read?)");
+    }
+    done += static_cast<std::size_t>(got);
+  }
+}
+
+void File::write_all(const void* data, std::size_t size) const {
+  const auto* in = static_cast<const std::uint8_t*>(data);
+  while (size > 0) {
+    const ssize_t put = ::write(fd_, in, std::min(size, kMaxIo));
+    if (put < 0) {
+      if (errno == EINTR) {
+        continue;
+      }
+      throw_os_error("Cannot write", path_, errno);
+    }
+    in += put;
+    size -= static_cast<std::size_t>(put);
+  }
+}
+
+std::shared_ptr<const MappedFile> MappedFile::map(const File& file) {
+  const std::uint64_t size = file.size();
+  if (size == 0) {
+    return std::shared_ptr<const MappedFile>(
+        new MappedFile(nullptr, 0, file.path()));
+  }
+  if (size > static_cast<std::uint64_t>(SIZE_MAX)) {
+    throw OSError("Cannot map '" + file.path().string() + "': file too large");
+  }
+  // Private and writable, as torch's UntypedStorage.from_file(shared=False):
+  // tensors over the mapping are ordinary writable tensors whose writes
+  // copy the touched pages and never reach the file.
+  void* data = ::mmap(
+      nullptr, static_cast<std::size_t>(size), PROT_READ | PROT_WRITE,
+      MAP_PRIVATE, file.fd(), 0);
+  if (data == MAP_FAILED) {
+    throw_os_error("Cannot map", file.path(), errno);
+  }
+  return std::shared_ptr<const MappedFile>(
+      new MappedFile(static_cast<std::uint8_t*>(data), size, file.path()));
+}
+
+MappedFile::~MappedFile() {
+  if (data_ != nullptr) {
+    ::munmap(data_, static_cast<std::size_t>(size_));
+  }
+}
+
+AtomicFile::AtomicFile(std::filesystem::path target)
+    : target_(std::move(target)),
+      buffer_(new std::uint8_t[kWriteBufferSize]) {
+  // mkstemp's name: "<target>.tmp.XXXXXX" in the target's directory, so the
+  // final rename never crosses a filesystem.
+  std::string pattern = target_.string() + ".tmp.XXXXXX";
+  const int fd = ::mkostemp(pattern.data(), O_CLOEXEC);
+  if (fd < 0) {
+    throw_os_error("Cannot create a temporary file for", target_, errno);
+  }
+  file_ = File(fd, pattern);
+  // mkstemp creates 0600; a checkpoint should get the usual 0666 & ~umask.
+  const mode_t mask = ::umask(0);
+  ::umask(mask);
+  ::fchmod(fd, 0666 & ~mask);
+}
+
+AtomicFile::~AtomicFile() {
+  if (!committed_ && file_.fd() >= 0) {
+    ::unlink(file_.path().c_str());
+  }
+}
+
+void AtomicFile::flush_buffer() {
+  if (buffered_ > 0) {
+    file_.write_all(buffer_.get(), buffered_);
+    buffered_ = 0;
+  }
+}
+
+void AtomicFile::write(const void* data, std::size_t size) {
+  if (buffered_ + size <= kWriteBufferSize) {
+    std::memcpy(buffer_.get() + buffered_, data, size);
+    buffered_ += size;
+    return;
+  }
+  flush_buffer();
+  if (size >= kWriteBufferSize) {
+    file_.write_all(data, size);
+    return;
+  }
+  std::memcpy(buffer_.get(), data, size);
+  buffered_ = size;
+}
+
+void AtomicFile::commit(bool durable) {
+  flush_buffer();
+  if (durable && ::fsync(file_.fd()) != 0) {
+    throw_os_error("Cannot fsync", file_.path(), errno);
+  }
+  if (::rename(file_.path().c_str(), target_.c_str()) != 0) {
+    throw_os_error(
+        "Cannot rename '" + file_.path().string() + "' to", target_, errno);
+  }
+  committed_ = true;
+  if (durable) {
+    fsync_directory(target_.parent_path());
+  }
+}
+
+void fsync_directory(const std::filesystem::path& directory) {
+  const std::filesystem::path dir = directory.empty() ? "." : directory;
+  const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) {
+    throw_os_error("Cannot open directory", dir, errno);
+  }
+  const int rc = ::fsync(fd);
+  const int error = errno;
+  ::close(fd);
+  if (rc != 0) {
+    throw_os_error("Cannot fsync directory", dir, error);
+  }
+}
+
+} // namespace torchser::detail
