@@ -254,6 +254,7 @@ void save_file(
     const SaveFileOptions& options) {
   const SafetensorsWriter writer(tensors, metadata, options.force_contiguous());
   detail::AtomicFile file(path);
+  file.preallocate(writer.size());
   writer.write([&](const void* data, std::size_t size) { file.write(data, size); });
   file.commit(options.durable());
 }

@@ -1,0 +1,342 @@
+// safetensors save and load against the machine's limits and the peers, all
+// measured in one run on the same data:
+//   - physical limits: memcpy, raw write() of the same bytes (to page cache,
+//     and with fsync), read() of the file;
+//   - torchser: save_file (durable and not), load_file with mmap (zero-copy:
+//     open + create every tensor, then touch every byte), with pread (copy);
+//   - torch::save / torch::load (C++), and Python torch.save / torch.load via
+//     /usr/bin/python3 when it has torch.
+//
+// Usage: torchser_bench_safetensors [--dir DIR] [--mib N] [--tensors N]
+//                                   [--repeats N]
+// Default: 1024 MiB in 1024 float32 tensors, 5 repeats, medians.
+
+#include <fcntl.h>
+#include <malloc.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/rand.h>
+#include <torch/serialize.h>
+
+#include <torchser/safetensors.h>
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+double median_seconds(int repeats, const std::function<void()>& body, const std::function<void()>& before = {}) {
+  std::vector<double> times;
+  for (int r = 0; r < repeats; ++r) {
+    if (before) {
+      before();
+    }
+    const auto start = Clock::now();
+    body();
+    times.push_back(seconds_since(start));
+  }
+  std::sort(times.begin(), times.end());
+  return times[times.size() / 2];
+}
+
+// Runs `baseline` and `subject` alternately `repeats` times (after one
+// untimed round of each, so allocator and page-cache state are steady), with
+// `before` ahead of every run. Returns the medians of both times and of the
+// per-round ratio baseline/subject, which cancels the drift of a noisy
+// machine (writeback bursts, neighbours) that separate medians keep.
+struct Paired {
+  double baseline;
+  double subject;
+  double ratio;
+};
+Paired paired(int repeats, const std::function<void()>& baseline, const std::function<void()>& subject,
+              const std::function<void()>& before = {}) {
+  std::vector<double> a;
+  std::vector<double> b;
+  std::vector<double> ratio;
+  for (int r = -1; r < repeats; ++r) {
+    if (before) {
+      before();
+    }
+    auto start = Clock::now();
+    baseline();
+    const double ta = seconds_since(start);
+    if (before) {
+      before();
+    }
+    start = Clock::now();
+    subject();
+    const double tb = seconds_since(start);
+    if (r >= 0) {
+      a.push_back(ta);
+      b.push_back(tb);
+      ratio.push_back(ta / tb);
+    }
+  }
+  for (auto* v : {&a, &b, &ratio}) {
+    std::sort(v->begin(), v->end());
+  }
+  return {a[a.size() / 2], b[b.size() / 2], ratio[ratio.size() / 2]};
+}
+
+// Resident set size of this process, in bytes.
+std::int64_t rss_bytes() {
+  std::ifstream statm("/proc/self/statm");
+  std::int64_t pages = 0;
+  std::int64_t resident = 0;
+  statm >> pages >> resident;
+  return resident * ::sysconf(_SC_PAGESIZE);
+}
+
+void write_all(int fd, const void* data, std::size_t size) {
+  const auto* p = static_cast<const char*>(data);
+  while (size > 0) {
+    const ssize_t n = ::write(fd, p, std::min<std::size_t>(size, 1 << 30));
+    if (n <= 0) {
+      std::perror("write");
+      std::exit(1);
+    }
+    p += n;
+    size -= static_cast<std::size_t>(n);
+  }
+}
+
+struct Row {
+  std::string what;
+  double seconds;
+  double bytes;
+  std::string versus; // what the ratio compares with
+  double ratio; // baseline time / this time (> 1: faster than the baseline)
+};
+
+void print(const std::vector<Row>& rows) {
+  std::cout << "| operation | time | GB/s | ratio |\n|---|---:|---:|---:|\n";
+  for (const Row& r : rows) {
+    char line[256];
+    const double gbps = r.bytes / r.seconds / 1e9;
+    if (r.ratio > 0) {
+      std::snprintf(line, sizeof line, "| %s | %.1f ms | %.2f | %.2f× %s |", r.what.c_str(), r.seconds * 1e3, gbps,
+                    r.ratio, r.versus.c_str());
+    } else {
+      std::snprintf(line, sizeof line, "| %s | %.1f ms | %.2f | |", r.what.c_str(), r.seconds * 1e3, gbps);
+    }
+    std::cout << line << "\n";
+  }
+}
+
+} // namespace
+
+int main(int argc, char** argv) {
+  std::filesystem::path dir = std::filesystem::temp_directory_path() / "torchser-bench";
+  std::int64_t mib = 1024;
+  std::int64_t count = 1024;
+  int repeats = 5;
+  for (int i = 1; i + 1 < argc; i += 2) {
+    const std::string arg = argv[i];
+    if (arg == "--dir") {
+      dir = argv[i + 1];
+    } else if (arg == "--mib") {
+      mib = std::atoll(argv[i + 1]);
+    } else if (arg == "--tensors") {
+      count = std::atoll(argv[i + 1]);
+    } else if (arg == "--repeats") {
+      repeats = std::atoi(argv[i + 1]);
+    }
+  }
+  std::filesystem::create_directories(dir);
+  const std::int64_t per_tensor = mib * (1 << 20) / count / 4; // float32 elements
+
+  torchser::StateDict sd;
+  std::vector<at::Tensor> tensors;
+  for (std::int64_t i = 0; i < count; ++i) {
+    auto t = at::rand({per_tensor});
+    sd.insert("model.layers." + std::to_string(i) + ".weight", t);
+    tensors.push_back(t);
+  }
+  const double total = static_cast<double>(per_tensor) * 4 * static_cast<double>(count);
+  std::cout << "# " << count << " float32 tensors, " << total / (1 << 20) << " MiB, medians of " << repeats
+            << " runs, files in " << dir << "\n\n";
+  std::vector<Row> rows;
+
+  // --- physical limits and the paired comparisons ---------------------------
+  const auto raw_path = dir / "raw.bin";
+  std::vector<char> destination(static_cast<std::size_t>(total));
+  std::memset(destination.data(), 1, destination.size()); // pre-fault
+  const auto memcpy_touched = [&] {
+    std::size_t offset = 0;
+    for (const auto& t : tensors) {
+      std::memcpy(destination.data() + offset, t.data_ptr(), t.nbytes());
+      offset += t.nbytes();
+    }
+  };
+  // What a copying loader must do at least: a new allocation per tensor,
+  // filled with memcpy.
+  const auto memcpy_fresh = [&] {
+    std::vector<at::Tensor> copies;
+    for (const auto& t : tensors) {
+      copies.push_back(at::empty_like(t));
+      std::memcpy(copies.back().data_ptr(), t.data_ptr(), t.nbytes());
+    }
+  };
+  const auto raw_write = [&](bool durable) {
+    const int fd = ::open(raw_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    for (const auto& t : tensors) {
+      write_all(fd, t.data_ptr(), t.nbytes());
+    }
+    if (durable) {
+      ::fsync(fd);
+    }
+    ::close(fd);
+  };
+  const auto st_path = dir / "model.safetensors";
+  const auto pt_path = dir / "model.pt";
+  // Every write goes to a new file: replacing a 1 GiB file first frees the
+  // old one's pages and blocks (hundreds of ms here, whoever writes), which
+  // would only add the same constant to both sides.
+  const auto settle = [&] {
+    std::filesystem::remove(raw_path);
+    std::filesystem::remove(st_path);
+    std::filesystem::remove(pt_path);
+    ::sync();
+  };
+  // Loaders that return new tensors pay for new pages (zeroed by the kernel
+  // on first touch: a large part of the cost on this VM). Returning freed
+  // heap memory to the system before each run makes every copying loader,
+  // and the memcpy baseline, start from the same state: the first load of a
+  // model in a process.
+  const auto fresh_memory = [] { ::malloc_trim(0); };
+  const torchser::SafetensorsMetadata metadata{{"format", "pt"}};
+
+  const Paired save_fast = paired(repeats, [&] { raw_write(false); }, [&] {
+    torchser::save_file(sd, st_path, metadata, torchser::SaveFileOptions().durable(false));
+  }, settle);
+  const Paired save_durable = paired(repeats, [&] { raw_write(true); }, [&] {
+    torchser::save_file(sd, st_path, metadata);
+  }, settle);
+  const Paired torch_save = paired(repeats, [&] { raw_write(false); }, [&] { torch::save(tensors, pt_path.string()); }, settle);
+
+  torchser::save_file(sd, st_path, metadata); // the file the loads read
+  torch::save(tensors, pt_path.string());
+  const double t_read = median_seconds(repeats, [&] {
+    const int fd = ::open(st_path.c_str(), O_RDONLY);
+    std::size_t done = 0;
+    while (done < destination.size()) {
+      const ssize_t n = ::read(fd, destination.data() + done, std::min<std::size_t>(destination.size() - done, 1 << 30));
+      if (n <= 0) {
+        break;
+      }
+      done += static_cast<std::size_t>(n);
+    }
+    ::close(fd);
+  });
+
+  std::int64_t rss_growth = 0;
+  const double t_open = median_seconds(repeats, [&] {
+    const auto before = rss_bytes();
+    const auto loaded = torchser::load_file(st_path);
+    rss_growth = rss_bytes() - before;
+    if (loaded.size() != sd.size()) {
+      std::exit(1);
+    }
+  });
+  double checksum = 0;
+  const double t_touch = median_seconds(repeats, [&] {
+    const auto loaded = torchser::load_file(st_path);
+    for (const auto& item : loaded) {
+      const float* p = item.value().data_ptr<float>();
+      for (std::int64_t k = 0; k < item.value().numel(); k += 1024) { // one float per page
+        checksum += p[k];
+      }
+    }
+  });
+  const Paired mmap_copy = paired(repeats, memcpy_touched, [&] {
+    const auto loaded = torchser::load_file(st_path);
+    std::size_t offset = 0;
+    for (const auto& item : loaded) {
+      std::memcpy(destination.data() + offset, item.value().data_ptr(), item.value().nbytes());
+      offset += item.value().nbytes();
+    }
+  });
+  const Paired pread_load = paired(repeats, memcpy_fresh, [&] {
+    const auto loaded = torchser::load_file(st_path, torchser::SafeOpenOptions().backend(torchser::LoadBackend::kPread));
+    if (loaded.size() != sd.size()) {
+      std::exit(1);
+    }
+  }, fresh_memory);
+  const Paired torch_load = paired(repeats, memcpy_fresh, [&] {
+    std::vector<at::Tensor> loaded;
+    torch::load(loaded, pt_path.string());
+  }, fresh_memory);
+
+  rows.push_back({"memcpy into touched memory (one thread)", mmap_copy.baseline, total, "", 0});
+  rows.push_back({"memcpy into new allocations, one per tensor (new pages)", pread_load.baseline, total, "", 0});
+  rows.push_back({"raw write() to page cache (new file)", save_fast.baseline, total, "", 0});
+  rows.push_back({"raw write() + fsync (new file)", save_durable.baseline, total, "", 0});
+  rows.push_back({"raw read() of the file, warm", t_read, total, "", 0});
+  rows.push_back({"torchser save_file (durable=false)", save_fast.subject, total, "of raw write()", save_fast.ratio});
+  rows.push_back({"torchser save_file (durable, the default)", save_durable.subject, total, "of raw write() + fsync", save_durable.ratio});
+  rows.push_back({"torch::save (C++)", torch_save.subject, total, "of raw write()", torch_save.ratio});
+  rows.push_back({"torchser load_file, mmap: open + create every tensor", t_open, total, "", 0});
+  rows.push_back({"torchser load_file, mmap, then touch every page", t_touch, total, "", 0});
+  rows.push_back({"torchser load_file, mmap, copied into touched memory", mmap_copy.subject, total, "of memcpy", mmap_copy.ratio});
+  rows.push_back({"torchser load_file, pread (new tensors)", pread_load.subject, total, "of memcpy into new allocations", pread_load.ratio});
+  rows.push_back({"torch::load (C++)", torch_load.subject, total, "of memcpy into new allocations", torch_load.ratio});
+
+  // --- Python torch ------------------------------------------------------------
+  const auto py_path = dir / "model.bin";
+  const std::string script =
+      "import sys,time,statistics\n"
+      "try:\n import torch\nexcept Exception:\n print('-1 -1'); sys.exit(0)\n"
+      "sd={f'model.layers.{i}.weight': torch.rand(" + std::to_string(per_tensor) + ") for i in range(" +
+      std::to_string(count) + ")}\n"
+      "import os\n"
+      "p='" + py_path.string() + "'\n"
+      "s=[];l=[]\n"
+      "for _ in range(" + std::to_string(repeats) + "):\n"
+      " os.path.exists(p) and os.remove(p); os.sync()\n"
+      " t=time.perf_counter(); torch.save(sd, p); s.append(time.perf_counter()-t)\n"
+      " t=time.perf_counter(); torch.load(p); l.append(time.perf_counter()-t)\n"
+      "print(statistics.median(s), statistics.median(l))\n";
+  const std::string command = "/usr/bin/python3 - 2>/dev/null <<'TORCHSER_EOF'\n" + script + "TORCHSER_EOF\n";
+  if (FILE* pipe = ::popen(command.c_str(), "r")) {
+    double py_save = -1;
+    double py_load = -1;
+    if (std::fscanf(pipe, "%lf %lf", &py_save, &py_load) == 2 && py_save > 0) {
+      rows.push_back({"Python torch.save (/usr/bin/python3)", py_save, total, "of raw write()", save_fast.baseline / py_save});
+      rows.push_back({"Python torch.load (/usr/bin/python3)", py_load, total, "of memcpy into new allocations", pread_load.baseline / py_load});
+    } else {
+      std::cout << "(Python torch not available: skipped)\n";
+    }
+    ::pclose(pipe);
+  }
+
+  print(rows);
+  std::cout << "\nmmap open + create " << count << " tensors: " << t_open * 1e3 << " ms, resident memory growth "
+            << rss_growth / 1024 << " KiB (checksum " << checksum << ")\n"
+            << "torchser save_file (durable=false) vs torch::save: " << torch_save.subject / save_fast.subject
+            << "× faster; load_file (pread) vs torch::load: " << torch_load.subject / pread_load.subject
+            << "× faster; load_file (mmap, open + create) vs torch::load: " << torch_load.subject / t_open << "× faster\n";
+  std::filesystem::remove(raw_path);
+  std::filesystem::remove(st_path);
+  std::filesystem::remove(pt_path);
+  std::filesystem::remove(py_path);
+  return 0;
+}
