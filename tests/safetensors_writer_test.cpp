@@ -175,6 +175,13 @@ TEST(SafetensorsWriterTest, TensorNamedMetadataIsRejected) {
       "A tensor cannot be named `__metadata__`");
 }
 
+TEST(SafetensorsWriterTest, DuplicateNamesCannotReachTheWriter) {
+  // The writer takes a StateDict, whose insert refuses a second "a".
+  StateDict sd;
+  sd.insert("a", at::zeros({1}));
+  EXPECT_THROW(sd.insert("a", at::ones({1})), c10::Error);
+}
+
 TEST(SafetensorsWriterTest, NonContiguousTensorIsRejectedUnlessForced) {
   const auto t = at::arange(6, at::kFloat).view({2, 3}).t();
   EXPECT_THROW_MESSAGE(
