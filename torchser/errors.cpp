@@ -9,6 +9,7 @@ RuntimeError::~RuntimeError() = default;
 OSError::~OSError() = default;
 FileNotFoundError::~FileNotFoundError() = default;
 SafetensorError::~SafetensorError() = default;
+UnpicklingError::~UnpicklingError() = default;
 DDUFError::~DDUFError() = default;
 DDUFCorruptedFileError::~DDUFCorruptedFileError() = default;
 DDUFExportError::~DDUFExportError() = default;

@@ -204,6 +204,23 @@ void AtomicFile::write(const void* data, std::size_t size) {
   buffered_ = size;
 }
 
+void AtomicFile::patch(const void* data, std::size_t size, std::uint64_t offset) {
+  flush_buffer();
+  const auto* in = static_cast<const std::uint8_t*>(data);
+  while (size > 0) {
+    const ssize_t put = ::pwrite(file_.fd(), in, size, static_cast<off_t>(offset));
+    if (put < 0) {
+      if (errno == EINTR) {
+        continue;
+      }
+      throw_os_error("Cannot write", file_.path(), errno);
+    }
+    in += put;
+    offset += static_cast<std::uint64_t>(put);
+    size -= static_cast<std::size_t>(put);
+  }
+}
+
 void AtomicFile::commit(bool durable) {
   flush_buffer();
   if (durable && ::fsync(file_.fd()) != 0) {

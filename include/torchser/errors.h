@@ -96,6 +96,15 @@ class TORCHSER_API SafetensorError : public Error {
   Kind kind_;
 };
 
+/// Python `pickle.UnpicklingError`: a PyTorch checkpoint (`torch.save` file)
+/// is damaged, hostile, or uses something torchser will not execute (a global
+/// outside the allowlist, the legacy pre-1.6 format).
+class TORCHSER_API UnpicklingError : public Error {
+ public:
+  using Error::Error;
+  ~UnpicklingError() override;
+};
+
 /// `huggingface_hub.errors.DDUFError`: base of the DDUF errors.
 class TORCHSER_API DDUFError : public Error {
  public:

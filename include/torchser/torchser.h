@@ -8,6 +8,9 @@
 #include <torchser/errors.h>
 #include <torchser/export.h>
 #include <torchser/module.h>
+#include <torchser/ordered_map.h>
+#include <torchser/pickle.h>
+#include <torchser/safetensors.h>
 #include <torchser/split.h>
 #include <torchser/state_dict.h>
 #include <torchser/storage.h>

@@ -107,6 +107,8 @@ class TORCHSER_API AtomicFile {
   void preallocate(std::uint64_t size);
   /// Appends `size` bytes through a 1 MiB buffer; large blocks bypass it.
   void write(const void* data, std::size_t size);
+  /// Overwrites `size` bytes already written, at absolute `offset`.
+  void patch(const void* data, std::size_t size, std::uint64_t offset);
   /// Flushes, optionally fsyncs the file, renames it over the target, and
   /// (when `durable`) fsyncs the directory so the rename itself survives a
   /// power loss.
