@@ -302,6 +302,13 @@ TEST(PickleWriterTest, ArchiveLooksLikeTorchSave) {
                                              "shard/version"}));
 }
 
+TEST(ZipTest, Crc32IsTheStandardOne) {
+  // The CRC-32 check value (ISO 3309 / ITU-T V.42), and continuation.
+  EXPECT_EQ(detail::crc32(0, "123456789", 9), 0xCBF43926U);
+  EXPECT_EQ(detail::crc32(detail::crc32(0, "1234", 4), "56789", 5), 0xCBF43926U);
+  EXPECT_EQ(detail::crc32(0, "", 0), 0U);
+}
+
 TEST(PickleWriterTest, SameStorageWithTwoDtypesIsRejected) {
   StateDict sd;
   const auto t = at::zeros({4}, at::kInt);
@@ -343,7 +350,8 @@ TEST(PicklePythonTest, PythonTorchLoadReadsTorchserFiles) {
   torchser::testing::TempDir dir;
   torch_save(mixed_state_dict(), dir / "model.bin");
   const std::string out = run_python(dir.path(), R"(
-import json, torch
+import json, torch, zipfile
+assert zipfile.ZipFile(')" + (dir / "model.bin").string() + R"(').testzip() is None  # every CRC checks out
 for weights_only in (False, True):
     sd = torch.load(')" + (dir / "model.bin").string() + R"(', weights_only=weights_only)
     e = sd['embed.weight']

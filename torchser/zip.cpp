@@ -1,6 +1,6 @@
 #include "torchser/detail/zip.h"
 
-#include <zlib.h>
+#include <isa-l/crc.h>
 
 #include <algorithm>
 #include <cstring>
@@ -233,15 +233,8 @@ std::vector<ZipEntry> read_zip_directory(const std::uint8_t* data, std::uint64_t
 }
 
 std::uint32_t crc32(std::uint32_t crc, const void* data, std::size_t size) {
-  const auto* p = static_cast<const Bytef*>(data);
-  // zlib takes a uInt length; feed it in chunks.
-  while (size > 0) {
-    const auto chunk = static_cast<uInt>(std::min<std::size_t>(size, 1u << 30));
-    crc = static_cast<std::uint32_t>(::crc32_z(crc, p, chunk));
-    p += chunk;
-    size -= chunk;
-  }
-  return crc;
+  // ISA-L's gzip CRC is the ZIP CRC-32, continued the way zlib's crc32 is.
+  return ::crc32_gzip_refl(crc, static_cast<const unsigned char*>(data), size);
 }
 
 ZipWriter::ZipWriter(Output output, Options options) : output_(std::move(output)), options_(options) {}
