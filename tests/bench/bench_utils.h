@@ -1,0 +1,126 @@
+#pragma once
+
+// Timing, memory and table helpers shared by the benchmark programs.
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <functional>
+#include <iostream>
+#include <string>
+#include <vector>
+
+namespace torchser::bench {
+
+using Clock = std::chrono::steady_clock;
+
+inline double seconds_since(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+inline double median_seconds(int repeats, const std::function<void()>& body, const std::function<void()>& before = {}) {
+  std::vector<double> times;
+  for (int r = 0; r < repeats; ++r) {
+    if (before) {
+      before();
+    }
+    const auto start = Clock::now();
+    body();
+    times.push_back(seconds_since(start));
+  }
+  std::sort(times.begin(), times.end());
+  return times[times.size() / 2];
+}
+
+// Runs `baseline` and `subject` alternately `repeats` times (after one
+// untimed round of each, so allocator and page-cache state are steady), with
+// `before` ahead of every run. Returns the medians of both times and of the
+// per-round ratio baseline/subject, which cancels the drift of a noisy
+// machine (writeback bursts, neighbours) that separate medians keep.
+struct Paired {
+  double baseline;
+  double subject;
+  double ratio;
+};
+inline Paired paired(int repeats, const std::function<void()>& baseline, const std::function<void()>& subject,
+              const std::function<void()>& before = {}) {
+  std::vector<double> a;
+  std::vector<double> b;
+  std::vector<double> ratio;
+  for (int r = -1; r < repeats; ++r) {
+    if (before) {
+      before();
+    }
+    auto start = Clock::now();
+    baseline();
+    const double ta = seconds_since(start);
+    if (before) {
+      before();
+    }
+    start = Clock::now();
+    subject();
+    const double tb = seconds_since(start);
+    if (r >= 0) {
+      a.push_back(ta);
+      b.push_back(tb);
+      ratio.push_back(ta / tb);
+    }
+  }
+  for (auto* v : {&a, &b, &ratio}) {
+    std::sort(v->begin(), v->end());
+  }
+  return {a[a.size() / 2], b[b.size() / 2], ratio[ratio.size() / 2]};
+}
+
+// Resident set size of this process, in bytes.
+inline std::int64_t rss_bytes() {
+  std::ifstream statm("/proc/self/statm");
+  std::int64_t pages = 0;
+  std::int64_t resident = 0;
+  statm >> pages >> resident;
+  return resident * ::sysconf(_SC_PAGESIZE);
+}
+
+inline void write_all(int fd, const void* data, std::size_t size) {
+  const auto* p = static_cast<const char*>(data);
+  while (size > 0) {
+    const ssize_t n = ::write(fd, p, std::min<std::size_t>(size, 1 << 30));
+    if (n <= 0) {
+      std::perror("write");
+      std::exit(1);
+    }
+    p += n;
+    size -= static_cast<std::size_t>(n);
+  }
+}
+
+struct Row {
+  std::string what;
+  double seconds;
+  double bytes;
+  std::string versus; // what the ratio compares with
+  double ratio; // baseline time / this time (> 1: faster than the baseline)
+};
+
+inline void print(const std::vector<Row>& rows) {
+  std::cout << "| operation | time | GB/s | ratio |\n|---|---:|---:|---:|\n";
+  for (const Row& r : rows) {
+    char line[256];
+    const double gbps = r.bytes / r.seconds / 1e9;
+    if (r.ratio > 0) {
+      std::snprintf(line, sizeof line, "| %s | %.1f ms | %.2f | %.2f× %s |", r.what.c_str(), r.seconds * 1e3, gbps,
+                    r.ratio, r.versus.c_str());
+    } else {
+      std::snprintf(line, sizeof line, "| %s | %.1f ms | %.2f | |", r.what.c_str(), r.seconds * 1e3, gbps);
+    }
+    std::cout << line << "\n";
+  }
+}
+
+
+} // namespace torchser::bench
