@@ -26,16 +26,10 @@
 namespace torchser {
 namespace {
 
+using torchser::testing::le64;
+
 using Kind = SafetensorError::Kind;
 using ::testing::HasSubstr;
-
-std::string le64(std::uint64_t n) {
-  std::string out(8, '\0');
-  for (int i = 0; i < 8; ++i) {
-    out[static_cast<std::size_t>(i)] = static_cast<char>((n >> (8 * i)) & 0xFF);
-  }
-  return out;
-}
 
 // A file: N (the header's length unless given), the header, the data.
 std::string raw(const std::string& header, const std::string& data = "", std::optional<std::uint64_t> n = std::nullopt) {

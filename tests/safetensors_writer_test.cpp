@@ -21,16 +21,10 @@
 namespace torchser {
 namespace {
 
+using torchser::testing::le64;
+
 using ::testing::HasSubstr;
 using ::testing::StartsWith;
-
-std::string le64(std::uint64_t n) {
-  std::string out(8, '\0');
-  for (int i = 0; i < 8; ++i) {
-    out[static_cast<std::size_t>(i)] = static_cast<char>((n >> (8 * i)) & 0xFF);
-  }
-  return out;
-}
 
 std::string f32_bytes(std::initializer_list<float> values) {
   std::string out;

@@ -2,6 +2,7 @@
 
 // Helpers shared by the test files.
 
+#include <cstdint>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -28,6 +29,15 @@ inline std::string read_file(const std::filesystem::path& path) {
   std::ostringstream content;
   content << in.rdbuf();
   return content.str();
+}
+
+/// `n` as 8 little-endian bytes (a safetensors header length).
+inline std::string le64(std::uint64_t n) {
+  std::string out(8, '\0');
+  for (int i = 0; i < 8; ++i) {
+    out[static_cast<std::size_t>(i)] = static_cast<char>((n >> (8 * i)) & 0xFF);
+  }
+  return out;
 }
 
 /// A fresh directory under the system temp dir, removed with its content.

@@ -24,22 +24,12 @@
 using namespace torchser::bench;
 
 int main(int argc, char** argv) {
-  std::filesystem::path dir = std::filesystem::temp_directory_path() / "torchser-bench";
-  std::int64_t mib = 1024;
-  std::int64_t count = 256;
-  int repeats = 5;
-  for (int i = 1; i + 1 < argc; i += 2) {
-    const std::string arg = argv[i];
-    if (arg == "--dir") {
-      dir = argv[i + 1];
-    } else if (arg == "--mib") {
-      mib = std::atoll(argv[i + 1]);
-    } else if (arg == "--tensors") {
-      count = std::atoll(argv[i + 1]);
-    } else if (arg == "--repeats") {
-      repeats = std::atoi(argv[i + 1]);
-    }
-  }
+  const BenchArgs args = parse_bench_args(
+      argc, argv, {(std::filesystem::temp_directory_path() / "torchser-bench").string(), 1024, 256, 5});
+  const std::filesystem::path dir = args.dir;
+  const std::int64_t mib = args.mib;
+  const std::int64_t count = args.tensors;
+  const int repeats = args.repeats;
   std::filesystem::create_directories(dir);
   const std::int64_t per_tensor = mib * (1 << 20) / count / 4;
   torchser::StateDict sd;

@@ -123,4 +123,28 @@ inline void print(const std::vector<Row>& rows) {
 }
 
 
+/// Command line of the I/O benchmarks:
+/// [--dir DIR] [--mib N] [--tensors N] [--repeats N].
+struct BenchArgs {
+  std::string dir;
+  std::int64_t mib;
+  std::int64_t tensors;
+  int repeats;
+};
+inline BenchArgs parse_bench_args(int argc, char** argv, BenchArgs args) {
+  for (int i = 1; i + 1 < argc; i += 2) {
+    const std::string arg = argv[i];
+    if (arg == "--dir") {
+      args.dir = argv[i + 1];
+    } else if (arg == "--mib") {
+      args.mib = std::atoll(argv[i + 1]);
+    } else if (arg == "--tensors") {
+      args.tensors = std::atoll(argv[i + 1]);
+    } else if (arg == "--repeats") {
+      args.repeats = std::atoi(argv[i + 1]);
+    }
+  }
+  return args;
+}
+
 } // namespace torchser::bench
