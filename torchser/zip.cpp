@@ -26,55 +26,56 @@ constexpr std::uint16_t kZip64ExtraId = 0x0001;
   throw ZipFormatError(what);
 }
 
-// Little-endian reads from a bounds-checked view.
-class View {
- public:
-  View(const std::uint8_t* data, std::uint64_t size) : data_(data), size_(size) {}
+std::uint16_t u16(const std::uint8_t* p) {
+  return static_cast<std::uint16_t>(p[0] | (p[1] << 8));
+}
+std::uint32_t u32(const std::uint8_t* p) {
+  return static_cast<std::uint32_t>(p[0]) | (static_cast<std::uint32_t>(p[1]) << 8) |
+      (static_cast<std::uint32_t>(p[2]) << 16) | (static_cast<std::uint32_t>(p[3]) << 24);
+}
+std::uint64_t u64(const std::uint8_t* p) {
+  return static_cast<std::uint64_t>(u32(p)) | (static_cast<std::uint64_t>(u32(p + 4)) << 32);
+}
 
-  // The bytes [offset, offset + length), or a ZipFormatError naming `what`.
-  const std::uint8_t* at(std::uint64_t offset, std::uint64_t length, const char* what) const {
-    std::uint64_t end = 0;
-    if (__builtin_add_overflow(offset, length, &end) || end > size_) {
-      fail(std::string(what) + " at byte " + std::to_string(offset) + " runs past the end of the file (" +
-           std::to_string(size_) + " bytes)");
-    }
-    return data_ + offset;
-  }
-  static std::uint16_t u16(const std::uint8_t* p) {
-    return static_cast<std::uint16_t>(p[0] | (p[1] << 8));
-  }
-  static std::uint32_t u32(const std::uint8_t* p) {
-    return static_cast<std::uint32_t>(p[0]) | (static_cast<std::uint32_t>(p[1]) << 8) |
-        (static_cast<std::uint32_t>(p[2]) << 16) | (static_cast<std::uint32_t>(p[3]) << 24);
-  }
-  static std::uint64_t u64(const std::uint8_t* p) {
-    return static_cast<std::uint64_t>(u32(p)) | (static_cast<std::uint64_t>(u32(p + 4)) << 32);
-  }
+// Bounds-checked reads from a source.
+class Reader {
+ public:
+  explicit Reader(const ZipSource& source) : source_(source) {}
   std::uint64_t size() const {
-    return size_;
+    return source_.size;
   }
-  const std::uint8_t* data() const {
-    return data_;
+  // The bytes [offset, offset + length), or a ZipFormatError naming `what`.
+  std::vector<std::uint8_t> read(std::uint64_t offset, std::uint64_t length, const char* what) const {
+    std::uint64_t end = 0;
+    if (__builtin_add_overflow(offset, length, &end) || end > source_.size) {
+      fail(std::string(what) + " at byte " + std::to_string(offset) + " runs past the end of the file (" +
+           std::to_string(source_.size) + " bytes)");
+    }
+    std::vector<std::uint8_t> out(static_cast<std::size_t>(length));
+    if (length > 0) {
+      source_.read(out.data(), out.size(), offset);
+    }
+    return out;
   }
 
  private:
-  const std::uint8_t* data_;
-  std::uint64_t size_;
+  const ZipSource& source_;
 };
 
 // Offset of the end-of-central-directory record: at the very end when there
 // is no comment, otherwise the last signature in the final 64 KiB + 22 bytes
 // whose comment length reaches exactly the end (Python's _EndRecData).
-std::int64_t find_end_record(const View& view) {
-  if (view.size() < kEndSize) {
+std::int64_t find_end_record(const Reader& reader) {
+  if (reader.size() < kEndSize) {
     return -1;
   }
-  const std::uint64_t last = view.size() - kEndSize;
-  const std::uint64_t first = last > 0xFFFF ? last - 0xFFFF : 0;
-  for (std::uint64_t pos = last + 1; pos-- > first;) {
-    const std::uint8_t* p = view.data() + pos;
-    if (View::u32(p) == kEndSig && pos + kEndSize + View::u16(p + 20) == view.size()) {
-      return static_cast<std::int64_t>(pos);
+  const std::uint64_t window = std::min<std::uint64_t>(reader.size(), kEndSize + 0xFFFF);
+  const std::uint64_t base = reader.size() - window;
+  const std::vector<std::uint8_t> tail = reader.read(base, window, "the end of the archive");
+  for (std::uint64_t pos = window - kEndSize + 1; pos-- > 0;) {
+    const std::uint8_t* p = tail.data() + pos;
+    if (u32(p) == kEndSig && pos + kEndSize + u16(p + 20) == window) {
+      return static_cast<std::int64_t>(base + pos);
     }
   }
   return -1;
@@ -92,8 +93,8 @@ void apply_zip64_extra(const std::uint8_t* extra, std::uint64_t length, std::uin
                        std::uint32_t raw_csize, std::uint32_t raw_offset, Zip64Fields out, const std::string& name) {
   std::uint64_t pos = 0;
   while (pos + 4 <= length) {
-    const std::uint16_t id = View::u16(extra + pos);
-    const std::uint16_t size = View::u16(extra + pos + 2);
+    const std::uint16_t id = u16(extra + pos);
+    const std::uint16_t size = u16(extra + pos + 2);
     if (pos + 4 + size > length) {
       fail("the extra field of entry '" + name + "' is truncated");
     }
@@ -104,7 +105,7 @@ void apply_zip64_extra(const std::uint8_t* extra, std::uint64_t length, std::uin
         if (left < 8) {
           fail("the ZIP64 extra field of entry '" + name + "' is too short");
         }
-        *field = View::u64(p);
+        *field = u64(p);
         p += 8;
         left -= 8;
       };
@@ -127,44 +128,46 @@ void apply_zip64_extra(const std::uint8_t* extra, std::uint64_t length, std::uin
 
 ZipFormatError::~ZipFormatError() = default;
 
-bool looks_like_zip(const std::uint8_t* data, std::uint64_t size) {
-  return find_end_record(View(data, size)) >= 0;
+std::vector<ZipEntry> read_zip_directory(const std::uint8_t* data, std::uint64_t size) {
+  return read_zip_directory(ZipSource{size, [data](void* out, std::size_t n, std::uint64_t offset) {
+                                        std::memcpy(out, data + offset, n);
+                                      }});
 }
 
-std::vector<ZipEntry> read_zip_directory(const std::uint8_t* data, std::uint64_t size) {
-  const View view(data, size);
-  const std::int64_t end_pos = find_end_record(view);
+std::vector<ZipEntry> read_zip_directory(const ZipSource& source) {
+  const Reader reader(source);
+  const std::int64_t end_pos = find_end_record(reader);
   if (end_pos < 0) {
     fail("File is not a zip file (no end of central directory record)");
   }
-  const std::uint8_t* end = view.at(static_cast<std::uint64_t>(end_pos), kEndSize, "the end record");
-  if (View::u16(end + 4) != 0 || View::u16(end + 6) != 0) {
+  const auto end = reader.read(static_cast<std::uint64_t>(end_pos), kEndSize, "the end record");
+  if (u16(end.data() + 4) != 0 || u16(end.data() + 6) != 0) {
     fail("multi-disk archives are not supported");
   }
-  std::uint64_t count = View::u16(end + 10);
-  std::uint64_t cd_size = View::u32(end + 12);
-  std::uint64_t cd_offset = View::u32(end + 16);
+  std::uint64_t count = u16(end.data() + 10);
+  std::uint64_t cd_size = u32(end.data() + 12);
+  std::uint64_t cd_offset = u32(end.data() + 16);
   // Where the directory really ends: before the ZIP64 records when present.
   std::uint64_t directory_end = static_cast<std::uint64_t>(end_pos);
 
   if (static_cast<std::uint64_t>(end_pos) >= kZip64LocatorSize) {
-    const std::uint8_t* locator =
-        view.at(static_cast<std::uint64_t>(end_pos) - kZip64LocatorSize, kZip64LocatorSize, "the ZIP64 locator");
-    if (View::u32(locator) == kZip64LocatorSig) {
+    const auto locator = reader.read(static_cast<std::uint64_t>(end_pos) - kZip64LocatorSize, kZip64LocatorSize,
+                                     "the ZIP64 locator");
+    if (u32(locator.data()) == kZip64LocatorSig) {
       if (static_cast<std::uint64_t>(end_pos) < kZip64LocatorSize + kZip64EndSize) {
         fail("the ZIP64 end record is missing");
       }
       const std::uint64_t record_pos = static_cast<std::uint64_t>(end_pos) - kZip64LocatorSize - kZip64EndSize;
-      const std::uint8_t* record = view.at(record_pos, kZip64EndSize, "the ZIP64 end record");
-      if (View::u32(record) != kZip64EndSig) {
+      const auto record = reader.read(record_pos, kZip64EndSize, "the ZIP64 end record");
+      if (u32(record.data()) != kZip64EndSig) {
         fail("the ZIP64 end record has a bad signature");
       }
-      if (View::u32(record + 16) != 0 || View::u32(record + 20) != 0) {
+      if (u32(record.data() + 16) != 0 || u32(record.data() + 20) != 0) {
         fail("multi-disk archives are not supported");
       }
-      count = View::u64(record + 32);
-      cd_size = View::u64(record + 40);
-      cd_offset = View::u64(record + 48);
+      count = u64(record.data() + 32);
+      cd_size = u64(record.data() + 40);
+      cd_offset = u64(record.data() + 48);
       directory_end = record_pos;
     }
   }
@@ -174,8 +177,8 @@ std::vector<ZipEntry> read_zip_directory(const std::uint8_t* data, std::uint64_t
     fail("the central directory offsets are inconsistent with the file size");
   }
   const std::uint64_t concat = directory_end - claimed_end;
-  const std::uint64_t cd_start = cd_offset + concat;
-  const std::uint8_t* cd = view.at(cd_start, cd_size, "the central directory");
+  const std::vector<std::uint8_t> directory = reader.read(cd_offset + concat, cd_size, "the central directory");
+  const std::uint8_t* cd = directory.data();
   if (count > cd_size / kCentralHeaderSize) {
     fail("the archive claims " + std::to_string(count) + " entries, more than its central directory of " +
          std::to_string(cd_size) + " bytes can hold");
@@ -189,24 +192,24 @@ std::vector<ZipEntry> read_zip_directory(const std::uint8_t* data, std::uint64_t
       fail("central directory entry " + std::to_string(i) + " is truncated");
     }
     const std::uint8_t* h = cd + pos;
-    if (View::u32(h) != kCentralHeaderSig) {
+    if (u32(h) != kCentralHeaderSig) {
       fail("central directory entry " + std::to_string(i) + " has a bad signature");
     }
-    const std::uint64_t name_len = View::u16(h + 28);
-    const std::uint64_t extra_len = View::u16(h + 30);
-    const std::uint64_t comment_len = View::u16(h + 32);
+    const std::uint64_t name_len = u16(h + 28);
+    const std::uint64_t extra_len = u16(h + 30);
+    const std::uint64_t comment_len = u16(h + 32);
     const std::uint64_t record = kCentralHeaderSize + name_len + extra_len + comment_len;
     if (cd_size - pos < record) {
       fail("central directory entry " + std::to_string(i) + " is truncated");
     }
     ZipEntry e;
     e.name.assign(reinterpret_cast<const char*>(h + kCentralHeaderSize), name_len);
-    e.flags = View::u16(h + 8);
-    e.method = View::u16(h + 10);
-    e.crc32 = View::u32(h + 16);
-    const std::uint32_t raw_csize = View::u32(h + 20);
-    const std::uint32_t raw_usize = View::u32(h + 24);
-    const std::uint32_t raw_offset = View::u32(h + 42);
+    e.flags = u16(h + 8);
+    e.method = u16(h + 10);
+    e.crc32 = u32(h + 16);
+    const std::uint32_t raw_csize = u32(h + 20);
+    const std::uint32_t raw_usize = u32(h + 24);
+    const std::uint32_t raw_offset = u32(h + 42);
     e.compressed_size = raw_csize;
     e.uncompressed_size = raw_usize;
     std::uint64_t local = raw_offset;
@@ -218,14 +221,15 @@ std::vector<ZipEntry> read_zip_directory(const std::uint8_t* data, std::uint64_t
     if (__builtin_add_overflow(local, concat, &e.local_header_offset)) {
       fail("entry '" + e.name + "' has an impossible offset");
     }
-    const std::uint8_t* lh = view.at(e.local_header_offset, kLocalHeaderSize, "the local header");
-    if (View::u32(lh) != kLocalHeaderSig) {
+    const auto lh = reader.read(e.local_header_offset, kLocalHeaderSize, "the local header");
+    if (u32(lh.data()) != kLocalHeaderSig) {
       fail("the local header of entry '" + e.name + "' has a bad signature");
     }
-    const std::uint64_t local_name_len = View::u16(lh + 26);
-    const std::uint64_t local_extra_len = View::u16(lh + 28);
-    e.data_offset = e.local_header_offset + kLocalHeaderSize + local_name_len + local_extra_len;
-    view.at(e.data_offset, e.compressed_size, "the data");
+    e.data_offset = e.local_header_offset + kLocalHeaderSize + u16(lh.data() + 26) + u16(lh.data() + 28);
+    std::uint64_t data_end = 0;
+    if (__builtin_add_overflow(e.data_offset, e.compressed_size, &data_end) || data_end > reader.size()) {
+      fail("the data of entry '" + e.name + "' runs past the end of the file");
+    }
     entries.push_back(std::move(e));
     pos += record;
   }

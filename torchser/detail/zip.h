@@ -44,16 +44,22 @@ struct TORCHSER_API ZipEntry {
   }
 };
 
-/// The central directory of an archive held in memory, in directory order.
-/// Bytes before the archive (a self-extractor stub, junk) are allowed, as in
-/// Python's zipfile: offsets are shifted by their length.
+/// Random access to an archive's bytes: `read(out, n, offset)` fills `out`
+/// with n bytes at offset (the caller keeps offset + n ≤ size).
+struct TORCHSER_API ZipSource {
+  std::uint64_t size;
+  std::function<void(void* out, std::size_t n, std::uint64_t offset)> read;
+};
+
+/// The central directory, in directory order. Bytes before the archive (a
+/// self-extractor stub, junk) are allowed, as in Python's zipfile: offsets
+/// are shifted by their length. Only the end records, the directory and the
+/// local headers are read (with pread on a file, nothing is mapped).
+TORCHSER_API std::vector<ZipEntry> read_zip_directory(const ZipSource& source);
+/// The same over bytes in memory.
 TORCHSER_API std::vector<ZipEntry> read_zip_directory(
     const std::uint8_t* data,
     std::uint64_t size);
-
-/// Whether the bytes look like a ZIP archive at all (an end-of-central-
-/// directory record can be found).
-TORCHSER_API bool looks_like_zip(const std::uint8_t* data, std::uint64_t size);
 
 /// The standard CRC-32 (ISO 3309, as ZIP and zlib use it), continued from
 /// `crc` (0 to start).
