@@ -146,9 +146,9 @@ MappedFile::~MappedFile() {
 AtomicFile::AtomicFile(std::filesystem::path target)
     : target_(std::move(target)),
       buffer_(new std::uint8_t[kWriteBufferSize]) {
-  // mkstemp's name: "<target>.tmp.XXXXXX" in the target's directory, so the
+  // mkstemp's name: "<target>.torchser-tmp.XXXXXX" in the target's directory, so the
   // final rename never crosses a filesystem.
-  std::string pattern = target_.string() + ".tmp.XXXXXX";
+  std::string pattern = target_.string() + kTemporaryInfix + "XXXXXX";
   const int fd = ::mkostemp(pattern.data(), O_CLOEXEC);
   if (fd < 0) {
     throw_os_error("Cannot create a temporary file for", target_, errno);
@@ -234,6 +234,15 @@ void AtomicFile::commit(bool durable) {
   if (durable) {
     fsync_directory(target_.parent_path());
   }
+}
+
+std::filesystem::path AtomicFile::keep(bool durable) {
+  flush_buffer();
+  if (durable && ::fsync(file_.fd()) != 0) {
+    throw_os_error("Cannot fsync", file_.path(), errno);
+  }
+  committed_ = true;
+  return file_.path();
 }
 
 void fsync_directory(const std::filesystem::path& directory) {

@@ -13,6 +13,7 @@
 #include <torchser/storage.h>
 
 #include "torchser/detail/file.h"
+#include "torchser/detail/pickle_writer.h"
 #include "torchser/detail/torch_version.h"
 #include "torchser/detail/zip.h"
 
@@ -1033,7 +1034,9 @@ class PickleWriter {
 
 } // namespace
 
-void torch_save(const StateDict& state_dict, const std::filesystem::path& path, bool durable) {
+namespace detail {
+
+void write_torch_save(const StateDict& state_dict, AtomicFile& file, const std::string& archive) {
   // One record per storage, in first-use order; tensors keep their views.
   struct Record {
     at::Tensor storage; // 1-D uint8 view of the whole storage
@@ -1093,11 +1096,6 @@ void torch_save(const StateDict& state_dict, const std::filesystem::path& path, 
   p.op('u'); // SETITEMS
   p.op('.');
 
-  std::string archive = path.stem().string();
-  if (archive.empty()) {
-    archive = "archive";
-  }
-  detail::AtomicFile file(path);
   detail::ZipWriter zip(
       {[&](const void* d, std::size_t n) { file.write(d, n); },
        [&](const void* d, std::size_t n, std::uint64_t offset) { file.patch(d, n, offset); }},
@@ -1124,6 +1122,15 @@ void torch_save(const StateDict& state_dict, const std::filesystem::path& path, 
   }
   zip.add(archive + "/version", "3\n");
   zip.finish();
+}
+
+} // namespace detail
+
+void torch_save(const StateDict& state_dict, const std::filesystem::path& path, bool durable) {
+  // torch.save names the archive folder after the file.
+  const std::string stem = path.stem().string();
+  detail::AtomicFile file(path);
+  detail::write_torch_save(state_dict, file, stem.empty() ? "archive" : stem);
   file.commit(durable);
 }
 

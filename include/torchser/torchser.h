@@ -7,10 +7,12 @@
 #include <torchser/constants.h>
 #include <torchser/errors.h>
 #include <torchser/export.h>
+#include <torchser/load.h>
 #include <torchser/module.h>
 #include <torchser/ordered_map.h>
 #include <torchser/pickle.h>
 #include <torchser/safetensors.h>
+#include <torchser/save.h>
 #include <torchser/split.h>
 #include <torchser/state_dict.h>
 #include <torchser/storage.h>

@@ -113,6 +113,10 @@ class TORCHSER_API AtomicFile {
   /// (when `durable`) fsyncs the directory so the rename itself survives a
   /// power loss.
   void commit(bool durable);
+  /// Flushes and optionally fsyncs the file, and keeps it under its
+  /// temporary name (for a caller that renames several files at one commit
+  /// point). Returns the temporary path.
+  std::filesystem::path keep(bool durable);
 
   const std::filesystem::path& target() const noexcept {
     return target_;
@@ -129,6 +133,9 @@ class TORCHSER_API AtomicFile {
   std::size_t buffered_ = 0;
   bool committed_ = false;
 };
+
+/// The infix of AtomicFile's temporary names: "<target>.torchser-tmp.XXXXXX".
+inline constexpr const char* kTemporaryInfix = ".torchser-tmp.";
 
 /// fsyncs the directory `directory` (after renames into it).
 TORCHSER_API void fsync_directory(const std::filesystem::path& directory);

@@ -1,0 +1,98 @@
+#pragma once
+
+/// \file
+/// Saving state dicts and modules as huggingface_hub does
+/// (`save_torch_state_dict`, `save_torch_model`): sharded safetensors (or
+/// pickle `.bin`) files plus `<pattern>.index.json`, tied weights stored
+/// once.
+///
+/// Deliberate differences from the reference (all safer):
+/// - Crash-safe: new files are written under temporary names and committed
+///   through a journal (`.torchser-commit.json`) before any old file is
+///   touched; an interrupted save is completed (or its temporary files
+///   removed) by the next save or load of the directory, so the directory
+///   always loads as the complete old or the complete new checkpoint.
+/// - Stale files of the pattern are matched by whole name (`model.safetensors.bak`
+///   survives), and the pattern is never read as a regex.
+/// - Inputs are never mutated; a user `format` other than "pt" is a ValueError;
+///   overlapping views are grouped by the running end of the group.
+/// - An empty state dict is a ValueError (the reference deletes the old
+///   checkpoint and writes nothing).
+
+#include <filesystem>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <torch/arg.h>
+
+#include <torchser/export.h>
+#include <torchser/ordered_map.h>
+#include <torchser/split.h>
+#include <torchser/state_dict.h>
+
+namespace torch::nn {
+class Module;
+} // namespace torch::nn
+
+namespace torchser {
+
+/// Metadata for the index (and the file, when there is one): string → string
+/// in insertion order, as Python writes the dict.
+using Metadata = OrderedMap<std::string>;
+
+/// Keyword arguments of `save_torch_state_dict`, with the Python defaults.
+struct TORCHSER_API SaveOptions {
+  /// Unset: "model{suffix}.safetensors", or "pytorch_model{suffix}.bin" when
+  /// safe_serialization is false. Must contain "{suffix}" when sharded.
+  TORCH_ARG(std::optional<std::string>, filename_pattern) = std::nullopt;
+  /// Make tensors contiguous (one at a time, while writing). Default: true.
+  TORCH_ARG(bool, force_contiguous) = true;
+  /// Bytes per shard, or a size string. Default: "5GB".
+  TORCH_ARG(ShardSize, max_shard_size) = kMaxShardSize;
+  /// User metadata: in the file when unsharded, in the index when sharded.
+  TORCH_ARG(Metadata, metadata);
+  /// safetensors (true) or torch.save pickle files (false).
+  TORCH_ARG(bool, safe_serialization) = true;
+  /// Only the main process removes stale files; every process writes.
+  TORCH_ARG(bool, is_main_process) = true;
+  /// Names to prefer dropping when several names share one storage.
+  TORCH_ARG(std::vector<std::string>, shared_tensors_to_discard) = {};
+  /// fsync files and the directory at the commit points. Default: true.
+  TORCH_ARG(bool, durable) = true;
+};
+
+/// `huggingface_hub.save_torch_state_dict`. The directory must exist.
+///
+/// Throws ValueError (bad options, empty state dict, unsaveable tensors),
+/// RuntimeError (shared tensors without a complete owner, M-T12), OSError.
+///
+/// Example:
+/// ```
+/// torchser::save_torch_state_dict(sd, "out", torchser::SaveOptions().max_shard_size("200MB"));
+/// ```
+TORCHSER_API void save_torch_state_dict(
+    const StateDict& state_dict,
+    const std::filesystem::path& save_directory,
+    const SaveOptions& options = {});
+
+/// `huggingface_hub.save_torch_model`: save_torch_state_dict of
+/// `torchser::state_dict(module)` (Python's key order).
+TORCHSER_API void save_torch_model(
+    const torch::nn::Module& model,
+    const std::filesystem::path& save_directory,
+    const SaveOptions& options = {});
+
+/// The result of shared-tensor handling (`_remove_duplicate_names`): for each
+/// kept name, the names dropped because they alias its storage, in group
+/// order, names sorted. Exposed for tests and tools.
+TORCHSER_API OrderedMap<std::vector<std::string>> remove_duplicate_names(
+    const StateDict& state_dict,
+    const std::vector<std::string>& discard_names = {});
+
+/// Completes or undoes an interrupted save in `directory` (see the file
+/// comment). Called by every save and load; harmless when there is nothing
+/// to do. Returns true when it changed something.
+TORCHSER_API bool recover_interrupted_save(const std::filesystem::path& directory);
+
+} // namespace torchser

@@ -1,0 +1,431 @@
+#include <torchser/load.h>
+
+#include <algorithm>
+#include <fstream>
+#include <map>
+#include <set>
+#include <sstream>
+#include <utility>
+
+#include <c10/util/Exception.h>
+#include <nlohmann/json.hpp>
+#include <torch/nn/module.h>
+
+#include <torchser/constants.h>
+#include <torchser/module.h>
+#include <torchser/pickle.h>
+#include <torchser/safetensors.h>
+#include <torchser/save.h>
+
+#include "torchser/detail/python_format.h"
+
+namespace torchser {
+namespace {
+
+bool has_suffix(const std::string& name, const std::string& suffix) {
+  return name.size() >= suffix.size() && name.compare(name.size() - suffix.size(), std::string::npos, suffix) == 0;
+}
+
+// Python's PurePath(name).suffix.
+std::string path_suffix(const std::string& path) {
+  const std::string name = std::filesystem::path(path).filename().string();
+  const std::size_t dot = name.rfind('.');
+  if (dot == std::string::npos || dot == 0 || dot + 1 == name.size()) {
+    return "";
+  }
+  return name.substr(dot);
+}
+
+std::string torch_size(c10::IntArrayRef sizes) {
+  std::string out = "torch.Size([";
+  for (std::size_t i = 0; i < sizes.size(); ++i) {
+    out += (i == 0 ? "" : ", ") + std::to_string(sizes[i]);
+  }
+  return out + "])";
+}
+
+std::string quoted_list(const std::vector<std::string>& keys, const char* separator) {
+  std::string out;
+  for (std::size_t i = 0; i < keys.size(); ++i) {
+    out += (i == 0 ? "\"" : std::string(separator) + "\"") + keys[i] + "\"";
+  }
+  return out;
+}
+
+// A CPython 3.12 PureWindowsPath drive or root, or a ".." component (§3.G).
+bool escapes_directory(const std::string& shard) {
+  if (!shard.empty() && (shard[0] == '/' || shard[0] == '\\')) {
+    return true; // root, or UNC \\server\share
+  }
+  // The second code point ':' makes a drive in 3.12+ (any first character).
+  std::size_t first = 1;
+  while (first < shard.size() && (static_cast<unsigned char>(shard[first]) & 0xC0) == 0x80) {
+    ++first;
+  }
+  if (first < shard.size() && shard[first] == ':') {
+    return true;
+  }
+  std::size_t start = 0;
+  while (start <= shard.size()) {
+    const std::size_t end = shard.find_first_of("/\\", start);
+    const std::string part = shard.substr(start, end == std::string::npos ? std::string::npos : end - start);
+    if (part == "..") {
+      return true;
+    }
+    if (end == std::string::npos) {
+      break;
+    }
+    start = end + 1;
+  }
+  return false;
+}
+
+// What a checkpoint holds for the module: shapes first (to validate), values
+// later (to copy), plus the aliases its metadata records.
+struct Source {
+  std::filesystem::path path;
+  bool safetensors;
+};
+
+// The tensors of one file, on CPU, without copying (mmap).
+StateDict open_tensors(const Source& source) {
+  if (source.safetensors) {
+    return load_file(source.path);
+  }
+  return extract_state_dict(torch_load(source.path));
+}
+
+// Copies values into the module's tensors after everything was checked.
+class ModuleLoader {
+ public:
+  explicit ModuleLoader(torch::nn::Module& model) : model_(model), targets_(state_dict(model)) {}
+
+  const StateDict& targets() const {
+    return targets_;
+  }
+  std::string class_name() const {
+    std::string name = model_.name();
+    // LibTorch names modules after their Impl class: "torch::nn::LinearImpl".
+    if (has_suffix(name, "Impl")) {
+      name.resize(name.size() - 4);
+    }
+    const std::size_t colon = name.rfind("::");
+    return colon == std::string::npos ? name : name.substr(colon + 2);
+  }
+
+  // PyTorch's message for size mismatches (collected, raised together).
+  void check_shape(const std::string& key, c10::IntArrayRef from_checkpoint) {
+    const at::Tensor* target = targets_.find(key);
+    if (target != nullptr && target->sizes() != from_checkpoint) {
+      errors_.push_back(
+          "size mismatch for " + key + ": copying a param with shape " + torch_size(from_checkpoint) +
+          " from checkpoint, the shape in current model is " + torch_size(target->sizes()) + ".");
+    }
+  }
+  std::vector<std::string>& errors() {
+    return errors_;
+  }
+  void raise_if_errors() const {
+    if (!errors_.empty()) {
+      std::string message = "Error(s) in loading state_dict for " + class_name() + ":";
+      for (const std::string& e : errors_) {
+        message += "\n\t" + e;
+      }
+      throw RuntimeError(message);
+    }
+  }
+
+  void copy(const std::string& key, const at::Tensor& value) {
+    at::Tensor* target = targets_.find(key);
+    if (target == nullptr) {
+      return;
+    }
+    at::NoGradGuard no_grad;
+    target->copy_(value);
+  }
+
+ private:
+  torch::nn::Module& model_;
+  StateDict targets_;
+  std::vector<std::string> errors_;
+};
+
+// alias → kept entries of a checkpoint's metadata that re-tie a module key
+// the checkpoint lacks (SPEC deviation 13).
+std::map<std::string, std::string> aliases_to_retie(
+    const std::vector<std::pair<std::string, std::string>>& metadata,
+    const std::set<std::string>& checkpoint_keys,
+    const StateDict& targets) {
+  std::map<std::string, std::string> out;
+  for (const auto& [alias, kept] : metadata) {
+    if (targets.contains(alias) && checkpoint_keys.count(alias) == 0 && checkpoint_keys.count(kept) != 0) {
+      out.emplace(alias, kept);
+    }
+  }
+  return out;
+}
+
+LoadResult key_differences(const StateDict& targets, const std::set<std::string>& loaded,
+                           const std::map<std::string, std::string>& retied) {
+  LoadResult result;
+  for (const auto& item : targets) {
+    if (loaded.count(item.key()) == 0 && retied.count(item.key()) == 0) {
+      result.missing_keys.push_back(item.key());
+    }
+  }
+  for (const std::string& key : loaded) {
+    if (!targets.contains(key)) {
+      result.unexpected_keys.push_back(key);
+    }
+  }
+  std::sort(result.missing_keys.begin(), result.missing_keys.end());
+  return result; // unexpected keys come sorted from the set
+}
+
+LoadResult load_single_file(torch::nn::Module& model, const std::filesystem::path& path, const LoadOptions& options) {
+  const StateDict loaded = load_state_dict_from_file(path, LoadOptions(options).map_location(std::nullopt).mmap(true));
+  ModuleLoader loader(model);
+  std::vector<std::pair<std::string, std::string>> metadata;
+  if (path.extension() == ".safetensors") {
+    const auto header = SafeOpen(path).metadata();
+    if (header.has_value()) {
+      metadata.assign(header->begin(), header->end());
+    }
+  }
+  std::set<std::string> keys;
+  for (const auto& item : loaded) {
+    keys.insert(item.key());
+    loader.check_shape(item.key(), item.value().sizes());
+  }
+  auto retied = aliases_to_retie(metadata, keys, loader.targets());
+  for (auto it = retied.begin(); it != retied.end();) {
+    // An alias of a different shape (a slice) cannot be rebuilt from its name.
+    it = loader.targets()[it->first].sizes() == loaded[it->second].sizes() ? std::next(it) : retied.erase(it);
+  }
+  const LoadResult result = key_differences(loader.targets(), keys, retied);
+  if (options.strict() && (!result.missing_keys.empty() || !result.unexpected_keys.empty())) {
+    // PyTorch's load_state_dict format.
+    std::vector<std::string> messages;
+    if (!result.missing_keys.empty()) {
+      messages.push_back("Missing key(s) in state_dict: " + quoted_list(result.missing_keys, ", ") + ". ");
+    }
+    if (!result.unexpected_keys.empty()) {
+      messages.push_back("Unexpected key(s) in state_dict: " + quoted_list(result.unexpected_keys, ", ") + ". ");
+    }
+    loader.errors().insert(loader.errors().begin(), messages.begin(), messages.end());
+  }
+  loader.raise_if_errors();
+  for (const auto& item : loaded) {
+    loader.copy(item.key(), item.value());
+  }
+  for (const auto& [alias, kept] : retied) {
+    loader.copy(alias, loaded[kept]);
+  }
+  return result;
+}
+
+LoadResult load_sharded(torch::nn::Module& model, const std::filesystem::path& directory,
+                        const std::string& pattern_text, const LoadOptions& options) {
+  const detail::FilenamePattern pattern(pattern_text);
+  const std::filesystem::path index_path = directory / (pattern.format("") + kIndexSuffix);
+  nlohmann::json index;
+  try {
+    std::ifstream in(index_path);
+    index = nlohmann::json::parse(in);
+  } catch (const nlohmann::json::exception& e) {
+    throw ValueError("Invalid index file '" + index_path.string() + "': " + e.what());
+  }
+  if (!index.is_object() || !index.contains("weight_map") || !index["weight_map"].is_object()) {
+    throw ValueError("Invalid index file '" + index_path.string() + "': it has no \"weight_map\" object.");
+  }
+  std::map<std::string, std::vector<std::string>> shards; // sorted shard order
+  std::set<std::string> index_keys;
+  for (const auto& [key, file] : index["weight_map"].items()) {
+    if (!file.is_string()) {
+      throw ValueError("Invalid index file '" + index_path.string() + "': the shard of '" + key + "' is not a string.");
+    }
+    shards[file.get<std::string>()].push_back(key);
+    index_keys.insert(key);
+  }
+  // Every shard name is checked before any file is opened.
+  const std::string expected_extension = path_suffix(pattern.format(""));
+  for (const auto& [shard, keys] : shards) {
+    if (escapes_directory(shard)) {
+      throw ValueError("Invalid shard filename '" + shard + "' in index file '" + index_path.string() +
+                       "'. Shard filenames must be relative paths without '..' components.");
+    }
+    if (!has_suffix(shard, expected_extension)) {
+      throw ValueError("Invalid shard filename '" + shard + "' in index file '" + index_path.string() +
+                       "'. Expected '" + expected_extension + "' extension to match the index format.");
+    }
+  }
+  std::vector<std::pair<std::string, std::string>> metadata;
+  if (index.contains("metadata") && index["metadata"].is_object()) {
+    for (const auto& [key, value] : index["metadata"].items()) {
+      if (value.is_string()) {
+        metadata.emplace_back(key, value.get<std::string>());
+      }
+    }
+  }
+  ModuleLoader loader(model);
+  const auto retied = aliases_to_retie(metadata, index_keys, loader.targets());
+  const LoadResult result = key_differences(loader.targets(), index_keys, retied);
+  if (options.strict() && (!result.missing_keys.empty() || !result.unexpected_keys.empty())) {
+    std::string message = "Error(s) in loading state_dict for " + loader.class_name();
+    if (!result.missing_keys.empty()) {
+      message += "\nMissing key(s): " + quoted_list(result.missing_keys, ",") + ".";
+    }
+    if (!result.unexpected_keys.empty()) {
+      message += "\nUnexpected key(s): " + quoted_list(result.unexpected_keys, ",") + ".";
+    }
+    throw RuntimeError(message);
+  }
+  const bool safetensors = expected_extension == ".safetensors" || has_suffix(pattern_text, ".safetensors");
+  std::vector<Source> sources;
+  for (const auto& [shard, keys] : shards) {
+    const bool is_safetensors = has_suffix(shard, ".safetensors") || (safetensors && expected_extension.empty());
+    sources.push_back({directory / shard, is_safetensors});
+  }
+  // Shapes first, from the headers (or the mapped pickles): nothing is copied
+  // unless everything fits.
+  std::map<std::string, std::vector<std::int64_t>> shapes;
+  for (const Source& source : sources) {
+    if (source.safetensors) {
+      const SafeOpen file(source.path);
+      for (const auto& info : file.tensors()) {
+        shapes[info.name] = info.shape;
+        loader.check_shape(info.name, info.shape);
+      }
+    } else {
+      for (const auto& item : open_tensors(source)) {
+        shapes[item.key()] = item.value().sizes().vec();
+        loader.check_shape(item.key(), item.value().sizes());
+      }
+    }
+  }
+  std::map<std::string, std::string> retie;
+  for (const auto& [alias, kept] : retied) {
+    const auto shape = shapes.find(kept);
+    if (shape != shapes.end() && loader.targets()[alias].sizes() == c10::IntArrayRef(shape->second)) {
+      retie.emplace(alias, kept);
+    }
+  }
+  loader.raise_if_errors();
+  // Then one shard at a time: its mapping is released before the next.
+  for (const Source& source : sources) {
+    const StateDict shard = open_tensors(source);
+    for (const auto& item : shard) {
+      loader.copy(item.key(), item.value());
+    }
+    for (const auto& [alias, kept] : retie) {
+      if (const at::Tensor* value = shard.find(kept)) {
+        loader.copy(alias, *value);
+      }
+    }
+  }
+  LoadResult out = result;
+  for (const auto& [alias, kept] : retied) {
+    if (retie.count(alias) == 0) {
+      out.missing_keys.push_back(alias);
+    }
+  }
+  std::sort(out.missing_keys.begin(), out.missing_keys.end());
+  return out;
+}
+
+// The one regular file among `directory/*<extension>`, nullopt when there
+// is none; M-T4 when there are several.
+std::optional<std::filesystem::path> single_file(const std::filesystem::path& directory, const std::string& extension,
+                                                 const std::filesystem::path& shown) {
+  std::vector<std::filesystem::path> found;
+  for (const auto& entry : std::filesystem::directory_iterator(directory)) {
+    if (entry.path().extension() == extension) {
+      found.push_back(entry.path());
+    }
+  }
+  if (found.size() > 1) {
+    throw ValueError("Directory '" + shown.string() +
+                     "' does not contain a valid checkpoint. Expected either a sharded checkpoint with an index file, "
+                     "or a single model file.");
+  }
+  if (found.empty()) {
+    return std::nullopt;
+  }
+  return found.front();
+}
+
+} // namespace
+
+StateDict load_state_dict_from_file(const std::filesystem::path& path, const LoadOptions& options) {
+  std::error_code ec;
+  if (!std::filesystem::is_regular_file(path, ec)) {
+    throw FileNotFoundError("No checkpoint file found at '" + path.string() +
+                            "'. Please verify the path is correct and the file has been properly downloaded.");
+  }
+  c10::Device device = options.map_location().value_or(c10::Device(c10::kCPU));
+  if (path.extension() == ".safetensors") {
+    if (device.is_meta()) {
+      device = c10::Device(c10::kCPU); // the reference falls back to CPU too
+    }
+    const SafeOpen file(path, SafeOpenOptions().device(device));
+    const auto& metadata = file.metadata();
+    if (metadata.has_value()) {
+      const auto format = metadata->find("format");
+      if (format == metadata->end() || (format->second != "pt" && format->second != "mlx")) {
+        throw OSError("The safetensors archive passed at " + path.string() +
+                      " does not contain the valid metadata. Make sure you save your model with the "
+                      "`save_torch_model` method.");
+      }
+    }
+    StateDict out;
+    for (const auto& info : file.tensors()) {
+      out.insert(info.name, file.get_tensor(info.name));
+    }
+    return out;
+  }
+  return extract_state_dict(
+      torch_load(path, TorchLoadOptions().mmap(options.mmap()).map_location(options.map_location())));
+}
+
+LoadResult load_torch_model(
+    torch::nn::Module& model,
+    const std::filesystem::path& checkpoint_path,
+    const LoadOptions& options) {
+  std::error_code ec;
+  if (!std::filesystem::exists(checkpoint_path, ec)) {
+    throw ValueError("Checkpoint path " + checkpoint_path.string() + " does not exist");
+  }
+  if (!std::filesystem::is_directory(checkpoint_path, ec)) {
+    return load_single_file(model, checkpoint_path, options);
+  }
+  recover_interrupted_save(checkpoint_path);
+  std::vector<std::string> patterns;
+  if (options.filename_pattern().has_value()) {
+    patterns.push_back(*options.filename_pattern());
+  } else {
+    patterns.push_back(kSafetensorsWeightsFilePattern);
+    if (!options.safe()) {
+      patterns.push_back(kPytorchWeightsFilePattern);
+    }
+  }
+  for (const std::string& pattern : patterns) {
+    const auto index = checkpoint_path / (detail::FilenamePattern(pattern).format("") + kIndexSuffix);
+    if (std::filesystem::is_regular_file(index, ec)) {
+      return load_sharded(model, checkpoint_path, pattern, options);
+    }
+  }
+  std::vector<std::string> extensions = {".safetensors"};
+  if (!options.safe()) {
+    extensions.push_back(".bin");
+  }
+  for (const std::string& extension : extensions) {
+    if (const auto file = single_file(checkpoint_path, extension, checkpoint_path)) {
+      return load_single_file(model, *file, options);
+    }
+  }
+  throw ValueError("Directory '" + checkpoint_path.string() +
+                   "' does not contain a valid checkpoint. Expected either a sharded checkpoint with an index file, "
+                   "or a single model file.");
+}
+
+} // namespace torchser
