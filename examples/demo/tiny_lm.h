@@ -4,10 +4,12 @@
 // make checkpoints interesting: tied input/output embeddings (two names, one
 // storage), biases, LayerNorm and BatchNorm buffers, nested module lists.
 
+#include <cmath>
 #include <cstdint>
 #include <memory>
 #include <string>
 
+#include <ATen/ATen.h>
 #include <torch/nn/module.h>
 #include <torch/nn/modules/batchnorm.h>
 #include <torch/nn/modules/container/modulelist.h>
@@ -41,6 +43,18 @@ struct BlockImpl : torch::nn::Module {
         down(register_module(
             "down", torch::nn::Linear(c.intermediate_size, c.hidden_size))) {}
 
+  // Causal self-attention (one head), then an MLP, both residual.
+  at::Tensor forward(const at::Tensor& x) {
+    const auto t = x.size(1);
+    const auto qkv_out = qkv(attn_norm(x)).chunk(3, -1);
+    auto scores = at::matmul(qkv_out[0], qkv_out[1].transpose(1, 2)) / std::sqrt(static_cast<double>(x.size(2)));
+    const auto mask = at::ones({t, t}, x.options().dtype(at::kBool)).triu(1);
+    scores = scores.masked_fill(mask, -1e9);
+    auto h = x + out(at::matmul(scores.softmax(-1), qkv_out[2]));
+    const auto flat = mlp_norm(h.reshape({-1, h.size(2)})).reshape(h.sizes());
+    return h + down(at::gelu(up(flat)));
+  }
+
   torch::nn::LayerNorm attn_norm;
   torch::nn::Linear qkv;
   torch::nn::Linear out;
@@ -69,6 +83,15 @@ struct TinyLMImpl : torch::nn::Module {
     }
     // Tied weights: the output projection reads the embedding's storage.
     lm_head->weight.set_data(embed->weight);
+  }
+
+  // tokens [batch, time] → logits [batch, time, vocab]
+  at::Tensor forward(const at::Tensor& tokens) {
+    auto x = embed(tokens);
+    for (const auto& layer : *layers) {
+      x = layer->as<BlockImpl>()->forward(x);
+    }
+    return lm_head(norm(x));
   }
 
   torch::nn::Embedding embed;
