@@ -1,0 +1,135 @@
+// Checkpoints through Python and back (tests/interop/*.py), when
+// /usr/bin/python3 has torch: torchser's sharded safetensors and pickle
+// checkpoints read by Python, and Python's sharded pickle checkpoint loaded
+// into an equivalent C++ module.
+
+#include <torchser/load.h>
+#include <torchser/save.h>
+
+#include <cstdio>
+#include <cstdlib>
+
+#include <ATen/ops/arange.h>
+#include <ATen/ops/rand.h>
+#include <nlohmann/json.hpp>
+#include <torch/nn/module.h>
+#include <torch/nn/modules/batchnorm.h>
+#include <torch/nn/modules/container/modulelist.h>
+#include <torch/nn/modules/embedding.h>
+#include <torch/nn/modules/linear.h>
+
+#include <torchser/module.h>
+
+#include "test_utils.h"
+
+namespace torchser {
+namespace {
+
+using json = nlohmann::json;
+
+bool python_has_torch() {
+  static const bool has = std::system("/usr/bin/python3 -c 'import torch' >/dev/null 2>&1") == 0;
+  return has;
+}
+
+json run_script(const std::string& script, const std::filesystem::path& argument) {
+  const std::string command = "/usr/bin/python3 " + (std::filesystem::path(TORCHSER_INTEROP_DIR) / script).string() +
+      " '" + argument.string() + "' 2>&1";
+  FILE* pipe = ::popen(command.c_str(), "r");
+  std::string out;
+  char buffer[4096];
+  while (std::fgets(buffer, sizeof buffer, pipe) != nullptr) {
+    out += buffer;
+  }
+  const int status = ::pclose(pipe);
+  if (status != 0) {
+    ADD_FAILURE() << script << " failed:\n" << out;
+    return json::object();
+  }
+  // The JSON is the last line (torch may warn before it).
+  while (!out.empty() && out.back() == '\n') {
+    out.pop_back();
+  }
+  return json::parse(out.substr(out.rfind('\n') == std::string::npos ? 0 : out.rfind('\n') + 1));
+}
+
+#define SKIP_WITHOUT_PYTHON_TORCH()                                                         \
+  if (!python_has_torch()) {                                                                \
+    GTEST_SKIP() << "/usr/bin/python3 has no torch (apt-get install python3-torch to run)"; \
+  }
+
+double sum_of(const at::Tensor& t) {
+  return t.is_complex() ? t.abs().to(at::kDouble).sum().item<double>() : t.to(at::kDouble).sum().item<double>();
+}
+
+StateDict interop_state_dict() {
+  StateDict sd;
+  const auto embed = at::rand({32, 8});
+  sd.insert("embed.weight", embed);
+  sd.insert("lm_head.weight", embed); // tied
+  sd.insert("proj.weight", at::rand({8, 8}).to(at::kHalf));
+  sd.insert("proj.bias", at::rand({8}).to(at::kBFloat16));
+  sd.insert("steps", at::arange(5, at::kLong));
+  sd.insert("mask", at::rand({4}).gt(0.5));
+  sd.insert("scale", at::rand({}, at::kDouble));
+  return sd;
+}
+
+TEST(InteropTest, PythonReadsTorchserCheckpoints) {
+  SKIP_WITHOUT_PYTHON_TORCH();
+  const StateDict sd = interop_state_dict();
+  for (const bool safe : {true, false}) {
+    SCOPED_TRACE(safe ? "safetensors" : "pickle");
+    torchser::testing::TempDir dir;
+    save_torch_state_dict(sd, dir.path(), SaveOptions().safe_serialization(safe).max_shard_size(400));
+    const json out = run_script("read_checkpoint.py", dir.path());
+    const json& tensors = out.at("tensors");
+    for (const auto& item : sd) {
+      if (safe && item.key() == "lm_head.weight") {
+        EXPECT_FALSE(tensors.contains(item.key())); // stored once, as embed.weight
+        continue;
+      }
+      ASSERT_TRUE(tensors.contains(item.key())) << item.key();
+      const json& t = tensors.at(item.key());
+      EXPECT_EQ(t.at("shape").get<std::vector<int64_t>>(), item.value().sizes().vec()) << item.key();
+      EXPECT_NEAR(t.at("sum").get<double>(), sum_of(item.value()), 1e-6 * (1 + std::abs(sum_of(item.value()))))
+          << item.key();
+    }
+    if (!safe) {
+      EXPECT_EQ(out.at("sharing"), json::parse(R"([["embed.weight", "lm_head.weight"]])"));
+    }
+  }
+}
+
+struct Net : torch::nn::Module {
+  Net() {
+    embed = register_module("embed", torch::nn::Embedding(16, 8));
+    blocks = register_module("blocks", torch::nn::ModuleList(torch::nn::Linear(8, 8), torch::nn::Linear(8, 8)));
+    norm = register_module("norm", torch::nn::BatchNorm1d(8));
+    head = register_module("head", torch::nn::Linear(torch::nn::LinearOptions(8, 16).bias(false)));
+    head->weight.set_data(embed->weight);
+  }
+  torch::nn::Embedding embed{nullptr};
+  torch::nn::ModuleList blocks{nullptr};
+  torch::nn::BatchNorm1d norm{nullptr};
+  torch::nn::Linear head{nullptr};
+};
+
+TEST(InteropTest, TorchserLoadsAPythonShardedCheckpoint) {
+  SKIP_WITHOUT_PYTHON_TORCH();
+  torchser::testing::TempDir dir;
+  const json written = run_script("write_checkpoint.py", dir.path());
+  Net net;
+  const LoadResult result = load_torch_model(net, dir.path(), LoadOptions().safe(false).strict(true));
+  EXPECT_TRUE(result.missing_keys.empty());
+  const StateDict sd = state_dict(net);
+  ASSERT_EQ(sd.size(), written.size());
+  for (const auto& item : sd) {
+    const json& want = written.at(item.key());
+    EXPECT_EQ(want.at("shape").get<std::vector<int64_t>>(), item.value().sizes().vec()) << item.key();
+    EXPECT_NEAR(want.at("sum").get<double>(), sum_of(item.value()), 1e-5) << item.key();
+  }
+}
+
+} // namespace
+} // namespace torchser
