@@ -137,6 +137,12 @@ std::shared_ptr<const MappedFile> MappedFile::map(const File& file) {
       new MappedFile(static_cast<std::uint8_t*>(data), size, file.path()));
 }
 
+void MappedFile::advise_range(std::uint64_t offset, std::uint64_t size, int advice) const noexcept {
+  if (data_ != nullptr && offset <= size_ && size <= size_ - offset) {
+    ::madvise(data_ + offset, static_cast<std::size_t>(size), advice);
+  }
+}
+
 MappedFile::~MappedFile() {
   if (data_ != nullptr) {
     ::munmap(data_, static_cast<std::size_t>(size_));

@@ -311,8 +311,24 @@ LoadResult load_sharded(torch::nn::Module& model, const std::filesystem::path& d
     }
   }
   loader.raise_if_errors();
-  // Then one shard at a time: its mapping is released before the next.
+  // Then one shard at a time, one tensor at a time: each tensor's mapped
+  // pages are dropped once copied, so resident memory grows by about one
+  // tensor, not one shard.
   for (const Source& source : sources) {
+    if (source.safetensors) {
+      const SafeOpen file(source.path);
+      for (const auto& info : file.tensors()) {
+        const at::Tensor value = file.get_tensor(info.name);
+        loader.copy(info.name, value);
+        for (const auto& [alias, kept] : retie) {
+          if (kept == info.name) {
+            loader.copy(alias, value);
+          }
+        }
+        file.release_pages(info.name);
+      }
+      continue;
+    }
     const StateDict shard = open_tensors(source);
     for (const auto& item : shard) {
       loader.copy(item.key(), item.value());

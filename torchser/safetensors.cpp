@@ -6,6 +6,9 @@
 #include <sstream>
 #include <utility>
 
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <ATen/Context.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
@@ -470,6 +473,20 @@ at::Tensor SafeOpen::get_tensor(std::string_view name) const {
   return make_tensor(
       s.header.tensors[position_of(name)], s.header.data_start, s.bytes,
       s.options.device(), s.source);
+}
+
+void SafeOpen::release_pages(std::string_view name) const {
+  const State& s = *state_;
+  if (!s.bytes.mapping) {
+    return;
+  }
+  const SafetensorsTensorInfo& info = s.header.tensors[position_of(name)];
+  const auto page = static_cast<std::uint64_t>(::sysconf(_SC_PAGESIZE));
+  const std::uint64_t begin = (s.header.data_start + info.begin + page - 1) / page * page;
+  const std::uint64_t end = (s.header.data_start + info.end) / page * page;
+  if (end > begin) {
+    s.bytes.mapping->advise_range(begin, end - begin, MADV_DONTNEED);
+  }
 }
 
 SafeSlice SafeOpen::get_slice(std::string_view name) const {

@@ -280,6 +280,13 @@ class TORCHSER_API SafeOpen {
   SafeSlice get_slice(std::string_view name) const;
   const std::filesystem::path& path() const noexcept;
 
+  /// With the mmap backend: drops this process's mapped pages of tensor
+  /// `name` (they stay in the page cache), so that a loader copying tensor
+  /// after tensor keeps its resident memory near one tensor. Tensors created
+  /// on those pages read the file's bytes again on next access; unsaved
+  /// in-place changes to them are lost. A no-op with the pread backend.
+  void release_pages(std::string_view name) const;
+
  private:
   friend class SafeSlice;
   struct State;

@@ -78,6 +78,9 @@ class TORCHSER_API MappedFile {
   const std::filesystem::path& path() const noexcept {
     return path_;
   }
+  /// madvise() on bytes [offset, offset + size) of the mapping (page
+  /// aligned); a hint, failures are ignored.
+  void advise_range(std::uint64_t offset, std::uint64_t size, int advice) const noexcept;
 
  private:
   MappedFile(std::uint8_t* data, std::uint64_t size, std::filesystem::path path)
