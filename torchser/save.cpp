@@ -1,6 +1,9 @@
 #include <torchser/save.h>
 
 #include <algorithm>
+#include <atomic>
+#include <exception>
+#include <thread>
 #include <cstdio>
 #include <fstream>
 #include <set>
@@ -348,15 +351,19 @@ void save_torch_state_dict(
     plan.removals = std::move(stale);
   }
 
-  // Every new file under a temporary name first.
-  std::vector<std::unique_ptr<detail::AtomicFile>> pending;
-  for (const auto& shard : split.filename_to_tensors) {
+  // Every new file under a temporary name first. Shards are written by up to
+  // four threads at once: copying into the page cache is CPU work, and a
+  // single writer leaves the other cores idle.
+  const auto& shards = split.filename_to_tensors.items();
+  const StateDict& tensors = to_save;
+  const auto write_shard = [&](std::size_t i) -> std::string {
+    const auto& shard = shards[i];
     StateDict shard_dict;
     shard_dict.reserve(shard.value().size());
     for (const std::string& name : shard.value()) {
-      shard_dict.insert(name, to_save[name]);
+      shard_dict.insert(name, tensors[name]);
     }
-    auto file = std::make_unique<detail::AtomicFile>(save_directory / shard.key());
+    detail::AtomicFile file(save_directory / shard.key());
     if (safe) {
       SafetensorsMetadata file_metadata{{"format", "pt"}};
       if (!split.is_sharded) {
@@ -365,21 +372,63 @@ void save_torch_state_dict(
         }
       }
       const SafetensorsWriter writer(shard_dict, file_metadata, options.force_contiguous());
-      file->preallocate(writer.size());
-      writer.write([&](const void* data, std::size_t size) { file->write(data, size); });
+      file.preallocate(writer.size());
+      writer.write([&](const void* data, std::size_t size) { file.write(data, size); });
     } else {
       const std::string stem = std::filesystem::path(shard.key()).stem().string();
-      detail::write_torch_save(shard_dict, *file, stem.empty() ? "archive" : stem);
+      detail::write_torch_save(shard_dict, file, stem.empty() ? "archive" : stem);
     }
-    plan.renames.emplace_back(relative_name(file->keep(options.durable())), shard.key());
-    pending.push_back(std::move(file));
+    return relative_name(file.keep(options.durable()));
+  };
+  std::vector<std::string> temporary(shards.size());
+  std::vector<std::exception_ptr> failures(shards.size());
+  std::atomic<std::size_t> next{0};
+  const auto worker = [&] {
+    for (std::size_t i = next++; i < shards.size(); i = next++) {
+      try {
+        temporary[i] = write_shard(i);
+      } catch (...) {
+        failures[i] = std::current_exception();
+        next = shards.size(); // stop handing out work
+      }
+    }
+  };
+  const std::size_t workers =
+      std::min<std::size_t>(shards.size(), std::clamp<std::size_t>(std::thread::hardware_concurrency(), 1, 4));
+  std::vector<std::thread> threads;
+  for (std::size_t w = 1; w < workers; ++w) {
+    threads.emplace_back(worker);
+  }
+  worker();
+  for (std::thread& t : threads) {
+    t.join();
+  }
+  const auto discard_temporaries = [&] {
+    for (const std::string& name : temporary) {
+      if (!name.empty()) {
+        std::filesystem::remove(save_directory / name, ec);
+      }
+    }
+  };
+  for (const std::exception_ptr& failure : failures) {
+    if (failure) {
+      discard_temporaries(); // the old checkpoint was never touched
+      std::rethrow_exception(failure);
+    }
+  }
+  for (std::size_t i = 0; i < shards.size(); ++i) {
+    plan.renames.emplace_back(temporary[i], shards[i].key());
   }
   if (split.is_sharded) {
-    const std::string index = detail::index_json(split, metadata);
-    auto file = std::make_unique<detail::AtomicFile>(save_directory / index_name);
-    file->write(index.data(), index.size());
-    plan.renames.emplace_back(relative_name(file->keep(options.durable())), index_name);
-    pending.push_back(std::move(file));
+    try {
+      const std::string index = detail::index_json(split, metadata);
+      detail::AtomicFile file(save_directory / index_name);
+      file.write(index.data(), index.size());
+      plan.renames.emplace_back(relative_name(file.keep(options.durable())), index_name);
+    } catch (...) {
+      discard_temporaries();
+      throw;
+    }
   }
   if (options.durable()) {
     detail::fsync_directory(save_directory);
