@@ -27,30 +27,18 @@ namespace {
 
 using json = nlohmann::json;
 
-bool python_has_torch() {
-  static const bool has = std::system("/usr/bin/python3 -c 'import torch' >/dev/null 2>&1") == 0;
-  return has;
-}
+using torchser::testing::python_has_torch;
 
+// Runs tests/interop/SCRIPT ARGUMENT; parses the JSON on its last line
+// (torch may print warnings before it).
 json run_script(const std::string& script, const std::filesystem::path& argument) {
-  const std::string command = "/usr/bin/python3 " + (std::filesystem::path(TORCHSER_INTEROP_DIR) / script).string() +
-      " '" + argument.string() + "' 2>&1";
-  FILE* pipe = ::popen(command.c_str(), "r");
-  std::string out;
-  char buffer[4096];
-  while (std::fgets(buffer, sizeof buffer, pipe) != nullptr) {
-    out += buffer;
-  }
-  const int status = ::pclose(pipe);
-  if (status != 0) {
-    ADD_FAILURE() << script << " failed:\n" << out;
-    return json::object();
-  }
-  // The JSON is the last line (torch may warn before it).
+  std::string out = torchser::testing::run_python(
+      (std::filesystem::path(TORCHSER_INTEROP_DIR) / script).string() + " '" + argument.string() + "'");
   while (!out.empty() && out.back() == '\n') {
     out.pop_back();
   }
-  return json::parse(out.substr(out.rfind('\n') == std::string::npos ? 0 : out.rfind('\n') + 1));
+  const std::size_t last = out.rfind('\n');
+  return json::parse(out.substr(last == std::string::npos ? 0 : last + 1));
 }
 
 #define SKIP_WITHOUT_PYTHON_TORCH()                                                         \

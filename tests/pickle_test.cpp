@@ -322,25 +322,13 @@ TEST(PickleWriterTest, SameStorageWithTwoDtypesIsRejected) {
 // ---------------------------------------------------------------------------
 // Through Python (when /usr/bin/python3 has torch)
 
-bool python_has_torch() {
-  static const bool has = std::system("/usr/bin/python3 -c 'import torch' >/dev/null 2>&1") == 0;
-  return has;
-}
+using torchser::testing::python_has_torch;
 
-// Runs a Python script; returns its stdout.
+// Runs a Python script written into `dir`; returns its output.
 std::string run_python(const std::filesystem::path& dir, const std::string& script) {
   const auto file = dir / "script.py";
   std::ofstream(file) << script;
-  const std::string command = "/usr/bin/python3 " + file.string() + " 2>&1";
-  FILE* pipe = ::popen(command.c_str(), "r");
-  std::string out;
-  char buffer[4096];
-  while (std::fgets(buffer, sizeof buffer, pipe) != nullptr) {
-    out += buffer;
-  }
-  const int status = ::pclose(pipe);
-  EXPECT_EQ(status, 0) << out;
-  return out;
+  return torchser::testing::run_python(file.string());
 }
 
 TEST(PicklePythonTest, PythonTorchLoadReadsTorchserFiles) {

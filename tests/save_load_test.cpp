@@ -39,12 +39,7 @@ using torchser::testing::TempDir;
 
 // FX-torch: int64 one-element tensors.
 StateDict torch_state_dict() {
-  StateDict sd;
-  for (const auto& [name, v] : std::vector<std::pair<std::string, int64_t>>{
-           {"layer_1", 4}, {"layer_2", 10}, {"layer_3", 30}, {"layer_4", 2}, {"layer_5", 2}}) {
-    sd.insert(name, at::tensor({v}, at::kLong));
-  }
-  return sd;
+  return torchser::testing::fx_torch_state_dict();
 }
 
 // FX-shared: shared_1 = S, unique_1, unique_2, shared_2 = S.

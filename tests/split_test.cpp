@@ -72,16 +72,7 @@ SplitOptions dummy_options(ShardSize max) {
 
 // FX-torch: int64 tensors of one element, 8 bytes each.
 StateDict torch_state_dict() {
-  StateDict sd;
-  for (const auto& [name, value] : std::vector<std::pair<std::string, int64_t>>{
-           {"layer_1", 4},
-           {"layer_2", 10},
-           {"layer_3", 30},
-           {"layer_4", 2},
-           {"layer_5", 2}}) {
-    sd.insert(name, at::tensor({value}, at::kLong));
-  }
-  return sd;
+  return torchser::testing::fx_torch_state_dict();
 }
 
 // ---------------------------------------------------------------------------

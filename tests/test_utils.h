@@ -3,15 +3,20 @@
 // Helpers shared by the test files.
 
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
 #include <string>
 #include <system_error>
+#include <utility>
 
+#include <ATen/ops/tensor.h>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+
+#include <torchser/state_dict.h>
 
 namespace torchser::testing {
 
@@ -69,6 +74,39 @@ class TempDir {
  private:
   std::filesystem::path path_;
 };
+
+/// Whether /usr/bin/python3 can import torch (the interoperability tests
+/// skip themselves otherwise).
+inline bool python_has_torch() {
+  static const bool has = std::system("/usr/bin/python3 -c 'import torch' >/dev/null 2>&1") == 0;
+  return has;
+}
+
+/// Runs `/usr/bin/python3 ARGUMENTS`; returns stdout and stderr together and
+/// records a test failure when it exits non-zero.
+inline std::string run_python(const std::string& arguments) {
+  FILE* pipe = ::popen(("/usr/bin/python3 " + arguments + " 2>&1").c_str(), "r");
+  std::string out;
+  char buffer[4096];
+  while (pipe != nullptr && std::fgets(buffer, sizeof buffer, pipe) != nullptr) {
+    out += buffer;
+  }
+  const int status = pipe == nullptr ? -1 : ::pclose(pipe);
+  EXPECT_EQ(status, 0) << "python3 " << arguments << ":\n" << out;
+  return out;
+}
+
+/// FX-torch of the reference tests: five one-element int64 tensors,
+/// layer_1..layer_5 = 4, 10, 30, 2, 2.
+inline StateDict fx_torch_state_dict() {
+  StateDict sd;
+  const std::pair<const char*, std::int64_t> values[] = {
+      {"layer_1", 4}, {"layer_2", 10}, {"layer_3", 30}, {"layer_4", 2}, {"layer_5", 2}};
+  for (const auto& [name, v] : values) {
+    sd.insert(name, at::tensor({v}, at::kLong));
+  }
+  return sd;
+}
 
 } // namespace torchser::testing
 

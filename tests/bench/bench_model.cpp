@@ -127,14 +127,8 @@ int main(int argc, char** argv) {
       std::to_string(elements) + ")))\n"
                                  "p='" + py_file.string() + "'\n";
   const auto run_python = [](const std::string& script) {
-    double seconds = -1;
-    if (FILE* pipe = ::popen(("/usr/bin/python3 - 2>/dev/null <<'TORCHSER_EOF'\n" + script + "TORCHSER_EOF\n").c_str(), "r")) {
-      if (std::fscanf(pipe, "%lf", &seconds) != 1) {
-        seconds = -1;
-      }
-      ::pclose(pipe);
-    }
-    return seconds;
+    const auto numbers = python_numbers(script);
+    return numbers.empty() ? -1.0 : numbers.front();
   };
   std::vector<double> py_saves;
   std::vector<double> py_loads;

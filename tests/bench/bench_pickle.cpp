@@ -120,14 +120,8 @@ int main(int argc, char** argv) {
       "import time,torch\n"
       "t=time.perf_counter(); torch.load('" + py_path.string() + "'); print(time.perf_counter()-t)\n";
   const auto run_python = [](const std::string& script) {
-    double seconds = -1;
-    if (FILE* pipe = ::popen(("/usr/bin/python3 - 2>/dev/null <<'TORCHSER_EOF'\n" + script + "TORCHSER_EOF\n").c_str(), "r")) {
-      if (std::fscanf(pipe, "%lf", &seconds) != 1) {
-        seconds = -1;
-      }
-      ::pclose(pipe);
-    }
-    return seconds;
+    const auto numbers = python_numbers(script);
+    return numbers.empty() ? -1.0 : numbers.front();
   };
   const double py_save = run_python(save_script);
   double py_load = -1;

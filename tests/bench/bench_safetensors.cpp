@@ -200,17 +200,13 @@ int main(int argc, char** argv) {
       " t=time.perf_counter(); torch.save(sd, p); s.append(time.perf_counter()-t)\n"
       " t=time.perf_counter(); torch.load(p); l.append(time.perf_counter()-t)\n"
       "print(statistics.median(s), statistics.median(l))\n";
-  const std::string command = "/usr/bin/python3 - 2>/dev/null <<'TORCHSER_EOF'\n" + script + "TORCHSER_EOF\n";
-  if (FILE* pipe = ::popen(command.c_str(), "r")) {
-    double py_save = -1;
-    double py_load = -1;
-    if (std::fscanf(pipe, "%lf %lf", &py_save, &py_load) == 2 && py_save > 0) {
-      rows.push_back({"Python torch.save (/usr/bin/python3)", py_save, total, "of raw write()", save_fast.baseline / py_save});
-      rows.push_back({"Python torch.load (/usr/bin/python3)", py_load, total, "of memcpy into new allocations", pread_load.baseline / py_load});
-    } else {
-      std::cout << "(Python torch not available: skipped)\n";
-    }
-    ::pclose(pipe);
+  const auto python = python_numbers(script);
+  if (python.size() == 2 && python[0] > 0) {
+    rows.push_back({"Python torch.save (/usr/bin/python3)", python[0], total, "of raw write()", save_fast.baseline / python[0]});
+    rows.push_back({"Python torch.load (/usr/bin/python3)", python[1], total, "of memcpy into new allocations",
+                    pread_load.baseline / python[1]});
+  } else {
+    std::cout << "(Python torch not available: skipped)\n";
   }
 
   print(rows);

@@ -123,6 +123,20 @@ inline void print(const std::vector<Row>& rows) {
 }
 
 
+/// Runs a Python script on /usr/bin/python3 and returns the numbers it
+/// prints (empty when Python or its torch is missing).
+inline std::vector<double> python_numbers(const std::string& script) {
+  std::vector<double> numbers;
+  if (FILE* pipe = ::popen(("/usr/bin/python3 - 2>/dev/null <<'TORCHSER_EOF'\n" + script + "TORCHSER_EOF\n").c_str(), "r")) {
+    double value = 0;
+    while (std::fscanf(pipe, "%lf", &value) == 1) {
+      numbers.push_back(value);
+    }
+    ::pclose(pipe);
+  }
+  return numbers;
+}
+
 /// Command line of the I/O benchmarks:
 /// [--dir DIR] [--mib N] [--tensors N] [--repeats N].
 struct BenchArgs {
