@@ -80,6 +80,20 @@ bool escapes_directory(const std::string& shard) {
   return false;
 }
 
+// M-T9: a safetensors file with metadata must say format "pt" or "mlx".
+void check_format_metadata(const SafeOpen& file, const std::filesystem::path& path) {
+  const auto& metadata = file.metadata();
+  if (!metadata.has_value()) {
+    return;
+  }
+  const auto format = metadata->find("format");
+  if (format == metadata->end() || (format->second != "pt" && format->second != "mlx")) {
+    throw OSError("The safetensors archive passed at " + path.string() +
+                  " does not contain the valid metadata. Make sure you save your model with the "
+                  "`save_torch_model` method.");
+  }
+}
+
 // What a checkpoint holds for the module: shapes first (to validate), values
 // later (to copy), plus the aliases its metadata records.
 struct Source {
@@ -150,6 +164,22 @@ class ModuleLoader {
   std::vector<std::string> errors_;
 };
 
+// Copies every tensor of a safetensors file into the module (and into the
+// aliases re-tied to it), one at a time, dropping each tensor's mapped pages
+// once copied: resident memory grows by about one tensor, not one file.
+void copy_safetensors(const SafeOpen& file, ModuleLoader& loader, const std::map<std::string, std::string>& retied) {
+  for (const auto& info : file.tensors()) {
+    const at::Tensor value = file.get_tensor(info.name);
+    loader.copy(info.name, value);
+    for (const auto& [alias, kept] : retied) {
+      if (kept == info.name) {
+        loader.copy(alias, value);
+      }
+    }
+    file.release_pages(info.name);
+  }
+}
+
 // alias → kept entries of a checkpoint's metadata that re-tie a module key
 // the checkpoint lacks (SPEC deviation 13).
 std::map<std::string, std::string> aliases_to_retie(
@@ -183,24 +213,37 @@ LoadResult key_differences(const StateDict& targets, const std::set<std::string>
 }
 
 LoadResult load_single_file(torch::nn::Module& model, const std::filesystem::path& path, const LoadOptions& options) {
-  const StateDict loaded = load_state_dict_from_file(path, LoadOptions(options).map_location(std::nullopt).mmap(true));
-  ModuleLoader loader(model);
+  // The file is opened once: a safetensors header gives the shapes and the
+  // aliases, a pickle its (mapped) tensors.
+  std::optional<SafeOpen> safetensors;
+  StateDict pickled;
   std::vector<std::pair<std::string, std::string>> metadata;
+  std::map<std::string, std::vector<std::int64_t>> shapes;
   if (path.extension() == ".safetensors") {
-    const auto header = SafeOpen(path).metadata();
-    if (header.has_value()) {
+    safetensors.emplace(path);
+    check_format_metadata(*safetensors, path);
+    if (const auto& header = safetensors->metadata()) {
       metadata.assign(header->begin(), header->end());
     }
+    for (const auto& info : safetensors->tensors()) {
+      shapes[info.name] = info.shape;
+    }
+  } else {
+    pickled = load_state_dict_from_file(path, LoadOptions(options).map_location(std::nullopt).mmap(true));
+    for (const auto& item : pickled) {
+      shapes[item.key()] = item.value().sizes().vec();
+    }
   }
+  ModuleLoader loader(model);
   std::set<std::string> keys;
-  for (const auto& item : loaded) {
-    keys.insert(item.key());
-    loader.check_shape(item.key(), item.value().sizes());
+  for (const auto& [key, shape] : shapes) {
+    keys.insert(key);
+    loader.check_shape(key, shape);
   }
   auto retied = aliases_to_retie(metadata, keys, loader.targets());
   for (auto it = retied.begin(); it != retied.end();) {
     // An alias of a different shape (a slice) cannot be rebuilt from its name.
-    it = loader.targets()[it->first].sizes() == loaded[it->second].sizes() ? std::next(it) : retied.erase(it);
+    it = loader.targets()[it->first].sizes() == c10::IntArrayRef(shapes[it->second]) ? std::next(it) : retied.erase(it);
   }
   const LoadResult result = key_differences(loader.targets(), keys, retied);
   if (options.strict() && (!result.missing_keys.empty() || !result.unexpected_keys.empty())) {
@@ -215,11 +258,15 @@ LoadResult load_single_file(torch::nn::Module& model, const std::filesystem::pat
     loader.errors().insert(loader.errors().begin(), messages.begin(), messages.end());
   }
   loader.raise_if_errors();
-  for (const auto& item : loaded) {
-    loader.copy(item.key(), item.value());
-  }
-  for (const auto& [alias, kept] : retied) {
-    loader.copy(alias, loaded[kept]);
+  if (safetensors.has_value()) {
+    copy_safetensors(*safetensors, loader, retied);
+  } else {
+    for (const auto& item : pickled) {
+      loader.copy(item.key(), item.value());
+    }
+    for (const auto& [alias, kept] : retied) {
+      loader.copy(alias, pickled[kept]);
+    }
   }
   return result;
 }
@@ -311,22 +358,10 @@ LoadResult load_sharded(torch::nn::Module& model, const std::filesystem::path& d
     }
   }
   loader.raise_if_errors();
-  // Then one shard at a time, one tensor at a time: each tensor's mapped
-  // pages are dropped once copied, so resident memory grows by about one
-  // tensor, not one shard.
+  // Then one shard at a time.
   for (const Source& source : sources) {
     if (source.safetensors) {
-      const SafeOpen file(source.path);
-      for (const auto& info : file.tensors()) {
-        const at::Tensor value = file.get_tensor(info.name);
-        loader.copy(info.name, value);
-        for (const auto& [alias, kept] : retie) {
-          if (kept == info.name) {
-            loader.copy(alias, value);
-          }
-        }
-        file.release_pages(info.name);
-      }
+      copy_safetensors(SafeOpen(source.path), loader, retie);
       continue;
     }
     const StateDict shard = open_tensors(source);
@@ -384,15 +419,7 @@ StateDict load_state_dict_from_file(const std::filesystem::path& path, const Loa
       device = c10::Device(c10::kCPU); // the reference falls back to CPU too
     }
     const SafeOpen file(path, SafeOpenOptions().device(device));
-    const auto& metadata = file.metadata();
-    if (metadata.has_value()) {
-      const auto format = metadata->find("format");
-      if (format == metadata->end() || (format->second != "pt" && format->second != "mlx")) {
-        throw OSError("The safetensors archive passed at " + path.string() +
-                      " does not contain the valid metadata. Make sure you save your model with the "
-                      "`save_torch_model` method.");
-      }
-    }
+    check_format_metadata(file, path);
     StateDict out;
     for (const auto& info : file.tensors()) {
       out.insert(info.name, file.get_tensor(info.name));

@@ -5,6 +5,7 @@
 #include <exception>
 #include <thread>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <set>
 #include <system_error>
