@@ -275,31 +275,67 @@ void ZipWriter::add(
     const std::string& name,
     std::uint64_t size,
     const std::function<void(const std::function<void(const void*, std::size_t)>&)>& produce) {
+  add_entry(name, size, produce);
+}
+
+void ZipWriter::add_streaming(
+    const std::string& name,
+    const std::function<void(const std::function<void(const void*, std::size_t)>&)>& produce) {
+  if (!options_.python_zip64_layout) {
+    fail("ZipWriter::add_streaming needs the ZIP64 layout, whose sizes can be patched");
+  }
+  add_entry(name, std::nullopt, produce);
+}
+
+void ZipWriter::add(const std::string& name, std::string_view content) {
+  add_entry(name, content.size(), [&](const std::function<void(const void*, std::size_t)>& sink) {
+    if (!content.empty()) {
+      sink(content.data(), content.size());
+    }
+  });
+}
+
+namespace {
+
+bool is_ascii(const std::string& text) {
+  return std::all_of(text.begin(), text.end(), [](char c) { return static_cast<unsigned char>(c) < 0x80; });
+}
+
+} // namespace
+
+void ZipWriter::add_entry(
+    const std::string& name,
+    std::optional<std::uint64_t> size,
+    const std::function<void(const std::function<void(const void*, std::size_t)>&)>& produce) {
   if (finished_) {
     fail("ZipWriter::add after finish");
   }
   if (name.size() > 0xFFFF) {
     fail("entry name too long: " + name.substr(0, 64) + "...");
   }
-  const bool zip64 = options_.force_zip64 || size >= k32;
+  const bool python = options_.python_zip64_layout;
+  const bool zip64 = python || (size.has_value() && *size >= k32);
+  const std::uint16_t flags = (!python || !is_ascii(name)) ? kUtf8Flag : 0;
   std::string header;
   put32(header, kLocalHeaderSig);
   put16(header, zip64 ? 45 : 20); // version needed
-  put16(header, kUtf8Flag);
+  put16(header, flags);
   put16(header, 0); // stored
   put16(header, kDosTime);
   put16(header, kDosDate);
   const std::uint64_t crc_offset = offset_ + header.size();
   put32(header, 0); // CRC, patched below
-  put32(header, zip64 ? k32 : static_cast<std::uint32_t>(size));
-  put32(header, zip64 ? k32 : static_cast<std::uint32_t>(size));
+  put32(header, zip64 ? k32 : static_cast<std::uint32_t>(*size));
+  put32(header, zip64 ? k32 : static_cast<std::uint32_t>(*size));
   put16(header, static_cast<std::uint16_t>(name.size()));
   std::string extra;
+  std::uint64_t sizes_offset = 0; // of the ZIP64 extra's two sizes
   if (zip64) {
     put16(extra, kZip64ExtraId);
     put16(extra, 16);
-    put64(extra, size); // uncompressed
-    put64(extra, size); // compressed
+    sizes_offset = offset_ + kLocalHeaderSize + name.size() + extra.size();
+    put64(extra, size.value_or(0)); // uncompressed
+    put64(extra, size.value_or(0)); // compressed
   }
   // Pad the extra field so that the data starts on an alignment boundary.
   const std::uint64_t unpadded = offset_ + kLocalHeaderSize + name.size() + extra.size();
@@ -311,7 +347,7 @@ void ZipWriter::add(
     if (pad > 0) {
       put16(extra, options_.padding_id);
       put16(extra, static_cast<std::uint16_t>(pad - 4));
-      extra.append(pad - 4, 'Z');
+      extra.append(pad - 4, '\0');
     }
   }
   put16(header, static_cast<std::uint16_t>(extra.size()));
@@ -320,39 +356,37 @@ void ZipWriter::add(
 
   ZipEntry entry;
   entry.name = name;
-  entry.flags = kUtf8Flag;
+  entry.flags = flags;
   entry.local_header_offset = offset_;
-  entry.compressed_size = entry.uncompressed_size = size;
   emit(header.data(), header.size());
   entry.data_offset = offset_;
 
   std::uint32_t crc = 0;
   std::uint64_t written = 0;
   produce([&](const void* data, std::size_t n) {
-    if (n > size - written) {
-      fail("entry '" + name + "' produced more than its declared " + std::to_string(size) + " bytes");
+    if (size.has_value() && n > *size - written) {
+      fail("entry '" + name + "' produced more than its declared " + std::to_string(*size) + " bytes");
     }
     crc = crc32(crc, data, n);
     emit(data, n);
     written += n;
   });
-  if (written != size) {
+  if (size.has_value() && written != *size) {
     fail("entry '" + name + "' produced " + std::to_string(written) + " bytes, not the declared " +
-         std::to_string(size));
+         std::to_string(*size));
   }
   std::string crc_bytes;
   put32(crc_bytes, crc);
   output_.patch(crc_bytes.data(), crc_bytes.size(), crc_offset);
+  if (!size.has_value()) {
+    std::string sizes;
+    put64(sizes, written);
+    put64(sizes, written);
+    output_.patch(sizes.data(), sizes.size(), sizes_offset);
+  }
   entry.crc32 = crc;
+  entry.compressed_size = entry.uncompressed_size = written;
   entries_.push_back(std::move(entry));
-}
-
-void ZipWriter::add(const std::string& name, std::string_view content) {
-  add(name, content.size(), [&](const std::function<void(const void*, std::size_t)>& sink) {
-    if (!content.empty()) {
-      sink(content.data(), content.size());
-    }
-  });
 }
 
 void ZipWriter::finish() {
@@ -360,45 +394,52 @@ void ZipWriter::finish() {
     return;
   }
   finished_ = true;
+  const bool python = options_.python_zip64_layout;
+  // CPython writes ZIP64 fields past ZIP64_LIMIT (2^31 - 1); torch.save past
+  // what 32 bits hold.
+  const std::uint64_t limit = python ? 0x7FFFFFFF : k32 - 1;
   const std::uint64_t cd_offset = offset_;
-  bool need_zip64 = options_.force_zip64 || entries_.size() >= 0xFFFF;
   for (const ZipEntry& e : entries_) {
-    const bool big = options_.force_zip64 || e.uncompressed_size >= k32 || e.local_header_offset >= k32;
-    need_zip64 = need_zip64 || big;
+    const bool big_size = e.uncompressed_size > limit;
+    const bool big_offset = e.local_header_offset > limit;
     std::string h;
     put32(h, kCentralHeaderSig);
-    put16(h, big ? 45 : 20); // version made by
-    put16(h, big ? 45 : 20); // version needed
+    put16(h, python ? 0x032D : ((big_size || big_offset) ? 45 : 20)); // version made by
+    put16(h, (python || big_size || big_offset) ? 45 : 20); // version needed
     put16(h, e.flags);
     put16(h, 0);
     put16(h, kDosTime);
     put16(h, kDosDate);
     put32(h, e.crc32);
     std::string extra;
-    if (big) {
+    if (big_size || big_offset) {
       put16(extra, kZip64ExtraId);
-      put16(extra, 24);
-      put64(extra, e.uncompressed_size);
-      put64(extra, e.compressed_size);
-      put64(extra, e.local_header_offset);
+      put16(extra, static_cast<std::uint16_t>((big_size ? 16 : 0) + (big_offset ? 8 : 0)));
+      if (big_size) {
+        put64(extra, e.uncompressed_size);
+        put64(extra, e.compressed_size);
+      }
+      if (big_offset) {
+        put64(extra, e.local_header_offset);
+      }
     }
-    put32(h, big ? k32 : static_cast<std::uint32_t>(e.compressed_size));
-    put32(h, big ? k32 : static_cast<std::uint32_t>(e.uncompressed_size));
+    put32(h, big_size ? k32 : static_cast<std::uint32_t>(e.compressed_size));
+    put32(h, big_size ? k32 : static_cast<std::uint32_t>(e.uncompressed_size));
     put16(h, static_cast<std::uint16_t>(e.name.size()));
     put16(h, static_cast<std::uint16_t>(extra.size()));
     put16(h, 0); // comment
     put16(h, 0); // disk
     put16(h, 0); // internal attributes
-    put32(h, 0); // external attributes
-    put32(h, big ? k32 : static_cast<std::uint32_t>(e.local_header_offset));
+    put32(h, python ? 0x01800000 : 0); // external attributes: 0o600 << 16
+    put32(h, big_offset ? k32 : static_cast<std::uint32_t>(e.local_header_offset));
     h += e.name;
     h += extra;
     emit(h.data(), h.size());
   }
   const std::uint64_t cd_size = offset_ - cd_offset;
-  need_zip64 = need_zip64 || cd_offset >= k32 || cd_size >= k32;
+  const bool zip64_end = entries_.size() >= 0xFFFF || cd_offset > limit || cd_size > limit;
   std::string tail;
-  if (need_zip64) {
+  if (zip64_end) {
     const std::uint64_t record_offset = offset_;
     put32(tail, kZip64EndSig);
     put64(tail, kZip64EndSize - 12);
@@ -421,8 +462,8 @@ void ZipWriter::finish() {
   const auto count16 = static_cast<std::uint16_t>(std::min<std::size_t>(entries_.size(), 0xFFFF));
   put16(tail, count16);
   put16(tail, count16);
-  put32(tail, need_zip64 ? k32 : static_cast<std::uint32_t>(cd_size));
-  put32(tail, need_zip64 ? k32 : static_cast<std::uint32_t>(cd_offset));
+  put32(tail, static_cast<std::uint32_t>(std::min<std::uint64_t>(cd_size, k32)));
+  put32(tail, static_cast<std::uint32_t>(std::min<std::uint64_t>(cd_offset, k32)));
   put16(tail, 0);
   emit(tail.data(), tail.size());
 }

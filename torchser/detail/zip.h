@@ -11,6 +11,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <string_view>
@@ -83,11 +84,16 @@ class TORCHSER_API ZipWriter {
   };
   struct Options {
     std::uint64_t alignment = 64;
-    /// Write a ZIP64 extra on every entry (DDUF, like Python's
-    /// force_zip64=True) instead of only where sizes need it.
-    bool force_zip64 = false;
     /// Padding extra-field id: torch.save uses "FB" (0x4246).
     std::uint16_t padding_id = 0x4246;
+    /// Python zipfile's layout with force_zip64=True, as huggingface_hub's
+    /// DDUF export writes it: every local header carries size fields of
+    /// 0xFFFFFFFF and a ZIP64 extra (entries may then be streamed without a
+    /// known size: the sizes are patched in like the CRC); the UTF-8 flag
+    /// only for non-ASCII names; version made by 0x032D; external
+    /// attributes 0o600; central-directory ZIP64 extras and ZIP64 end
+    /// records only past 2^31 − 1 (CPython's ZIP64_LIMIT).
+    bool python_zip64_layout = false;
   };
 
   ZipWriter(Output output, Options options);
@@ -100,6 +106,11 @@ class TORCHSER_API ZipWriter {
       const std::function<void(const std::function<void(const void*, std::size_t)>&)>& produce);
   /// Adds a stored entry from memory.
   void add(const std::string& name, std::string_view content);
+  /// Adds a stored entry of a size not known in advance (python_zip64_layout
+  /// only): `produce` writes any number of bytes.
+  void add_streaming(
+      const std::string& name,
+      const std::function<void(const std::function<void(const void*, std::size_t)>&)>& produce);
   /// Writes the central directory and the end records.
   void finish();
 
@@ -109,6 +120,10 @@ class TORCHSER_API ZipWriter {
 
  private:
   void emit(const void* data, std::size_t size);
+  void add_entry(
+      const std::string& name,
+      std::optional<std::uint64_t> size,
+      const std::function<void(const std::function<void(const void*, std::size_t)>&)>& produce);
   Output output_;
   Options options_;
   std::uint64_t offset_ = 0;
