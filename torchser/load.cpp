@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <set>
 #include <sstream>
@@ -17,6 +18,7 @@
 #include <torchser/safetensors.h>
 #include <torchser/save.h>
 
+#include "torchser/detail/load_safetensors.h"
 #include "torchser/detail/python_format.h"
 
 namespace torchser {
@@ -81,14 +83,14 @@ bool escapes_directory(const std::string& shard) {
 }
 
 // M-T9: a safetensors file with metadata must say format "pt" or "mlx".
-void check_format_metadata(const SafeOpen& file, const std::filesystem::path& path) {
+void check_format_metadata(const SafeOpen& file, const std::string& path) {
   const auto& metadata = file.metadata();
   if (!metadata.has_value()) {
     return;
   }
   const auto format = metadata->find("format");
   if (format == metadata->end() || (format->second != "pt" && format->second != "mlx")) {
-    throw OSError("The safetensors archive passed at " + path.string() +
+    throw OSError("The safetensors archive passed at " + path +
                   " does not contain the valid metadata. Make sure you save your model with the "
                   "`save_torch_model` method.");
   }
@@ -212,29 +214,15 @@ LoadResult key_differences(const StateDict& targets, const std::set<std::string>
   return result; // unexpected keys come sorted from the set
 }
 
-LoadResult load_single_file(torch::nn::Module& model, const std::filesystem::path& path, const LoadOptions& options) {
-  // The file is opened once: a safetensors header gives the shapes and the
-  // aliases, a pickle its (mapped) tensors.
-  std::optional<SafeOpen> safetensors;
-  StateDict pickled;
-  std::vector<std::pair<std::string, std::string>> metadata;
-  std::map<std::string, std::vector<std::int64_t>> shapes;
-  if (path.extension() == ".safetensors") {
-    safetensors.emplace(path);
-    check_format_metadata(*safetensors, path);
-    if (const auto& header = safetensors->metadata()) {
-      metadata.assign(header->begin(), header->end());
-    }
-    for (const auto& info : safetensors->tensors()) {
-      shapes[info.name] = info.shape;
-    }
-  } else {
-    pickled = load_state_dict_from_file(path, LoadOptions(options).map_location(std::nullopt).mmap(true));
-    for (const auto& item : pickled) {
-      shapes[item.key()] = item.value().sizes().vec();
-    }
-  }
-  ModuleLoader loader(model);
+// Loads one file's tensors into the module: `shapes` and `metadata` come
+// from the file's header (or mapped pickle), `copy_all` copies the values once
+// everything was checked.
+LoadResult load_one_file(
+    ModuleLoader& loader,
+    const std::map<std::string, std::vector<std::int64_t>>& shapes,
+    const std::vector<std::pair<std::string, std::string>>& metadata,
+    const LoadOptions& options,
+    const std::function<void(const std::map<std::string, std::string>&)>& copy_all) {
   std::set<std::string> keys;
   for (const auto& [key, shape] : shapes) {
     keys.insert(key);
@@ -243,7 +231,8 @@ LoadResult load_single_file(torch::nn::Module& model, const std::filesystem::pat
   auto retied = aliases_to_retie(metadata, keys, loader.targets());
   for (auto it = retied.begin(); it != retied.end();) {
     // An alias of a different shape (a slice) cannot be rebuilt from its name.
-    it = loader.targets()[it->first].sizes() == c10::IntArrayRef(shapes[it->second]) ? std::next(it) : retied.erase(it);
+    it = loader.targets()[it->first].sizes() == c10::IntArrayRef(shapes.at(it->second)) ? std::next(it)
+                                                                                         : retied.erase(it);
   }
   const LoadResult result = key_differences(loader.targets(), keys, retied);
   if (options.strict() && (!result.missing_keys.empty() || !result.unexpected_keys.empty())) {
@@ -258,17 +247,29 @@ LoadResult load_single_file(torch::nn::Module& model, const std::filesystem::pat
     loader.errors().insert(loader.errors().begin(), messages.begin(), messages.end());
   }
   loader.raise_if_errors();
-  if (safetensors.has_value()) {
-    copy_safetensors(*safetensors, loader, retied);
-  } else {
+  copy_all(retied);
+  return result;
+}
+
+LoadResult load_single_file(torch::nn::Module& model, const std::filesystem::path& path, const LoadOptions& options) {
+  if (path.extension() == ".safetensors") {
+    return detail::load_safetensors_into(model, SafeOpen(path), path.string(), options);
+  }
+  const StateDict pickled =
+      load_state_dict_from_file(path, LoadOptions(options).map_location(std::nullopt).mmap(true));
+  std::map<std::string, std::vector<std::int64_t>> shapes;
+  for (const auto& item : pickled) {
+    shapes[item.key()] = item.value().sizes().vec();
+  }
+  ModuleLoader loader(model);
+  return load_one_file(loader, shapes, {}, options, [&](const std::map<std::string, std::string>& retied) {
     for (const auto& item : pickled) {
       loader.copy(item.key(), item.value());
     }
     for (const auto& [alias, kept] : retied) {
       loader.copy(alias, pickled[kept]);
     }
-  }
-  return result;
+  });
 }
 
 LoadResult load_sharded(torch::nn::Module& model, const std::filesystem::path& directory,
@@ -407,6 +408,30 @@ std::optional<std::filesystem::path> single_file(const std::filesystem::path& di
 
 } // namespace
 
+namespace detail {
+
+LoadResult load_safetensors_into(
+    torch::nn::Module& model,
+    const SafeOpen& file,
+    const std::string& display_path,
+    const LoadOptions& options) {
+  check_format_metadata(file, display_path);
+  std::vector<std::pair<std::string, std::string>> metadata;
+  if (const auto& header = file.metadata()) {
+    metadata.assign(header->begin(), header->end());
+  }
+  std::map<std::string, std::vector<std::int64_t>> shapes;
+  for (const auto& info : file.tensors()) {
+    shapes[info.name] = info.shape;
+  }
+  ModuleLoader loader(model);
+  return load_one_file(loader, shapes, metadata, options, [&](const std::map<std::string, std::string>& retied) {
+    copy_safetensors(file, loader, retied);
+  });
+}
+
+} // namespace detail
+
 StateDict load_state_dict_from_file(const std::filesystem::path& path, const LoadOptions& options) {
   std::error_code ec;
   if (!std::filesystem::is_regular_file(path, ec)) {
@@ -419,7 +444,7 @@ StateDict load_state_dict_from_file(const std::filesystem::path& path, const Loa
       device = c10::Device(c10::kCPU); // the reference falls back to CPU too
     }
     const SafeOpen file(path, SafeOpenOptions().device(device));
-    check_format_metadata(file, path);
+    check_format_metadata(file, path.string());
     StateDict out;
     for (const auto& info : file.tensors()) {
       out.insert(info.name, file.get_tensor(info.name));

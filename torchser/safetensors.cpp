@@ -1,6 +1,7 @@
 #include <torchser/safetensors.h>
 
 #include <algorithm>
+#include <limits>
 #include <cstring>
 #include <numeric>
 #include <sstream>
@@ -394,31 +395,52 @@ struct SafeOpen::State {
 SafeOpen::SafeOpen(
     const std::filesystem::path& path,
     const SafeOpenOptions& options)
+    : SafeOpen(path, 0, std::numeric_limits<std::uint64_t>::max(), options) {}
+
+SafeOpen::SafeOpen(
+    const std::filesystem::path& path,
+    std::uint64_t offset,
+    std::uint64_t length,
+    const SafeOpenOptions& options)
     : state_(std::make_unique<State>()) {
   State& s = *state_;
   s.path = path;
   s.options = options;
-  s.source = {"file '" + path.string() + "'", true};
   s.file = detail::File::open_read(path);
-  const std::uint64_t size = s.file.size();
+  const std::uint64_t file_size = s.file.size();
+  const bool whole = length == std::numeric_limits<std::uint64_t>::max();
+  if (whole) {
+    length = file_size;
+    s.source = {"file '" + path.string() + "'", true};
+  } else {
+    s.source = {"entry at bytes " + std::to_string(offset) + "+" + std::to_string(length) + " of file '" +
+                    path.string() + "'",
+                true};
+    if (offset > file_size || length > file_size - offset) {
+      detail::throw_safetensor_error(
+          Kind::kMetadataIncompleteBuffer, s.source, "incomplete metadata, file not fully covered",
+          "the file has only " + std::to_string(file_size) + " bytes");
+    }
+  }
+  const std::uint64_t size = length;
   if (options.backend() == LoadBackend::kMmap && size >= 8) {
     s.bytes.mapping = detail::MappedFile::map(s.file);
-    const auto* base = reinterpret_cast<const char*>(s.bytes.mapping->data());
-    const std::uint64_t n = detail::read_header_length(
-        std::string_view(base, 8), size, s.source);
-    s.header = detail::parse_header(
-        std::string_view(base + 8, static_cast<std::size_t>(n)), size, s.source);
+    const auto* base = reinterpret_cast<const char*>(s.bytes.mapping->data()) + offset;
+    const std::uint64_t n = detail::read_header_length(std::string_view(base, 8), size, s.source);
+    s.header = detail::parse_header(std::string_view(base + 8, static_cast<std::size_t>(n)), size, s.source);
+    s.header.data_start += offset;
     return;
   }
   char prefix[8] = {};
   if (size >= 8) {
-    s.file.pread_exact(prefix, 8, 0);
+    s.file.pread_exact(prefix, 8, offset);
   }
   const std::uint64_t n = detail::read_header_length(
       std::string_view(prefix, size >= 8 ? 8 : 0), size, s.source);
   std::string header(static_cast<std::size_t>(n), '\0');
-  s.file.pread_exact(header.data(), header.size(), 8);
+  s.file.pread_exact(header.data(), header.size(), offset + 8);
   s.header = detail::parse_header(header, size, s.source);
+  s.header.data_start += offset;
   s.bytes.file = &s.file;
 }
 

@@ -258,6 +258,13 @@ class TORCHSER_API SafeOpen {
   explicit SafeOpen(
       const std::filesystem::path& path,
       const SafeOpenOptions& options = {});
+  /// A safetensors file stored at bytes [offset, offset + length) of a
+  /// larger file (a DDUF archive entry). Rules and messages as for a file.
+  SafeOpen(
+      const std::filesystem::path& path,
+      std::uint64_t offset,
+      std::uint64_t length,
+      const SafeOpenOptions& options = {});
   ~SafeOpen();
   SafeOpen(SafeOpen&&) noexcept;
   SafeOpen& operator=(SafeOpen&&) noexcept;

@@ -5,6 +5,7 @@
 /// code that cares about compile time (module.h pulls in torch::nn).
 
 #include <torchser/constants.h>
+#include <torchser/dduf.h>
 #include <torchser/errors.h>
 #include <torchser/export.h>
 #include <torchser/load.h>

@@ -1,0 +1,328 @@
+#include <torchser/dduf.h>
+
+#include <algorithm>
+#include <cstring>
+#include <fstream>
+#include <map>
+#include <set>
+
+#include <nlohmann/json.hpp>
+
+#include <torchser/load.h>
+
+#include "torchser/detail/file.h"
+#include "torchser/detail/load_safetensors.h"
+#include "torchser/detail/python_format.h"
+#include "torchser/detail/zip.h"
+
+namespace torchser {
+namespace {
+
+// DDUF_ALLOWED_ENTRIES and DDUF_FOLDER_REQUIRED_ENTRIES, in source order.
+const std::set<std::string> kAllowedExtensions = {".json", ".model", ".safetensors", ".txt"};
+const char* const kRequiredFolderEntries[] = {
+    "config.json", "tokenizer_config.json", "preprocessor_config.json", "scheduler_config.json"};
+constexpr std::uint16_t kAlignmentPaddingId = 0xD935; // as Android's zipalign
+
+// Python's type(x) repr for a JSON value.
+std::string python_type(const nlohmann::json& value) {
+  switch (value.type()) {
+    case nlohmann::json::value_t::array:
+      return "<class 'list'>";
+    case nlohmann::json::value_t::string:
+      return "<class 'str'>";
+    case nlohmann::json::value_t::boolean:
+      return "<class 'bool'>";
+    case nlohmann::json::value_t::number_float:
+      return "<class 'float'>";
+    case nlohmann::json::value_t::number_integer:
+    case nlohmann::json::value_t::number_unsigned:
+      return "<class 'int'>";
+    case nlohmann::json::value_t::null:
+      return "<class 'NoneType'>";
+    default:
+      return "<class 'dict'>";
+  }
+}
+
+// `_validate_dduf_structure`, folders in sorted order (SPEC deviation 9).
+void validate_structure(const nlohmann::json& index, const std::set<std::string>& names) {
+  if (!index.is_object()) {
+    throw DDUFCorruptedFileError(
+        "Invalid 'model_index.json' content. Must be a dictionary. Got " + python_type(index) + ".");
+  }
+  std::set<std::string> folders;
+  for (const std::string& name : names) {
+    const std::size_t slash = name.find('/');
+    if (slash != std::string::npos) {
+      folders.insert(name.substr(0, slash));
+    }
+  }
+  for (const std::string& folder : folders) {
+    if (!index.contains(folder)) {
+      throw DDUFCorruptedFileError("Missing required entry '" + folder + "' in 'model_index.json'.");
+    }
+    const bool has_config = std::any_of(std::begin(kRequiredFolderEntries), std::end(kRequiredFolderEntries),
+                                        [&](const char* required) { return names.count(folder + "/" + required) != 0; });
+    if (!has_config) {
+      std::string set = "{";
+      for (const char* required : kRequiredFolderEntries) {
+        set += (set.size() > 1 ? ", '" : "'") + std::string(required) + "'";
+      }
+      throw DDUFCorruptedFileError("Missing required file in folder '" + folder +
+                                   "'. Must contains at least one of " + set + "}.");
+    }
+  }
+}
+
+nlohmann::json parse_model_index(const std::string& text) {
+  return nlohmann::json::parse(text); // throws nlohmann::json::parse_error
+}
+
+} // namespace
+
+namespace detail {
+
+std::string validate_dduf_entry_name(const std::string& entry_name) {
+  const std::size_t dot = entry_name.rfind('.');
+  const std::string extension = "." + (dot == std::string::npos ? entry_name : entry_name.substr(dot + 1));
+  if (kAllowedExtensions.count(extension) == 0) {
+    throw DDUFInvalidEntryNameError("File type not allowed: " + entry_name);
+  }
+  if (entry_name.find('\\') != std::string::npos) {
+    throw DDUFInvalidEntryNameError("Entry names must use UNIX separators ('/'). Got " + entry_name + ".");
+  }
+  const std::size_t first = entry_name.find_first_not_of('/');
+  const std::size_t last = entry_name.find_last_not_of('/');
+  const std::string stripped = first == std::string::npos ? "" : entry_name.substr(first, last - first + 1);
+  if (std::count(stripped.begin(), stripped.end(), '/') > 1) {
+    throw DDUFInvalidEntryNameError("DDUF only supports 1 level of directory. Got " + stripped + ".");
+  }
+  return stripped;
+}
+
+} // namespace detail
+
+// ---------------------------------------------------------------------------
+// DDUFEntry
+
+std::string DDUFEntry::read_text() const {
+  const MappedBytes bytes = as_mmap();
+  const std::size_t bad = detail::utf8_error_position(bytes.view());
+  if (bad != std::string_view::npos) {
+    throw DDUFCorruptedFileError("Entry '" + filename + "' of '" + dduf_path.string() +
+                                 "' is not valid UTF-8 text (byte " + std::to_string(bad) + ").");
+  }
+  return std::string(bytes.view());
+}
+
+MappedBytes DDUFEntry::as_mmap() const {
+  const detail::File file = detail::File::open_read(dduf_path);
+  const auto mapping = detail::MappedFile::map(file);
+  if (offset > mapping->size() || length > mapping->size() - offset) {
+    throw DDUFCorruptedFileError("Entry '" + filename + "' runs past the end of '" + dduf_path.string() + "'.");
+  }
+  if (length == 0) {
+    return MappedBytes(mapping, nullptr, 0);
+  }
+  return MappedBytes(mapping, mapping->data() + offset, static_cast<std::size_t>(length));
+}
+
+std::string DDUFEntry::repr() const {
+  return "DDUFEntry(filename=" + detail::python_repr(filename) + ", length=" + std::to_string(length) +
+      ", offset=" + std::to_string(offset) + ")";
+}
+
+// ---------------------------------------------------------------------------
+// Reading
+
+OrderedMap<DDUFEntry> read_dduf_file(const std::filesystem::path& dduf_path) {
+  const detail::File file = detail::File::open_read(dduf_path);
+  std::vector<detail::ZipEntry> zip_entries;
+  try {
+    zip_entries = detail::read_zip_directory(detail::ZipSource{
+        file.size(), [&](void* out, std::size_t n, std::uint64_t at) { file.pread_exact(out, n, at); }});
+  } catch (const detail::ZipFormatError& e) {
+    // Python leaks zipfile.BadZipFile here (SPEC deviation 11).
+    throw DDUFCorruptedFileError("Invalid DDUF file '" + dduf_path.string() + "': " + e.what());
+  }
+  OrderedMap<DDUFEntry> entries;
+  for (const detail::ZipEntry& z : zip_entries) {
+    if (z.method != 0) {
+      throw DDUFCorruptedFileError("Data must not be compressed in DDUF file.");
+    }
+    if (z.is_directory()) {
+      continue; // `zip -r` writes these; they hold nothing (SPEC deviation 11)
+    }
+    try {
+      detail::validate_dduf_entry_name(z.name);
+    } catch (const DDUFInvalidEntryNameError& e) {
+      throw DDUFCorruptedFileError("Invalid entry name in DDUF file: " + z.name + " (" + e.what() + ")");
+    }
+    DDUFEntry entry{z.name, z.uncompressed_size, z.data_offset, dduf_path};
+    if (DDUFEntry* existing = entries.find(z.name)) {
+      *existing = std::move(entry); // Python's dict: the last one wins
+    } else {
+      entries.insert(z.name, std::move(entry));
+    }
+  }
+  const DDUFEntry* index_entry = entries.find("model_index.json");
+  if (index_entry == nullptr) {
+    throw DDUFCorruptedFileError("Missing required 'model_index.json' entry in DDUF file.");
+  }
+  nlohmann::json index;
+  try {
+    index = parse_model_index(index_entry->read_text());
+  } catch (const nlohmann::json::exception& e) {
+    // Python leaks json.JSONDecodeError here (SPEC deviation 11).
+    throw DDUFCorruptedFileError("Invalid JSON in 'model_index.json' of '" + dduf_path.string() + "': " + e.what());
+  }
+  std::set<std::string> names;
+  for (const auto& item : entries) {
+    names.insert(item.key());
+  }
+  validate_structure(index, names);
+  return entries;
+}
+
+// ---------------------------------------------------------------------------
+// Writing
+
+DDUFExportEntry DDUFExportEntry::from_file(std::string filename, std::filesystem::path path) {
+  return {std::move(filename), std::move(path)};
+}
+DDUFExportEntry DDUFExportEntry::from_bytes(std::string filename, std::string bytes) {
+  return {std::move(filename), std::move(bytes)};
+}
+DDUFExportEntry DDUFExportEntry::from_producer(std::string filename, Producer producer) {
+  return {std::move(filename), std::move(producer)};
+}
+DDUFExportEntry DDUFExportEntry::from_state_dict(std::string filename, StateDict state_dict) {
+  return from_producer(std::move(filename), [sd = std::move(state_dict)](const ByteSink& sink) {
+    SafetensorsWriter(sd, SafetensorsMetadata{{"format", "pt"}}).write(sink);
+  });
+}
+
+namespace {
+
+// Streams an entry's content into `sink`.
+void produce_content(const DDUFExportEntry& entry, const ByteSink& sink) {
+  if (const auto* path = std::get_if<std::filesystem::path>(&entry.content)) {
+    const detail::File file = detail::File::open_read(*path);
+    const std::uint64_t size = file.size();
+    constexpr std::size_t kChunk = std::size_t{8} << 20; // the reference's 8 MiB
+    std::vector<char> buffer(static_cast<std::size_t>(std::min<std::uint64_t>(size, kChunk)));
+    for (std::uint64_t done = 0; done < size;) {
+      const auto n = static_cast<std::size_t>(std::min<std::uint64_t>(size - done, kChunk));
+      file.pread_exact(buffer.data(), n, done);
+      sink(buffer.data(), n);
+      done += n;
+    }
+  } else if (const auto* bytes = std::get_if<std::string>(&entry.content)) {
+    if (!bytes->empty()) {
+      sink(bytes->data(), bytes->size());
+    }
+  } else {
+    std::get<DDUFExportEntry::Producer>(entry.content)(sink);
+  }
+}
+
+} // namespace
+
+void export_entries_as_dduf(const std::filesystem::path& dduf_path, const std::vector<DDUFExportEntry>& entries) {
+  detail::AtomicFile file(dduf_path);
+  detail::ZipWriter::Options zip_options;
+  zip_options.alignment = 64;
+  zip_options.padding_id = kAlignmentPaddingId;
+  zip_options.python_zip64_layout = true;
+  detail::ZipWriter zip(
+      {[&](const void* d, std::size_t n) { file.write(d, n); },
+       [&](const void* d, std::size_t n, std::uint64_t at) { file.patch(d, n, at); }},
+      zip_options);
+  std::set<std::string> raw_names;
+  std::optional<nlohmann::json> index;
+  for (const DDUFExportEntry& entry : entries) {
+    if (!raw_names.insert(entry.filename).second) {
+      throw DDUFExportError("Can't add duplicate entry: " + entry.filename);
+    }
+    if (entry.filename == "model_index.json") {
+      std::string text;
+      produce_content(entry, [&](const void* d, std::size_t n) { text.append(static_cast<const char*>(d), n); });
+      try {
+        index = parse_model_index(text);
+      } catch (const nlohmann::json::exception& e) {
+        throw DDUFExportError("Failed to parse 'model_index.json'. (" + std::string(e.what()) + ")");
+      }
+    }
+    std::string name;
+    try {
+      name = detail::validate_dduf_entry_name(entry.filename);
+    } catch (const DDUFInvalidEntryNameError& e) {
+      throw DDUFExportError("Invalid entry name: " + entry.filename + " (" + e.what() + ")");
+    }
+    zip.add_streaming(name, [&](const std::function<void(const void*, std::size_t)>& sink) {
+      produce_content(entry, sink);
+    });
+  }
+  if (!index.has_value()) {
+    throw DDUFExportError("Missing required 'model_index.json' entry in DDUF file.");
+  }
+  try {
+    validate_structure(*index, raw_names);
+  } catch (const DDUFCorruptedFileError& e) {
+    throw DDUFExportError("Invalid DDUF file structure. (" + std::string(e.what()) + ")");
+  }
+  zip.finish();
+  file.commit(/*durable=*/true);
+}
+
+void export_folder_as_dduf(const std::filesystem::path& dduf_path, const std::filesystem::path& folder) {
+  std::vector<std::filesystem::path> files;
+  for (const auto& item : std::filesystem::recursive_directory_iterator(folder)) {
+    if (!item.is_regular_file()) {
+      continue;
+    }
+    const std::filesystem::path relative = item.path().lexically_relative(folder);
+    const std::string suffix = [&] {
+      // Python's Path.suffix
+      const std::string name = item.path().filename().string();
+      const std::size_t dot = name.rfind('.');
+      return (dot == std::string::npos || dot == 0 || dot + 1 == name.size()) ? std::string() : name.substr(dot);
+    }();
+    if (kAllowedExtensions.count(suffix) == 0) {
+      continue; // file type not allowed
+    }
+    if (std::distance(relative.begin(), relative.end()) >= 3) {
+      continue; // nested directories not allowed
+    }
+    files.push_back(relative);
+  }
+  std::sort(files.begin(), files.end());
+  std::vector<DDUFExportEntry> entries;
+  for (const auto& relative : files) {
+    entries.push_back(DDUFExportEntry::from_file(relative.generic_string(), folder / relative));
+  }
+  export_entries_as_dduf(dduf_path, entries);
+}
+
+// ---------------------------------------------------------------------------
+// Loading from an entry
+
+StateDict load_state_dict_from_dduf_entry(const DDUFEntry& entry) {
+  const SafeOpen file(entry.dduf_path, entry.offset, entry.length);
+  StateDict out;
+  for (const auto& info : file.tensors()) {
+    out.insert(info.name, file.get_tensor(info.name));
+  }
+  return out;
+}
+
+LoadResult load_torch_model_from_dduf_entry(
+    torch::nn::Module& model,
+    const DDUFEntry& entry,
+    const LoadOptions& options) {
+  const SafeOpen file(entry.dduf_path, entry.offset, entry.length);
+  return detail::load_safetensors_into(model, file, entry.dduf_path.string() + ":" + entry.filename, options);
+}
+
+} // namespace torchser
