@@ -160,6 +160,12 @@ TEST(DDUFExportTest, EntriesFromFilesBytesAndProducers) {
   export_entries_as_dduf(dir / "p.dduf", entries);
   const auto read = read_dduf_file(dir / "p.dduf");
   EXPECT_EQ(read["tokenizer/vocab.txt"].read_text(), "a\nb\n");
+  // libzip, an independent reader, sees the same entries and bytes.
+  const auto by_libzip = torchser::testing::libzip_read_all(dir / "p.dduf");
+  ASSERT_EQ(by_libzip.size(), read.size());
+  for (const auto& [name, bytes] : by_libzip) {
+    EXPECT_EQ(bytes, read[name].as_mmap().view()) << name;
+  }
   EXPECT_EQ(read["tokenizer/tokenizer_config.json"].read_text(), R"({"model_max_length": 77})");
   const StateDict back = load_state_dict_from_dduf_entry(read["vae/diffusion_pytorch_model.safetensors"]);
   EXPECT_TRUE(back["w"].equal(weights["w"]));

@@ -300,6 +300,9 @@ TEST(PickleWriterTest, ArchiveLooksLikeTorchSave) {
   }
   EXPECT_EQ(names, (std::vector<std::string>{"shard/data.pkl", "shard/byteorder", "shard/data/0", "shard/data/1",
                                              "shard/version"}));
+  const auto by_libzip = torchser::testing::libzip_read_all(dir / "shard.bin");
+  ASSERT_EQ(by_libzip.size(), entries.size());
+  EXPECT_EQ(by_libzip[4].second, "3\n");
 }
 
 TEST(ZipTest, Crc32IsTheStandardOne) {

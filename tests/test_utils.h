@@ -11,8 +11,10 @@
 #include <string>
 #include <system_error>
 #include <utility>
+#include <vector>
 
 #include <ATen/ops/tensor.h>
+#include <zip.h>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
@@ -93,6 +95,39 @@ inline std::string run_python(const std::string& arguments) {
   }
   const int status = pipe == nullptr ? -1 : ::pclose(pipe);
   EXPECT_EQ(status, 0) << "python3 " << arguments << ":\n" << out;
+  return out;
+}
+
+/// Every entry of a ZIP archive as libzip reads it (name → bytes, in
+/// archive order), checking each entry's CRC: an independent reader for the
+/// archives torchser writes. Records a test failure when libzip refuses.
+inline std::vector<std::pair<std::string, std::string>> libzip_read_all(const std::filesystem::path& path) {
+  std::vector<std::pair<std::string, std::string>> out;
+  int error = 0;
+  zip_t* archive = ::zip_open(path.c_str(), ZIP_RDONLY | ZIP_CHECKCONS, &error);
+  if (archive == nullptr) {
+    ADD_FAILURE() << "libzip cannot open " << path << " (error " << error << ")";
+    return out;
+  }
+  const zip_int64_t count = ::zip_get_num_entries(archive, 0);
+  for (zip_int64_t i = 0; i < count; ++i) {
+    zip_stat_t stat;
+    ::zip_stat_index(archive, static_cast<zip_uint64_t>(i), 0, &stat);
+    std::string bytes(static_cast<std::size_t>(stat.size), '\0');
+    zip_file_t* file = ::zip_fopen_index(archive, static_cast<zip_uint64_t>(i), 0);
+    const zip_int64_t got = file == nullptr ? -1 : ::zip_fread(file, bytes.data(), bytes.size());
+    // Reading to the end makes libzip compare the CRC.
+    char extra = 0;
+    const zip_int64_t tail = file == nullptr ? -1 : ::zip_fread(file, &extra, 1);
+    if (file == nullptr || got != static_cast<zip_int64_t>(bytes.size()) || tail != 0) {
+      ADD_FAILURE() << "libzip cannot read entry " << stat.name << " of " << path;
+    }
+    if (file != nullptr) {
+      ::zip_fclose(file);
+    }
+    out.emplace_back(stat.name, std::move(bytes));
+  }
+  ::zip_close(archive);
   return out;
 }
 
