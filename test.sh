@@ -14,8 +14,9 @@ if [ "${1:-}" = "--sanitize" ]; then
   cmake_args=(-DCMAKE_BUILD_TYPE=Debug -DTORCHSER_SANITIZE=ON)
 fi
 
-# python3-torch: the interoperability tests run Python's torch.save/torch.load.
-scripts/install-deps.sh python3-torch
+# python3-torch: the interoperability tests run Python's torch.save/torch.load;
+# unzip: they check the archives torchser writes with `unzip -t`.
+scripts/install-deps.sh python3-torch unzip
 cmake -S . -B "$build_dir" -G Ninja "${cmake_args[@]}" >/dev/null
 cmake --build "$build_dir"
 # LeakSanitizer and UBSan report through these; a finding fails the test.

@@ -269,6 +269,67 @@ for info in z.infolist():
   }
 }
 
+TEST(DDUFExportTest, UnzipTestAcceptsTheArchive) {
+  if (std::system("command -v unzip >/dev/null 2>&1") != 0) {
+    GTEST_SKIP() << "unzip is not installed (apt-get install unzip to run this test)";
+  }
+  TempDir dir;
+  export_entries_as_dduf(dir / "p.dduf", pipeline_entries());
+  EXPECT_EQ(std::system(("unzip -tq '" + (dir / "p.dduf").string() + "' >/dev/null").c_str()), 0);
+}
+
+// A DDUF-shaped archive written by the plain ZIP writer, with `names`.
+std::string archive_with(const std::vector<std::pair<std::string, std::string>>& entries) {
+  std::string out;
+  detail::ZipWriter zip({[&](const void* d, std::size_t n) { out.append(static_cast<const char*>(d), n); },
+                         [&](const void* d, std::size_t n, std::uint64_t at) { out.replace(at, n, static_cast<const char*>(d), n); }},
+                        detail::ZipWriter::Options{});
+  for (const auto& [name, content] : entries) {
+    zip.add(name, content);
+  }
+  zip.finish();
+  return out;
+}
+
+void put32(std::string& bytes, std::size_t at, std::uint32_t value) {
+  for (int k = 0; k < 4; ++k) {
+    bytes[at + static_cast<std::size_t>(k)] = static_cast<char>((value >> (8 * k)) & 0xFF);
+  }
+}
+
+TEST(DDUFReadTest, HostileArchivesAreTypedErrors) {
+  TempDir dir;
+  const std::string good = archive_with({{"model_index.json", "{\"vae\": 1}"}, {"vae/config.json", "{}"}});
+  const std::size_t cd = good.find("PK\x01\x02");
+  const std::size_t second_cd = good.find("PK\x01\x02", cd + 4);
+  const std::size_t end = good.rfind("PK\x05\x06");
+  std::vector<std::pair<std::string, std::string>> cases;
+  cases.emplace_back("truncated in the middle", good.substr(0, good.size() / 2));
+  std::string past_end = good;
+  put32(past_end, second_cd + 42, 0x7FFFFF00); // local header offset past the end
+  cases.emplace_back("past the end", past_end);
+  std::string overlap = good;
+  put32(overlap, second_cd + 42, 0); // both entries claim the first local header
+  cases.emplace_back("overlapping", overlap);
+  std::string absurd = good;
+  absurd[end + 10] = static_cast<char>(0xFF); // entry counts of 65535
+  absurd[end + 11] = static_cast<char>(0xFF);
+  absurd[end + 8] = static_cast<char>(0xFF);
+  absurd[end + 9] = static_cast<char>(0xFF);
+  cases.emplace_back("absurd count", absurd);
+  cases.emplace_back("dot-dot name", archive_with({{"model_index.json", "{\"..\": 1}"}, {"../config.json", "{}"}}));
+  cases.emplace_back("absolute name", archive_with({{"model_index.json", "{}"}, {"/etc/x.json", "{}"}}));
+  cases.emplace_back("NUL in name", archive_with({{"model_index.json", "{}"}, {std::string("a\0b.json", 8), "{}"}}));
+  cases.emplace_back("non-UTF-8 name", archive_with({{"model_index.json", "{}"}, {"\xff.json", "{}"}}));
+  for (const auto& [what, bytes] : cases) {
+    SCOPED_TRACE(what);
+    write(dir / "hostile.dduf", bytes);
+    EXPECT_THROW(read_dduf_file(dir / "hostile.dduf"), DDUFCorruptedFileError);
+  }
+  write(dir / "good.dduf", good);
+  EXPECT_EQ(read_dduf_file(dir / "good.dduf").size(), 2U);
+}
+
 TEST(DDUFLoadTest, ModuleLoadsFromAnEntry) {
   TempDir dir;
   torch::nn::Linear source(3, 2);

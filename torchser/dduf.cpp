@@ -75,6 +75,40 @@ void validate_structure(const nlohmann::json& index, const std::set<std::string>
   }
 }
 
+// A name as messages show it: raw when it is printable UTF-8, Python's repr
+// otherwise (NUL bytes, invalid UTF-8).
+std::string display_name(const std::string& name) {
+  const bool printable = detail::utf8_error_position(name) == std::string::npos &&
+      std::none_of(name.begin(), name.end(), [](char c) { return static_cast<unsigned char>(c) < 0x20; });
+  return printable ? name : detail::python_repr(name);
+}
+
+// Stricter than the reference's reader, which accepts these because it never
+// extracts: names that would escape a folder when unpacked (absolute, "..")
+// and names that are not plain UTF-8 text.
+void check_safe_name(const std::string& name) {
+  if (detail::utf8_error_position(name) != std::string::npos) {
+    throw DDUFInvalidEntryNameError("Entry names must be UTF-8. Got " + detail::python_repr(name) + ".");
+  }
+  if (name.find('\0') != std::string::npos) {
+    throw DDUFInvalidEntryNameError("Entry names must not contain NUL bytes. Got " + detail::python_repr(name) + ".");
+  }
+  if (!name.empty() && name.front() == '/') {
+    throw DDUFInvalidEntryNameError("Entry names must be relative. Got " + name + ".");
+  }
+  std::size_t start = 0;
+  while (start <= name.size()) {
+    const std::size_t end = name.find('/', start);
+    if (name.compare(start, end == std::string::npos ? std::string::npos : end - start, "..") == 0) {
+      throw DDUFInvalidEntryNameError("Entry names must not contain '..' components. Got " + name + ".");
+    }
+    if (end == std::string::npos) {
+      break;
+    }
+    start = end + 1;
+  }
+}
+
 nlohmann::json parse_model_index(const std::string& text) {
   return nlohmann::json::parse(text); // throws nlohmann::json::parse_error
 }
@@ -146,6 +180,22 @@ OrderedMap<DDUFEntry> read_dduf_file(const std::filesystem::path& dduf_path) {
     // Python leaks zipfile.BadZipFile here (SPEC deviation 11).
     throw DDUFCorruptedFileError("Invalid DDUF file '" + dduf_path.string() + "': " + e.what());
   }
+  // Each entry's bytes belong to it alone: overlapping entries are how
+  // polyglot files and zip bombs are built.
+  std::vector<const detail::ZipEntry*> by_offset;
+  for (const detail::ZipEntry& z : zip_entries) {
+    by_offset.push_back(&z);
+  }
+  std::sort(by_offset.begin(), by_offset.end(),
+            [](const detail::ZipEntry* a, const detail::ZipEntry* b) { return a->data_offset < b->data_offset; });
+  for (std::size_t i = 1; i < by_offset.size(); ++i) {
+    const detail::ZipEntry& previous = *by_offset[i - 1];
+    if (by_offset[i]->local_header_offset < previous.data_offset + previous.compressed_size) {
+      throw DDUFCorruptedFileError("Invalid DDUF file '" + dduf_path.string() + "': entries '" +
+                                   display_name(previous.name) + "' and '" + display_name(by_offset[i]->name) +
+                                   "' overlap.");
+    }
+  }
   OrderedMap<DDUFEntry> entries;
   for (const detail::ZipEntry& z : zip_entries) {
     if (z.method != 0) {
@@ -156,8 +206,9 @@ OrderedMap<DDUFEntry> read_dduf_file(const std::filesystem::path& dduf_path) {
     }
     try {
       detail::validate_dduf_entry_name(z.name);
+      check_safe_name(z.name);
     } catch (const DDUFInvalidEntryNameError& e) {
-      throw DDUFCorruptedFileError("Invalid entry name in DDUF file: " + z.name + " (" + e.what() + ")");
+      throw DDUFCorruptedFileError("Invalid entry name in DDUF file: " + display_name(z.name) + " (" + e.what() + ")");
     }
     DDUFEntry entry{z.name, z.uncompressed_size, z.data_offset, dduf_path};
     if (DDUFEntry* existing = entries.find(z.name)) {
