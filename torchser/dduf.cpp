@@ -45,14 +45,25 @@ std::string python_type(const nlohmann::json& value) {
   }
 }
 
+const std::string& entry_name(const std::string& name) {
+  return name;
+}
+template <typename Item>
+const std::string& entry_name(const Item& item) {
+  return item.key();
+}
+
 // `_validate_dduf_structure`, folders in sorted order (SPEC deviation 9).
-void validate_structure(const nlohmann::json& index, const std::set<std::string>& names) {
+// `has(name)` says whether the archive has an entry of that name.
+template <typename Names, typename Has>
+void validate_structure(const nlohmann::json& index, const Names& names, const Has& has) {
   if (!index.is_object()) {
     throw DDUFCorruptedFileError(
         "Invalid 'model_index.json' content. Must be a dictionary. Got " + python_type(index) + ".");
   }
   std::set<std::string> folders;
-  for (const std::string& name : names) {
+  for (const auto& item : names) {
+    const std::string& name = entry_name(item);
     const std::size_t slash = name.find('/');
     if (slash != std::string::npos) {
       folders.insert(name.substr(0, slash));
@@ -63,7 +74,7 @@ void validate_structure(const nlohmann::json& index, const std::set<std::string>
       throw DDUFCorruptedFileError("Missing required entry '" + folder + "' in 'model_index.json'.");
     }
     const bool has_config = std::any_of(std::begin(kRequiredFolderEntries), std::end(kRequiredFolderEntries),
-                                        [&](const char* required) { return names.count(folder + "/" + required) != 0; });
+                                        [&](const char* required) { return has(folder + "/" + required); });
     if (!has_config) {
       std::string set = "{";
       for (const char* required : kRequiredFolderEntries) {
@@ -109,6 +120,28 @@ void check_safe_name(const std::string& name) {
   }
 }
 
+// `_validate_dduf_entry_name` without allocating: the stripped name is a view
+// of `entry_name`.
+std::string_view validate_entry_name(std::string_view entry_name) {
+  const std::size_t dot = entry_name.rfind('.');
+  const std::string_view tail = dot == std::string_view::npos ? entry_name : entry_name.substr(dot + 1);
+  const bool allowed = tail == "json" || tail == "model" || tail == "safetensors" || tail == "txt";
+  if (!allowed) {
+    throw DDUFInvalidEntryNameError("File type not allowed: " + std::string(entry_name));
+  }
+  if (entry_name.find('\\') != std::string_view::npos) {
+    throw DDUFInvalidEntryNameError("Entry names must use UNIX separators ('/'). Got " + std::string(entry_name) + ".");
+  }
+  const std::size_t first = entry_name.find_first_not_of('/');
+  const std::size_t last = entry_name.find_last_not_of('/');
+  const std::string_view stripped =
+      first == std::string_view::npos ? std::string_view() : entry_name.substr(first, last - first + 1);
+  if (std::count(stripped.begin(), stripped.end(), '/') > 1) {
+    throw DDUFInvalidEntryNameError("DDUF only supports 1 level of directory. Got " + std::string(stripped) + ".");
+  }
+  return stripped;
+}
+
 nlohmann::json parse_model_index(const std::string& text) {
   return nlohmann::json::parse(text); // throws nlohmann::json::parse_error
 }
@@ -118,21 +151,7 @@ nlohmann::json parse_model_index(const std::string& text) {
 namespace detail {
 
 std::string validate_dduf_entry_name(const std::string& entry_name) {
-  const std::size_t dot = entry_name.rfind('.');
-  const std::string extension = "." + (dot == std::string::npos ? entry_name : entry_name.substr(dot + 1));
-  if (kAllowedExtensions.count(extension) == 0) {
-    throw DDUFInvalidEntryNameError("File type not allowed: " + entry_name);
-  }
-  if (entry_name.find('\\') != std::string::npos) {
-    throw DDUFInvalidEntryNameError("Entry names must use UNIX separators ('/'). Got " + entry_name + ".");
-  }
-  const std::size_t first = entry_name.find_first_not_of('/');
-  const std::size_t last = entry_name.find_last_not_of('/');
-  const std::string stripped = first == std::string::npos ? "" : entry_name.substr(first, last - first + 1);
-  if (std::count(stripped.begin(), stripped.end(), '/') > 1) {
-    throw DDUFInvalidEntryNameError("DDUF only supports 1 level of directory. Got " + stripped + ".");
-  }
-  return stripped;
+  return std::string(validate_entry_name(entry_name));
 }
 
 } // namespace detail
@@ -171,11 +190,13 @@ std::string DDUFEntry::repr() const {
 // Reading
 
 OrderedMap<DDUFEntry> read_dduf_file(const std::filesystem::path& dduf_path) {
+  // One mapping for the directory, the local headers and model_index.json:
+  // a thousand entries cost no system call each.
   const detail::File file = detail::File::open_read(dduf_path);
+  const auto mapping = detail::MappedFile::map(file);
   std::vector<detail::ZipEntry> zip_entries;
   try {
-    zip_entries = detail::read_zip_directory(detail::ZipSource{
-        file.size(), [&](void* out, std::size_t n, std::uint64_t at) { file.pread_exact(out, n, at); }});
+    zip_entries = detail::read_zip_directory(mapping->data(), mapping->size());
   } catch (const detail::ZipFormatError& e) {
     // Python leaks zipfile.BadZipFile here (SPEC deviation 11).
     throw DDUFCorruptedFileError("Invalid DDUF file '" + dduf_path.string() + "': " + e.what());
@@ -197,7 +218,8 @@ OrderedMap<DDUFEntry> read_dduf_file(const std::filesystem::path& dduf_path) {
     }
   }
   OrderedMap<DDUFEntry> entries;
-  for (const detail::ZipEntry& z : zip_entries) {
+  entries.reserve(zip_entries.size());
+  for (detail::ZipEntry& z : zip_entries) {
     if (z.method != 0) {
       throw DDUFCorruptedFileError("Data must not be compressed in DDUF file.");
     }
@@ -205,34 +227,36 @@ OrderedMap<DDUFEntry> read_dduf_file(const std::filesystem::path& dduf_path) {
       continue; // `zip -r` writes these; they hold nothing (SPEC deviation 11)
     }
     try {
-      detail::validate_dduf_entry_name(z.name);
+      validate_entry_name(z.name);
       check_safe_name(z.name);
     } catch (const DDUFInvalidEntryNameError& e) {
       throw DDUFCorruptedFileError("Invalid entry name in DDUF file: " + display_name(z.name) + " (" + e.what() + ")");
     }
-    DDUFEntry entry{z.name, z.uncompressed_size, z.data_offset, dduf_path};
-    if (DDUFEntry* existing = entries.find(z.name)) {
-      *existing = std::move(entry); // Python's dict: the last one wins
-    } else {
-      entries.insert(z.name, std::move(entry));
+    std::string key = z.name;
+    const auto [slot, inserted] = entries.try_insert(
+        std::move(key), DDUFEntry{std::move(z.name), z.uncompressed_size, z.data_offset, dduf_path});
+    if (!inserted) { // Python's dict: the first position, the last entry
+      slot->length = z.uncompressed_size;
+      slot->offset = z.data_offset;
     }
   }
   const DDUFEntry* index_entry = entries.find("model_index.json");
   if (index_entry == nullptr) {
     throw DDUFCorruptedFileError("Missing required 'model_index.json' entry in DDUF file.");
   }
+  const std::string_view index_text(
+      reinterpret_cast<const char*>(mapping->data() + index_entry->offset), static_cast<std::size_t>(index_entry->length));
+  if (detail::utf8_error_position(index_text) != std::string_view::npos) {
+    throw DDUFCorruptedFileError("'model_index.json' of '" + dduf_path.string() + "' is not valid UTF-8.");
+  }
   nlohmann::json index;
   try {
-    index = parse_model_index(index_entry->read_text());
+    index = parse_model_index(std::string(index_text));
   } catch (const nlohmann::json::exception& e) {
     // Python leaks json.JSONDecodeError here (SPEC deviation 11).
     throw DDUFCorruptedFileError("Invalid JSON in 'model_index.json' of '" + dduf_path.string() + "': " + e.what());
   }
-  std::set<std::string> names;
-  for (const auto& item : entries) {
-    names.insert(item.key());
-  }
-  validate_structure(index, names);
+  validate_structure(index, entries, [&](const std::string& name) { return entries.contains(name); });
   return entries;
 }
 
@@ -319,7 +343,7 @@ void export_entries_as_dduf(const std::filesystem::path& dduf_path, const std::v
     throw DDUFExportError("Missing required 'model_index.json' entry in DDUF file.");
   }
   try {
-    validate_structure(*index, raw_names);
+    validate_structure(*index, raw_names, [&](const std::string& name) { return raw_names.count(name) != 0; });
   } catch (const DDUFCorruptedFileError& e) {
     throw DDUFExportError("Invalid DDUF file structure. (" + std::string(e.what()) + ")");
   }

@@ -844,7 +844,7 @@ PickleValue torch_load(const std::filesystem::path& path, const TorchLoadOptions
     // The directory and local headers through pread: touching them in the
     // mapping would make the kernel map 64 KiB of page cache around each.
     entries = detail::read_zip_directory(detail::ZipSource{
-        size, [&](void* out, std::size_t n, std::uint64_t offset) { file.pread_exact(out, n, offset); }});
+        size, [&](void* out, std::size_t n, std::uint64_t offset) { file.pread_exact(out, n, offset); }, nullptr});
   } catch (const detail::ZipFormatError& e) {
     // Pre-1.6 torch.save files are a bare pickle stream (magic number first).
     if (size >= 2 && data[0] == 0x80 && data[1] <= 5) {

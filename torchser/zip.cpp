@@ -44,18 +44,23 @@ class Reader {
   std::uint64_t size() const {
     return source_.size;
   }
-  // The bytes [offset, offset + length), or a ZipFormatError naming `what`.
-  std::vector<std::uint8_t> read(std::uint64_t offset, std::uint64_t length, const char* what) const {
+  // The bytes [offset, offset + length), or a ZipFormatError naming `what`:
+  // a pointer into the archive when it is in memory, else into `scratch`.
+  const std::uint8_t* read(std::uint64_t offset, std::uint64_t length, const char* what,
+                           std::vector<std::uint8_t>& scratch) const {
     std::uint64_t end = 0;
     if (__builtin_add_overflow(offset, length, &end) || end > source_.size) {
       fail(std::string(what) + " at byte " + std::to_string(offset) + " runs past the end of the file (" +
            std::to_string(source_.size) + " bytes)");
     }
-    std::vector<std::uint8_t> out(static_cast<std::size_t>(length));
-    if (length > 0) {
-      source_.read(out.data(), out.size(), offset);
+    if (source_.memory != nullptr) {
+      return source_.memory + offset;
     }
-    return out;
+    scratch.resize(static_cast<std::size_t>(length));
+    if (length > 0) {
+      source_.read(scratch.data(), scratch.size(), offset);
+    }
+    return scratch.data();
   }
 
  private:
@@ -71,9 +76,10 @@ std::int64_t find_end_record(const Reader& reader) {
   }
   const std::uint64_t window = std::min<std::uint64_t>(reader.size(), kEndSize + 0xFFFF);
   const std::uint64_t base = reader.size() - window;
-  const std::vector<std::uint8_t> tail = reader.read(base, window, "the end of the archive");
+  std::vector<std::uint8_t> scratch;
+  const std::uint8_t* tail = reader.read(base, window, "the end of the archive", scratch);
   for (std::uint64_t pos = window - kEndSize + 1; pos-- > 0;) {
-    const std::uint8_t* p = tail.data() + pos;
+    const std::uint8_t* p = tail + pos;
     if (u32(p) == kEndSig && pos + kEndSize + u16(p + 20) == window) {
       return static_cast<std::int64_t>(base + pos);
     }
@@ -129,9 +135,7 @@ void apply_zip64_extra(const std::uint8_t* extra, std::uint64_t length, std::uin
 ZipFormatError::~ZipFormatError() = default;
 
 std::vector<ZipEntry> read_zip_directory(const std::uint8_t* data, std::uint64_t size) {
-  return read_zip_directory(ZipSource{size, [data](void* out, std::size_t n, std::uint64_t offset) {
-                                        std::memcpy(out, data + offset, n);
-                                      }});
+  return read_zip_directory(ZipSource{size, {}, data});
 }
 
 std::vector<ZipEntry> read_zip_directory(const ZipSource& source) {
@@ -140,34 +144,37 @@ std::vector<ZipEntry> read_zip_directory(const ZipSource& source) {
   if (end_pos < 0) {
     fail("File is not a zip file (no end of central directory record)");
   }
-  const auto end = reader.read(static_cast<std::uint64_t>(end_pos), kEndSize, "the end record");
-  if (u16(end.data() + 4) != 0 || u16(end.data() + 6) != 0) {
+  std::vector<std::uint8_t> end_buffer;
+  const std::uint8_t* end = reader.read(static_cast<std::uint64_t>(end_pos), kEndSize, "the end record", end_buffer);
+  if (u16(end + 4) != 0 || u16(end + 6) != 0) {
     fail("multi-disk archives are not supported");
   }
-  std::uint64_t count = u16(end.data() + 10);
-  std::uint64_t cd_size = u32(end.data() + 12);
-  std::uint64_t cd_offset = u32(end.data() + 16);
+  std::uint64_t count = u16(end + 10);
+  std::uint64_t cd_size = u32(end + 12);
+  std::uint64_t cd_offset = u32(end + 16);
   // Where the directory really ends: before the ZIP64 records when present.
   std::uint64_t directory_end = static_cast<std::uint64_t>(end_pos);
 
   if (static_cast<std::uint64_t>(end_pos) >= kZip64LocatorSize) {
-    const auto locator = reader.read(static_cast<std::uint64_t>(end_pos) - kZip64LocatorSize, kZip64LocatorSize,
-                                     "the ZIP64 locator");
-    if (u32(locator.data()) == kZip64LocatorSig) {
+    std::vector<std::uint8_t> locator_buffer;
+    const std::uint8_t* locator = reader.read(static_cast<std::uint64_t>(end_pos) - kZip64LocatorSize,
+                                              kZip64LocatorSize, "the ZIP64 locator", locator_buffer);
+    if (u32(locator) == kZip64LocatorSig) {
       if (static_cast<std::uint64_t>(end_pos) < kZip64LocatorSize + kZip64EndSize) {
         fail("the ZIP64 end record is missing");
       }
       const std::uint64_t record_pos = static_cast<std::uint64_t>(end_pos) - kZip64LocatorSize - kZip64EndSize;
-      const auto record = reader.read(record_pos, kZip64EndSize, "the ZIP64 end record");
-      if (u32(record.data()) != kZip64EndSig) {
+      std::vector<std::uint8_t> record_buffer;
+      const std::uint8_t* record = reader.read(record_pos, kZip64EndSize, "the ZIP64 end record", record_buffer);
+      if (u32(record) != kZip64EndSig) {
         fail("the ZIP64 end record has a bad signature");
       }
-      if (u32(record.data() + 16) != 0 || u32(record.data() + 20) != 0) {
+      if (u32(record + 16) != 0 || u32(record + 20) != 0) {
         fail("multi-disk archives are not supported");
       }
-      count = u64(record.data() + 32);
-      cd_size = u64(record.data() + 40);
-      cd_offset = u64(record.data() + 48);
+      count = u64(record + 32);
+      cd_size = u64(record + 40);
+      cd_offset = u64(record + 48);
       directory_end = record_pos;
     }
   }
@@ -177,8 +184,8 @@ std::vector<ZipEntry> read_zip_directory(const ZipSource& source) {
     fail("the central directory offsets are inconsistent with the file size");
   }
   const std::uint64_t concat = directory_end - claimed_end;
-  const std::vector<std::uint8_t> directory = reader.read(cd_offset + concat, cd_size, "the central directory");
-  const std::uint8_t* cd = directory.data();
+  std::vector<std::uint8_t> directory;
+  const std::uint8_t* cd = reader.read(cd_offset + concat, cd_size, "the central directory", directory);
   if (count > cd_size / kCentralHeaderSize) {
     fail("the archive claims " + std::to_string(count) + " entries, more than its central directory of " +
          std::to_string(cd_size) + " bytes can hold");
@@ -186,6 +193,7 @@ std::vector<ZipEntry> read_zip_directory(const ZipSource& source) {
 
   std::vector<ZipEntry> entries;
   entries.reserve(static_cast<std::size_t>(count));
+  std::vector<std::uint8_t> local_buffer;
   std::uint64_t pos = 0;
   for (std::uint64_t i = 0; i < count; ++i) {
     if (cd_size - pos < kCentralHeaderSize) {
@@ -221,11 +229,11 @@ std::vector<ZipEntry> read_zip_directory(const ZipSource& source) {
     if (__builtin_add_overflow(local, concat, &e.local_header_offset)) {
       fail("entry '" + e.name + "' has an impossible offset");
     }
-    const auto lh = reader.read(e.local_header_offset, kLocalHeaderSize, "the local header");
-    if (u32(lh.data()) != kLocalHeaderSig) {
+    const std::uint8_t* lh = reader.read(e.local_header_offset, kLocalHeaderSize, "the local header", local_buffer);
+    if (u32(lh) != kLocalHeaderSig) {
       fail("the local header of entry '" + e.name + "' has a bad signature");
     }
-    e.data_offset = e.local_header_offset + kLocalHeaderSize + u16(lh.data() + 26) + u16(lh.data() + 28);
+    e.data_offset = e.local_header_offset + kLocalHeaderSize + u16(lh + 26) + u16(lh + 28);
     std::uint64_t data_end = 0;
     if (__builtin_add_overflow(e.data_offset, e.compressed_size, &data_end) || data_end > reader.size()) {
       fail("the data of entry '" + e.name + "' runs past the end of the file");

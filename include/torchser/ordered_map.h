@@ -172,6 +172,19 @@ class OrderedMap {
     return items_.back().value();
   }
 
+  /// Inserts `key` → `value` unless the key is present. Returns the value in
+  /// the map and whether it was inserted (std::map::try_emplace's contract).
+  std::pair<V*, bool> try_insert(std::string key, V value) {
+    const std::size_t hash = hash_of(key);
+    const std::ptrdiff_t found = find_position(key, hash);
+    if (found >= 0) {
+      return {&items_[static_cast<std::size_t>(found)].value(), false};
+    }
+    items_.emplace_back(std::move(key), std::move(value));
+    index_.append(hash);
+    return {&items_.back().value(), true};
+  }
+
   /// A map of `items`, whose keys the caller knows to be distinct (the keys
   /// of another map, say): no duplicate check, and the index is built in one
   /// pass. A duplicate key here would make lookups find only its first entry.

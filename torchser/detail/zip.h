@@ -50,6 +50,8 @@ struct TORCHSER_API ZipEntry {
 struct TORCHSER_API ZipSource {
   std::uint64_t size;
   std::function<void(void* out, std::size_t n, std::uint64_t offset)> read;
+  /// The whole archive in memory, when it is: then nothing is copied.
+  const std::uint8_t* memory = nullptr;
 };
 
 /// The central directory, in directory order. Bytes before the archive (a
