@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include <torchser/load.h>
+#include <torchser/save.h>
 
 #include "torchser/detail/file.h"
 #include "torchser/detail/load_safetensors.h"
@@ -273,8 +274,24 @@ DDUFExportEntry DDUFExportEntry::from_producer(std::string filename, Producer pr
   return {std::move(filename), std::move(producer)};
 }
 DDUFExportEntry DDUFExportEntry::from_state_dict(std::string filename, StateDict state_dict) {
-  return from_producer(std::move(filename), [sd = std::move(state_dict)](const ByteSink& sink) {
-    SafetensorsWriter(sd, SafetensorsMetadata{{"format", "pt"}}).write(sink);
+  // As save_torch_state_dict writes a file: tied weights stored once, the
+  // other names recorded as aliases (load_torch_model re-ties them).
+  SafetensorsMetadata metadata{{"format", "pt"}};
+  std::set<std::string> dropped;
+  for (const auto& item : remove_duplicate_names(state_dict)) {
+    for (const std::string& alias : item.value()) {
+      metadata.emplace(alias, item.key());
+      dropped.insert(alias);
+    }
+  }
+  StateDict kept;
+  for (const auto& item : state_dict) {
+    if (dropped.count(item.key()) == 0) {
+      kept.insert(item.key(), item.value());
+    }
+  }
+  return from_producer(std::move(filename), [sd = std::move(kept), metadata](const ByteSink& sink) {
+    SafetensorsWriter(sd, metadata, /*force_contiguous=*/true).write(sink);
   });
 }
 

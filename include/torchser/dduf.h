@@ -106,8 +106,9 @@ struct TORCHSER_API DDUFExportEntry {
   static DDUFExportEntry from_file(std::string filename, std::filesystem::path path);
   static DDUFExportEntry from_bytes(std::string filename, std::string bytes);
   static DDUFExportEntry from_producer(std::string filename, Producer producer);
-  /// A safetensors file of `state_dict` (metadata {"format": "pt"}), streamed
-  /// into the archive one tensor at a time.
+  /// A safetensors file of `state_dict` as save_torch_state_dict writes one
+  /// (metadata {"format": "pt"}, tied weights stored once and recorded as
+  /// aliases), streamed into the archive one tensor at a time.
   static DDUFExportEntry from_state_dict(std::string filename, StateDict state_dict);
 };
 
