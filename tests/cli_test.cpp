@@ -1,0 +1,117 @@
+// The torchser command-line tool, run as a user would.
+
+#include <sys/wait.h>
+
+#include <cstdio>
+#include <fstream>
+
+#include <ATen/ops/arange.h>
+#include <nlohmann/json.hpp>
+
+#include <torchser/load.h>
+#include <torchser/safetensors.h>
+
+#include "test_utils.h"
+
+namespace torchser {
+namespace {
+
+using ::testing::HasSubstr;
+using torchser::testing::TempDir;
+
+struct CliRun {
+  int status;
+  std::string output; // stdout and stderr
+};
+
+CliRun cli(const std::string& arguments) {
+  FILE* pipe = ::popen((std::string(TORCHSER_CLI) + " " + arguments + " 2>&1").c_str(), "r");
+  std::string out;
+  char buffer[4096];
+  while (std::fgets(buffer, sizeof buffer, pipe) != nullptr) {
+    out += buffer;
+  }
+  const int status = ::pclose(pipe);
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
+}
+
+std::string quoted(const std::filesystem::path& path) {
+  return "'" + path.string() + "'";
+}
+
+TEST(CliTest, InspectListsTensorsMetadataAndTotals) {
+  TempDir dir;
+  StateDict sd;
+  sd.insert("w", at::arange(6, at::kFloat).view({2, 3}));
+  save_file(sd, dir / "m.safetensors", SafetensorsMetadata{{"format", "pt"}});
+  const CliRun human = cli("inspect " + quoted(dir / "m.safetensors"));
+  EXPECT_EQ(human.status, 0) << human.output;
+  EXPECT_THAT(human.output, HasSubstr("w  F32  [2, 3]  24 B"));
+  EXPECT_THAT(human.output, HasSubstr("metadata format = pt"));
+  EXPECT_THAT(human.output, HasSubstr("1 tensors, 24 B"));
+  const CliRun machine = cli("inspect --json " + quoted(dir / "m.safetensors"));
+  const auto out = nlohmann::json::parse(machine.output);
+  EXPECT_EQ(out["tensors"][0]["shape"], nlohmann::json::parse("[2, 3]"));
+  EXPECT_EQ(out["total_bytes"], 24);
+  const auto sharded = nlohmann::json::parse(
+      cli("inspect --json " + quoted(torchser::testing::fixtures_dir() / "reference/pickle/sharded")).output);
+  EXPECT_EQ(sharded["total_tensors"], 7);
+  EXPECT_EQ(sharded["metadata"]["total_size"], "1568");
+  const auto dduf = nlohmann::json::parse(
+      cli("inspect --json " + quoted(torchser::testing::fixtures_dir() / "reference/dduf/tiny_pipeline.dduf")).output);
+  EXPECT_EQ(dduf["entries"]["model_index.json"], 254);
+}
+
+TEST(CliTest, VerifyExitCodesAndMessages) {
+  const auto fixtures = torchser::testing::fixtures_dir();
+  EXPECT_EQ(cli("verify " + quoted(fixtures / "reference/dduf/tiny_pipeline.dduf")).status, 0);
+  EXPECT_EQ(cli("verify " + quoted(fixtures / "reference/pickle/sharded")).status, 0);
+  const CliRun bad = cli("verify " + quoted(fixtures / "reference/dduf/compressed.dduf"));
+  EXPECT_EQ(bad.status, 1);
+  EXPECT_THAT(bad.output, HasSubstr("torchser: Data must not be compressed in DDUF file."));
+  TempDir dir;
+  std::ofstream(dir / "x.safetensors", std::ios::binary) << std::string("\x08\0\0\0\0\0\0\0{}      x", 17);
+  const CliRun trailing = cli("verify " + quoted(dir / "x.safetensors"));
+  EXPECT_EQ(trailing.status, 1);
+  EXPECT_THAT(trailing.output, HasSubstr("incomplete metadata, file not fully covered"));
+}
+
+TEST(CliTest, ConvertsBetweenPickleAndSafetensors) {
+  TempDir dir;
+  const auto source = torchser::testing::fixtures_dir() / "reference/pickle/sharded";
+  const CliRun to_st = cli("convert " + quoted(source) + " " + quoted(dir / "st") + " --max-shard-size 0.6KB");
+  ASSERT_EQ(to_st.status, 0) << to_st.output;
+  EXPECT_TRUE(std::filesystem::exists(dir / "st/model.safetensors.index.json"));
+  const CliRun back = cli("convert " + quoted(dir / "st") + " " + quoted(dir / "bin") + " --to pickle");
+  ASSERT_EQ(back.status, 0) << back.output;
+  const StateDict a = load_state_dict_from_file(source / "pytorch_model-00001-of-00003.bin");
+  const StateDict b = load_state_dict_from_file(dir / "bin/pytorch_model.bin");
+  for (const auto& item : a) {
+    EXPECT_TRUE(b[item.key()].equal(item.value())) << item.key();
+  }
+}
+
+TEST(CliTest, PackAndUnpackRoundTrip) {
+  TempDir dir;
+  const auto folder = dir / "pipeline";
+  std::filesystem::create_directories(folder / "vae");
+  std::ofstream(folder / "model_index.json") << R"({"vae": 1})";
+  std::ofstream(folder / "vae/config.json") << R"({"x": 1})";
+  ASSERT_EQ(cli("pack " + quoted(folder) + " " + quoted(dir / "p.dduf")).status, 0);
+  const CliRun unpacked = cli("unpack " + quoted(dir / "p.dduf") + " " + quoted(dir / "out"));
+  ASSERT_EQ(unpacked.status, 0) << unpacked.output;
+  EXPECT_EQ(torchser::testing::read_file(dir / "out/vae/config.json"), R"({"x": 1})");
+  EXPECT_EQ(torchser::testing::read_file(dir / "out/model_index.json"), R"({"vae": 1})");
+}
+
+TEST(CliTest, EveryCommandHasHelp) {
+  for (const char* command : {"", "inspect ", "verify ", "convert ", "pack ", "unpack "}) {
+    const CliRun help = cli(std::string(command) + "--help");
+    EXPECT_EQ(help.status, 0) << command;
+    EXPECT_THAT(help.output, HasSubstr("Usage")) << command;
+  }
+  EXPECT_NE(cli("frobnicate").status, 0);
+}
+
+} // namespace
+} // namespace torchser

@@ -1,0 +1,397 @@
+// The torchser command-line tool: inspect, verify, convert, pack, unpack.
+//
+//   torchser inspect PATH [--json]
+//   torchser verify PATH
+//   torchser convert SRC DST [--to safetensors|pickle] [--max-shard-size SIZE]
+//   torchser pack FOLDER OUT.dduf
+//   torchser unpack IN.dduf FOLDER
+
+#include <unistd.h>
+
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <map>
+#include <optional>
+#include <set>
+#include <string>
+#include <vector>
+
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+#include <torchser/dduf.h>
+#include <torchser/errors.h>
+#include <torchser/load.h>
+#include <torchser/pickle.h>
+#include <torchser/safetensors.h>
+#include <torchser/save.h>
+#include <torchser/version.h>
+
+namespace {
+
+namespace fs = std::filesystem;
+using json = nlohmann::ordered_json;
+
+std::string human(std::uint64_t bytes) {
+  const char* units[] = {"B", "KB", "MB", "GB", "TB"};
+  double value = static_cast<double>(bytes);
+  int unit = 0;
+  while (value >= 1000.0 && unit < 4) {
+    value /= 1000.0;
+    ++unit;
+  }
+  char buffer[32];
+  std::snprintf(buffer, sizeof buffer, unit == 0 ? "%.0f %s" : "%.2f %s", value, units[unit]);
+  return buffer;
+}
+
+// Progress on stderr: a bar redrawn in place on a terminal, a line per step
+// otherwise (logs stay readable).
+class Progress {
+ public:
+  Progress(std::string what, std::uint64_t total) : what_(std::move(what)), total_(total), tty_(::isatty(2) != 0) {}
+  void step(const std::string& item, std::uint64_t bytes) {
+    done_ += bytes;
+    if (tty_) {
+      const int width = 30;
+      const int filled = total_ == 0 ? width : static_cast<int>(width * static_cast<double>(done_) / static_cast<double>(total_));
+      std::fprintf(stderr, "\r%s [%s%s] %s / %s", what_.c_str(), std::string(filled, '#').c_str(),
+                   std::string(width - filled, ' ').c_str(), human(done_).c_str(), human(total_).c_str());
+      std::fflush(stderr);
+    } else {
+      std::fprintf(stderr, "%s: %s (%s)\n", what_.c_str(), item.c_str(), human(bytes).c_str());
+    }
+  }
+  ~Progress() {
+    if (tty_) {
+      std::fprintf(stderr, "\n");
+    }
+  }
+
+ private:
+  std::string what_;
+  std::uint64_t total_;
+  std::uint64_t done_ = 0;
+  bool tty_;
+};
+
+struct Row {
+  std::string name;
+  std::string dtype;
+  std::vector<std::int64_t> shape;
+  std::uint64_t bytes;
+  std::string file;
+};
+
+struct Inspection {
+  std::string format;
+  std::vector<Row> tensors;
+  std::vector<std::pair<std::string, std::string>> metadata;
+  std::vector<std::pair<std::string, std::uint64_t>> entries; // DDUF
+};
+
+void add_safetensors(Inspection& out, const torchser::SafeOpen& file, const std::string& label) {
+  for (const auto& info : file.tensors()) {
+    out.tensors.push_back({info.name, torchser::safetensors_dtype_name(info.dtype), info.shape, info.end - info.begin, label});
+  }
+}
+
+void add_state_dict(Inspection& out, const torchser::StateDict& sd, const std::string& label) {
+  for (const auto& item : sd) {
+    const at::Tensor& t = item.value();
+    out.tensors.push_back({item.key(), c10::toString(t.scalar_type()), t.sizes().vec(),
+                           static_cast<std::uint64_t>(t.nbytes()), label});
+  }
+}
+
+// The index of a checkpoint directory, if it has one.
+std::optional<fs::path> find_index(const fs::path& dir) {
+  for (const char* name : {"model.safetensors.index.json", "pytorch_model.bin.index.json"}) {
+    if (fs::is_regular_file(dir / name)) {
+      return dir / name;
+    }
+  }
+  for (const auto& entry : fs::directory_iterator(dir)) {
+    const std::string name = entry.path().filename().string();
+    if (name.size() > 11 && name.compare(name.size() - 11, 11, ".index.json") == 0) {
+      return entry.path();
+    }
+  }
+  return std::nullopt;
+}
+
+// The files of a checkpoint: its shards (sorted) or its single file.
+std::vector<fs::path> checkpoint_files(const fs::path& path, json* index_out = nullptr) {
+  if (!fs::is_directory(path)) {
+    return {path};
+  }
+  if (const auto index_path = find_index(path)) {
+    std::ifstream in(*index_path);
+    const json index = json::parse(in);
+    if (index_out != nullptr) {
+      *index_out = index;
+    }
+    std::set<std::string> shards;
+    for (const auto& [key, file] : index.at("weight_map").items()) {
+      shards.insert(file.get<std::string>());
+    }
+    std::vector<fs::path> files;
+    for (const auto& shard : shards) {
+      files.push_back(path / shard);
+    }
+    return files;
+  }
+  std::vector<fs::path> files;
+  for (const auto& entry : fs::directory_iterator(path)) {
+    const auto ext = entry.path().extension();
+    if (entry.is_regular_file() && (ext == ".safetensors" || ext == ".bin")) {
+      files.push_back(entry.path());
+    }
+  }
+  if (files.size() != 1) {
+    throw torchser::ValueError("Directory '" + path.string() +
+                               "' holds no index and not exactly one .safetensors or .bin file.");
+  }
+  return files;
+}
+
+Inspection inspect(const fs::path& path) {
+  Inspection out;
+  if (path.extension() == ".dduf") {
+    out.format = "dduf";
+    for (const auto& item : torchser::read_dduf_file(path)) {
+      const torchser::DDUFEntry& entry = item.value();
+      out.entries.emplace_back(entry.filename, entry.length);
+      if (fs::path(entry.filename).extension() == ".safetensors") {
+        add_safetensors(out, torchser::SafeOpen(path, entry.offset, entry.length), entry.filename);
+      }
+    }
+    return out;
+  }
+  json index;
+  const auto files = checkpoint_files(path, &index);
+  if (index.contains("metadata")) {
+    for (const auto& [key, value] : index["metadata"].items()) {
+      out.metadata.emplace_back(key, value.is_string() ? value.get<std::string>() : value.dump());
+    }
+  }
+  for (const fs::path& file : files) {
+    const std::string label = fs::is_directory(path) ? file.filename().string() : "";
+    if (file.extension() == ".safetensors") {
+      out.format = "safetensors";
+      const torchser::SafeOpen st(file);
+      if (files.size() == 1 && st.metadata()) {
+        out.metadata.assign(st.metadata()->begin(), st.metadata()->end());
+      }
+      add_safetensors(out, st, label);
+    } else {
+      out.format = "pickle";
+      add_state_dict(out, torchser::extract_state_dict(torchser::torch_load(file)), label);
+    }
+  }
+  if (files.size() > 1) {
+    out.format += " (sharded, " + std::to_string(files.size()) + " files)";
+  }
+  return out;
+}
+
+int cmd_inspect(const fs::path& path, bool as_json) {
+  const Inspection info = inspect(path);
+  std::uint64_t total = 0;
+  for (const Row& row : info.tensors) {
+    total += row.bytes;
+  }
+  if (as_json) {
+    json out;
+    out["path"] = path.string();
+    out["format"] = info.format;
+    out["tensors"] = json::array();
+    for (const Row& row : info.tensors) {
+      out["tensors"].push_back({{"name", row.name}, {"dtype", row.dtype}, {"shape", row.shape}, {"bytes", row.bytes},
+                                {"file", row.file}});
+    }
+    out["metadata"] = json::object();
+    for (const auto& [key, value] : info.metadata) {
+      out["metadata"][key] = value;
+    }
+    if (!info.entries.empty()) {
+      out["entries"] = json::object();
+      for (const auto& [name, length] : info.entries) {
+        out["entries"][name] = length;
+      }
+    }
+    out["total_tensors"] = info.tensors.size();
+    out["total_bytes"] = total;
+    std::cout << out.dump(2) << "\n";
+    return 0;
+  }
+  std::cout << path.string() << ": " << info.format << "\n";
+  for (const auto& [name, length] : info.entries) {
+    std::cout << "  entry " << name << "  " << human(length) << "\n";
+  }
+  for (const Row& row : info.tensors) {
+    std::string shape = "[";
+    for (std::size_t i = 0; i < row.shape.size(); ++i) {
+      shape += (i ? ", " : "") + std::to_string(row.shape[i]);
+    }
+    std::cout << "  " << row.name << "  " << row.dtype << "  " << shape << "]  " << human(row.bytes)
+              << (row.file.empty() ? "" : "  " + row.file) << "\n";
+  }
+  for (const auto& [key, value] : info.metadata) {
+    std::cout << "  metadata " << key << " = " << value << "\n";
+  }
+  std::cout << info.tensors.size() << " tensors, " << human(total) << "\n";
+  return 0;
+}
+
+int cmd_verify(const fs::path& path) {
+  if (path.extension() == ".dduf") {
+    const auto entries = torchser::read_dduf_file(path);
+    for (const auto& item : entries) {
+      if (fs::path(item.key()).extension() == ".safetensors") {
+        torchser::SafeOpen(path, item.value().offset, item.value().length); // every rule of the format
+      }
+    }
+    std::cout << "OK: " << path.string() << " (DDUF, " << entries.size() << " entries)\n";
+    return 0;
+  }
+  json index;
+  const auto files = checkpoint_files(path, &index);
+  std::set<std::string> found;
+  for (const fs::path& file : files) {
+    if (!fs::is_regular_file(file)) {
+      throw torchser::FileNotFoundError("Shard '" + file.string() + "' named by the index is missing.");
+    }
+    if (file.extension() == ".safetensors") {
+      for (const auto& info : torchser::SafeOpen(file).tensors()) {
+        found.insert(info.name);
+      }
+    } else {
+      for (const auto& item : torchser::extract_state_dict(torchser::torch_load(file))) {
+        found.insert(item.key());
+      }
+    }
+  }
+  if (index.contains("weight_map")) {
+    for (const auto& [key, file] : index["weight_map"].items()) {
+      if (found.count(key) == 0) {
+        throw torchser::ValueError("The index names tensor '" + key + "' in '" + file.get<std::string>() +
+                                   "', but that shard does not hold it.");
+      }
+    }
+    // Loading validates shard names (traversal, extensions) as load_torch_model does.
+  }
+  std::cout << "OK: " << path.string() << " (" << files.size() << " file" << (files.size() == 1 ? "" : "s") << ", "
+            << found.size() << " tensors)\n";
+  return 0;
+}
+
+int cmd_convert(const fs::path& src, const fs::path& dst, const std::string& to, const std::string& max_shard_size) {
+  const auto files = checkpoint_files(src);
+  torchser::StateDict all;
+  for (const fs::path& file : files) {
+    for (const auto& item : torchser::load_state_dict_from_file(file, torchser::LoadOptions().mmap(true))) {
+      all.insert(item.key(), item.value());
+    }
+  }
+  fs::create_directories(dst);
+  std::uint64_t total = 0;
+  for (const auto& item : all) {
+    total += static_cast<std::uint64_t>(item.value().nbytes());
+  }
+  {
+    Progress progress("convert", total);
+    torchser::save_torch_state_dict(
+        all, dst,
+        torchser::SaveOptions().safe_serialization(to != "pickle").max_shard_size(torchser::ShardSize(max_shard_size)));
+    progress.step(dst.string(), total);
+  }
+  std::cout << "Converted " << all.size() << " tensors (" << human(total) << ") from " << src.string() << " to "
+            << dst.string() << " as " << (to == "pickle" ? "pickle" : "safetensors") << "\n";
+  return 0;
+}
+
+int cmd_pack(const fs::path& folder, const fs::path& out) {
+  torchser::export_folder_as_dduf(out, folder);
+  const auto entries = torchser::read_dduf_file(out);
+  std::cout << "Packed " << entries.size() << " entries into " << out.string() << " (" << human(fs::file_size(out))
+            << ")\n";
+  return 0;
+}
+
+int cmd_unpack(const fs::path& archive, const fs::path& folder) {
+  const auto entries = torchser::read_dduf_file(archive); // names are validated: no '..', no absolute paths
+  std::uint64_t total = 0;
+  for (const auto& item : entries) {
+    total += item.value().length;
+  }
+  Progress progress("unpack", total);
+  for (const auto& item : entries) {
+    const fs::path target = folder / item.key();
+    fs::create_directories(target.parent_path());
+    const torchser::MappedBytes bytes = item.value().as_mmap();
+    std::ofstream(target, std::ios::binary).write(bytes.view().data(), static_cast<std::streamsize>(bytes.size()));
+    progress.step(item.key(), item.value().length);
+  }
+  std::cout << "Unpacked " << entries.size() << " entries into " << folder.string() << "\n";
+  return 0;
+}
+
+} // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"torchser " TORCHSER_VERSION ": inspect, verify and convert safetensors, PyTorch .bin and DDUF files"};
+  app.require_subcommand(1);
+
+  std::string path;
+  bool as_json = false;
+  auto* inspect_cmd = app.add_subcommand("inspect", "List the tensors (dtype, shape, size, shard) and metadata");
+  inspect_cmd->add_option("PATH", path, "a .safetensors, .bin or .dduf file, or a checkpoint directory")->required();
+  inspect_cmd->add_flag("--json", as_json, "machine-readable output");
+
+  std::string verify_path;
+  auto* verify_cmd = app.add_subcommand("verify", "Check every rule of the format; exit 0 when valid");
+  verify_cmd->add_option("PATH", verify_path, "a file or a checkpoint directory")->required();
+
+  std::string src;
+  std::string dst;
+  std::string to = "safetensors";
+  std::string max_shard_size = "5GB";
+  auto* convert_cmd = app.add_subcommand("convert", "Convert a checkpoint between pickle .bin and safetensors");
+  convert_cmd->add_option("SRC", src, "a file or a checkpoint directory")->required();
+  convert_cmd->add_option("DST", dst, "the output directory")->required();
+  convert_cmd->add_option("--to", to, "safetensors (default) or pickle")->check(CLI::IsMember({"safetensors", "pickle"}));
+  convert_cmd->add_option("--max-shard-size", max_shard_size, "largest shard, e.g. 2GB (default 5GB)");
+
+  std::string folder;
+  std::string archive;
+  auto* pack_cmd = app.add_subcommand("pack", "Pack a pipeline folder into a DDUF archive");
+  pack_cmd->add_option("FOLDER", folder, "the pipeline folder")->required();
+  pack_cmd->add_option("OUT", archive, "the .dduf file to write")->required();
+  std::string unpack_archive;
+  std::string unpack_folder;
+  auto* unpack_cmd = app.add_subcommand("unpack", "Unpack a DDUF archive into a folder");
+  unpack_cmd->add_option("IN", unpack_archive, "the .dduf file")->required();
+  unpack_cmd->add_option("FOLDER", unpack_folder, "the folder to write")->required();
+
+  CLI11_PARSE(app, argc, argv);
+  try {
+    if (inspect_cmd->parsed()) {
+      return cmd_inspect(path, as_json);
+    }
+    if (verify_cmd->parsed()) {
+      return cmd_verify(verify_path);
+    }
+    if (convert_cmd->parsed()) {
+      return cmd_convert(src, dst, to, max_shard_size);
+    }
+    if (pack_cmd->parsed()) {
+      return cmd_pack(folder, archive);
+    }
+    return cmd_unpack(unpack_archive, unpack_folder);
+  } catch (const std::exception& e) {
+    std::cerr << "torchser: " << e.what() << "\n";
+    return 1;
+  }
+}
