@@ -5,6 +5,8 @@
 #include <torchser/load.h>
 #include <torchser/save.h>
 
+#include <fcntl.h>
+#include <sys/file.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -334,6 +336,20 @@ TEST(SaveTest, InterruptedSaveIsCompletedOrUndone) {
   load_torch_model(model, dir.path());
   EXPECT_EQ(model.named_parameters()["layer_1"].item<float>(), 99.0F);
   EXPECT_EQ(files_in(dir.path()).size(), 3U);
+}
+
+TEST(SaveTest, RecoveryLeavesASaveInProgressAlone) {
+  // A save holds a lock on the directory: its temporary files are not
+  // leftovers, and a concurrent load must not delete them.
+  TempDir dir;
+  touch(dir / "model.safetensors.torchser-tmp.inprog");
+  const int fd = ::open(dir.path().c_str(), O_RDONLY | O_DIRECTORY);
+  ASSERT_EQ(::flock(fd, LOCK_EX), 0);
+  EXPECT_FALSE(recover_interrupted_save(dir.path()));
+  EXPECT_TRUE(std::filesystem::exists(dir / "model.safetensors.torchser-tmp.inprog"));
+  ::close(fd);
+  EXPECT_TRUE(recover_interrupted_save(dir.path()));
+  EXPECT_FALSE(std::filesystem::exists(dir / "model.safetensors.torchser-tmp.inprog"));
 }
 
 // ---------------------------------------------------------------------------

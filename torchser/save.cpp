@@ -1,5 +1,9 @@
 #include <torchser/save.h>
 
+#include <fcntl.h>
+#include <sys/file.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <atomic>
 #include <exception>
@@ -26,6 +30,40 @@ namespace torchser {
 namespace {
 
 constexpr const char* kJournalName = ".torchser-commit.json";
+
+// An advisory lock on the checkpoint directory itself (flock on its file
+// descriptor: no lock file to show up among the checkpoint's files). Saves
+// hold it for their whole duration, so that savers of one directory (every
+// rank of a distributed job writes) take turns, and so that recovery never
+// mistakes the temporary files of a save in progress for leftovers.
+class DirectoryLock {
+ public:
+  DirectoryLock(const std::filesystem::path& directory, bool wait) {
+    fd_ = ::open(directory.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd_ < 0) {
+      return; // an unreadable directory: nothing to lock, nothing to recover
+    }
+    int rc = 0;
+    do {
+      rc = ::flock(fd_, LOCK_EX | (wait ? 0 : LOCK_NB));
+    } while (rc != 0 && errno == EINTR);
+    held_ = rc == 0;
+  }
+  ~DirectoryLock() {
+    if (fd_ >= 0) {
+      ::close(fd_); // releases the lock
+    }
+  }
+  DirectoryLock(const DirectoryLock&) = delete;
+  DirectoryLock& operator=(const DirectoryLock&) = delete;
+  bool held() const {
+    return held_;
+  }
+
+ private:
+  int fd_ = -1;
+  bool held_ = false;
+};
 
 // ---------------------------------------------------------------------------
 // Shared tensors (safetensors' _find_shared_tensors / _remove_duplicate_names)
@@ -241,7 +279,9 @@ OrderedMap<std::vector<std::string>> remove_duplicate_names(
   return result;
 }
 
-bool recover_interrupted_save(const std::filesystem::path& directory) {
+namespace {
+
+bool recover_locked(const std::filesystem::path& directory) {
   std::error_code ec;
   const auto journal = directory / kJournalName;
   bool changed = false;
@@ -280,6 +320,15 @@ bool recover_interrupted_save(const std::filesystem::path& directory) {
   return changed;
 }
 
+} // namespace
+
+bool recover_interrupted_save(const std::filesystem::path& directory) {
+  // A save in progress holds the lock: its files are not leftovers, and it
+  // will finish its own commit.
+  const DirectoryLock lock(directory, /*wait=*/false);
+  return lock.held() && recover_locked(directory);
+}
+
 void save_torch_state_dict(
     const StateDict& state_dict,
     const std::filesystem::path& save_directory,
@@ -298,7 +347,8 @@ void save_torch_state_dict(
   if (!std::filesystem::is_directory(save_directory, ec)) {
     detail::throw_os_error("Cannot save into", save_directory, ENOENT);
   }
-  recover_interrupted_save(save_directory);
+  const DirectoryLock lock(save_directory, /*wait=*/true);
+  recover_locked(save_directory);
 
   // Tied weights: keep one name per storage, record the others in metadata
   // (without touching the caller's dict or metadata).
