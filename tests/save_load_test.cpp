@@ -40,9 +40,8 @@ using ::testing::HasSubstr;
 using torchser::testing::TempDir;
 
 // FX-torch: int64 one-element tensors.
-StateDict torch_state_dict() {
-  return torchser::testing::fx_torch_state_dict();
-}
+// FX-torch of the reference tests.
+constexpr auto& torch_state_dict = torchser::testing::fx_torch_state_dict;
 
 // FX-shared: shared_1 = S, unique_1, unique_2, shared_2 = S.
 StateDict shared_state_dict() {

@@ -71,9 +71,8 @@ SplitOptions dummy_options(ShardSize max) {
 }
 
 // FX-torch: int64 tensors of one element, 8 bytes each.
-StateDict torch_state_dict() {
-  return torchser::testing::fx_torch_state_dict();
-}
+// FX-torch of the reference tests.
+constexpr auto& torch_state_dict = torchser::testing::fx_torch_state_dict;
 
 // ---------------------------------------------------------------------------
 // parse_size_to_int

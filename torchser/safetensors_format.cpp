@@ -483,27 +483,6 @@ void throw_safetensor_error(
   throw SafetensorError(kind, message);
 }
 
-std::optional<std::uint64_t> tensor_nbytes(
-    SafetensorsDtype dtype,
-    const std::vector<std::int64_t>& shape) {
-  std::uint64_t elements = 1;
-  for (const std::int64_t dim : shape) {
-    if (__builtin_mul_overflow(
-            elements, static_cast<std::uint64_t>(dim), &elements)) {
-      return std::nullopt;
-    }
-  }
-  std::uint64_t bits = 0;
-  if (__builtin_mul_overflow(
-          elements,
-          static_cast<std::uint64_t>(safetensors_dtype_bits(dtype)),
-          &bits) ||
-      bits % 8 != 0) {
-    return std::nullopt;
-  }
-  return bits / 8;
-}
-
 std::uint64_t read_header_length(
     std::string_view prefix,
     std::uint64_t file_size,

@@ -77,10 +77,4 @@ TORCHSER_API bool writer_order_less(
     const SafetensorsTensorInfo& a,
     const SafetensorsTensorInfo& b);
 
-/// Bytes of a tensor of `dtype` and `shape`, or nullopt on overflow or when
-/// the bit count is not a whole number of bytes.
-TORCHSER_API std::optional<std::uint64_t> tensor_nbytes(
-    SafetensorsDtype dtype,
-    const std::vector<std::int64_t>& shape);
-
 } // namespace torchser::detail
