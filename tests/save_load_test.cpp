@@ -43,16 +43,7 @@ using torchser::testing::TempDir;
 // FX-torch of the reference tests.
 constexpr auto& torch_state_dict = torchser::testing::fx_torch_state_dict;
 
-// FX-shared: shared_1 = S, unique_1, unique_2, shared_2 = S.
-StateDict shared_state_dict() {
-  const auto s = at::tensor({int64_t{4}}, at::kLong);
-  StateDict sd;
-  sd.insert("shared_1", s);
-  sd.insert("unique_1", at::tensor({int64_t{10}}, at::kLong));
-  sd.insert("unique_2", at::tensor({int64_t{30}}, at::kLong));
-  sd.insert("shared_2", s);
-  return sd;
-}
+constexpr auto& shared_state_dict = torchser::testing::fx_shared_state_dict;
 
 // FX-model: five float parameters of shape [1].
 struct DummyModel : torch::nn::Module {

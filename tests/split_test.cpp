@@ -632,13 +632,8 @@ TEST(SplitTorchTest, ShardsByStorageBytes) {
 }
 
 TEST(SplitTorchTest, SharedLayersStayTogetherAndCountOnce) {
-  // FX-shared: shared_1 = S, unique_1, unique_2, shared_2 = S; max 2.
-  const auto s = at::tensor({int64_t{4}}, at::kLong);
-  StateDict sd;
-  sd.insert("shared_1", s);
-  sd.insert("unique_1", at::tensor({int64_t{10}}, at::kLong));
-  sd.insert("unique_2", at::tensor({int64_t{30}}, at::kLong));
-  sd.insert("shared_2", s);
+  // FX-shared with max 2.
+  const StateDict sd = torchser::testing::fx_shared_state_dict();
   const auto split =
       split_torch_state_dict_into_shards(sd, SplitOptions().max_shard_size(2));
   EXPECT_THAT(

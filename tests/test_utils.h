@@ -143,6 +143,18 @@ inline StateDict fx_torch_state_dict() {
   return sd;
 }
 
+/// FX-shared of the reference tests: shared_1 = S, unique_1, unique_2,
+/// shared_2 = S (one int64 storage under two names).
+inline StateDict fx_shared_state_dict() {
+  const auto s = at::tensor({std::int64_t{4}}, at::kLong);
+  StateDict sd;
+  sd.insert("shared_1", s);
+  sd.insert("unique_1", at::tensor({std::int64_t{10}}, at::kLong));
+  sd.insert("unique_2", at::tensor({std::int64_t{30}}, at::kLong));
+  sd.insert("shared_2", s);
+  return sd;
+}
+
 } // namespace torchser::testing
 
 /// EXPECT that `statement` throws exactly `exception_type` (or a subclass)

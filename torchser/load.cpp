@@ -103,12 +103,10 @@ struct Source {
   bool safetensors;
 };
 
-// The tensors of one file, on CPU, without copying (mmap).
-StateDict open_tensors(const Source& source) {
-  if (source.safetensors) {
-    return load_file(source.path);
-  }
-  return extract_state_dict(torch_load(source.path));
+// The tensors of a pickle shard, on CPU, on its mapped records (no copy).
+// (safetensors shards are read through SafeOpen, header first.)
+StateDict open_pickle(const std::filesystem::path& path) {
+  return extract_state_dict(torch_load(path));
 }
 
 // Copies values into the module's tensors after everything was checked.
@@ -345,7 +343,7 @@ LoadResult load_sharded(torch::nn::Module& model, const std::filesystem::path& d
         loader.check_shape(info.name, info.shape);
       }
     } else {
-      for (const auto& item : open_tensors(source)) {
+      for (const auto& item : open_pickle(source.path)) {
         shapes[item.key()] = item.value().sizes().vec();
         loader.check_shape(item.key(), item.value().sizes());
       }
@@ -365,7 +363,7 @@ LoadResult load_sharded(torch::nn::Module& model, const std::filesystem::path& d
       copy_safetensors(SafeOpen(source.path), loader, retie);
       continue;
     }
-    const StateDict shard = open_tensors(source);
+    const StateDict shard = open_pickle(source.path);
     for (const auto& item : shard) {
       loader.copy(item.key(), item.value());
     }

@@ -22,7 +22,6 @@ int main(int argc, char** argv) {
   const BenchArgs args = parse_bench_args(
       argc, argv, {(std::filesystem::temp_directory_path() / "torchser-bench").string(), 1024, 8, 5});
   const std::filesystem::path dir = args.dir;
-  std::filesystem::create_directories(dir);
 
   // --- read_dduf_file on 1,000 entries ----------------------------------------
   const auto small = dir / "entries.dduf";
@@ -55,7 +54,7 @@ int main(int argc, char** argv) {
   const double t_python = python.empty() ? -1 : python.front();
 
   // --- exporting 1 GiB ----------------------------------------------------------
-  const std::int64_t elements = args.mib * (1 << 20) / args.tensors / 4;
+  const std::int64_t elements = args.elements_per_tensor();
   std::vector<torchser::DDUFExportEntry> big = {
       torchser::DDUFExportEntry::from_bytes("model_index.json", R"({"unet": 1})"),
       torchser::DDUFExportEntry::from_bytes("unet/config.json", "{}")};

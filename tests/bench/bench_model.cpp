@@ -57,9 +57,8 @@ int main(int argc, char** argv) {
   const BenchArgs args = parse_bench_args(
       argc, argv, {(std::filesystem::temp_directory_path() / "torchser-bench").string(), 1024, 256, 5});
   const std::filesystem::path dir = args.dir;
-  const std::int64_t elements = args.mib * (1 << 20) / args.tensors / 4;
+  const std::int64_t elements = args.elements_per_tensor();
   const double total = static_cast<double>(elements) * 4 * static_cast<double>(args.tensors);
-  std::filesystem::create_directories(dir);
   auto model = std::make_shared<Big>(args.tensors, elements);
   auto target = std::make_shared<Big>(args.tensors, elements); // loads go into existing parameters
   std::vector<at::Tensor> params = model->parameters();

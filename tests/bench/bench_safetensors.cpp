@@ -43,11 +43,9 @@ int main(int argc, char** argv) {
   const BenchArgs args = parse_bench_args(
       argc, argv, {(std::filesystem::temp_directory_path() / "torchser-bench").string(), 1024, 1024, 5});
   const std::filesystem::path dir = args.dir;
-  const std::int64_t mib = args.mib;
   const std::int64_t count = args.tensors;
   const int repeats = args.repeats;
-  std::filesystem::create_directories(dir);
-  const std::int64_t per_tensor = mib * (1 << 20) / count / 4; // float32 elements
+  const std::int64_t per_tensor = args.elements_per_tensor();
 
   torchser::StateDict sd;
   std::vector<at::Tensor> tensors;

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <functional>
 #include <iostream>
@@ -144,6 +145,10 @@ struct BenchArgs {
   std::int64_t mib;
   std::int64_t tensors;
   int repeats;
+  /// float32 elements per tensor for `mib` MiB in `tensors` tensors.
+  std::int64_t elements_per_tensor() const {
+    return mib * (1 << 20) / tensors / 4;
+  }
 };
 inline BenchArgs parse_bench_args(int argc, char** argv, BenchArgs args) {
   for (int i = 1; i + 1 < argc; i += 2) {
@@ -158,6 +163,7 @@ inline BenchArgs parse_bench_args(int argc, char** argv, BenchArgs args) {
       args.repeats = std::atoi(argv[i + 1]);
     }
   }
+  std::filesystem::create_directories(args.dir);
   return args;
 }
 
