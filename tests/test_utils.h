@@ -77,17 +77,25 @@ class TempDir {
   std::filesystem::path path_;
 };
 
-/// Whether /usr/bin/python3 can import torch (the interoperability tests
+/// The Python the interoperability tests run: $TORCHSER_PYTHON (the GPU
+/// machine's, with the real safetensors and huggingface_hub), else
+/// /usr/bin/python3.
+inline std::string python_executable() {
+  const char* chosen = std::getenv("TORCHSER_PYTHON");
+  return chosen != nullptr && *chosen != '\0' ? chosen : "/usr/bin/python3";
+}
+
+/// Whether python_executable() can import torch (the interoperability tests
 /// skip themselves otherwise).
 inline bool python_has_torch() {
-  static const bool has = std::system("/usr/bin/python3 -c 'import torch' >/dev/null 2>&1") == 0;
+  static const bool has = std::system((python_executable() + " -c 'import torch' >/dev/null 2>&1").c_str()) == 0;
   return has;
 }
 
-/// Runs `/usr/bin/python3 ARGUMENTS`; returns stdout and stderr together and
+/// Runs `python_executable() ARGUMENTS`; returns stdout and stderr together and
 /// records a test failure when it exits non-zero.
 inline std::string run_python(const std::string& arguments) {
-  FILE* pipe = ::popen(("/usr/bin/python3 " + arguments + " 2>&1").c_str(), "r");
+  FILE* pipe = ::popen((python_executable() + " " + arguments + " 2>&1").c_str(), "r");
   std::string out;
   char buffer[4096];
   while (pipe != nullptr && std::fgets(buffer, sizeof buffer, pipe) != nullptr) {

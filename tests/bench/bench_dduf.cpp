@@ -2,8 +2,8 @@
 // (run by /usr/bin/python3 when importable), and exporting 1 GiB of
 // entries against a plain copy of the same bytes, in one run.
 //
-// Usage: torchser_bench_dduf [--dir DIR] [--mib N] [--tensors N] [--repeats N]
-// (--tensors: number of weight entries in the 1 GiB export; default 8)
+// Section "dduf" of torchser_bench (--mib, --repeats and --quick resize it).
+// Default: 1024 MiB in 8 safetensors entries, 5 repeats, medians.
 
 #include <fcntl.h>
 #include <unistd.h>
@@ -18,9 +18,8 @@
 
 using namespace torchser::bench;
 
-int main(int argc, char** argv) {
-  const BenchArgs args = parse_bench_args(
-      argc, argv, {(std::filesystem::temp_directory_path() / "torchser-bench").string(), 1024, 8, 5});
+int torchser::bench::bench_dduf(const Config& config) {
+  const BenchArgs args = section_args(config, 1024, 8, 5);
   const std::filesystem::path dir = args.dir;
 
   // --- read_dduf_file on 1,000 entries ----------------------------------------

@@ -4,7 +4,7 @@
 // module's parameters, torch::save / torch::load of the module, Python
 // torch.save(state_dict) / torch.load + load_state_dict.
 //
-// Usage: torchser_bench_model [--dir DIR] [--mib N] [--tensors N] [--repeats N]
+// Section "model" of torchser_bench (--mib, --repeats and --quick resize it).
 // Default: 1024 MiB in 256 float32 parameters, 5 repeats, medians.
 
 #include <fcntl.h>
@@ -53,9 +53,8 @@ void reset_peak_rss() {
 
 } // namespace
 
-int main(int argc, char** argv) {
-  const BenchArgs args = parse_bench_args(
-      argc, argv, {(std::filesystem::temp_directory_path() / "torchser-bench").string(), 1024, 256, 5});
+int torchser::bench::bench_model(const Config& config) {
+  const BenchArgs args = section_args(config, 1024, 256, 5);
   const std::filesystem::path dir = args.dir;
   const std::int64_t elements = args.elements_per_tensor();
   const double total = static_cast<double>(elements) * 4 * static_cast<double>(args.tensors);

@@ -3,7 +3,7 @@
 // allocations, torch::pickle_load (LibTorch's unpickler, whole file in
 // memory), and Python torch.save / torch.load via /usr/bin/python3.
 //
-// Usage: torchser_bench_pickle [--dir DIR] [--mib N] [--tensors N] [--repeats N]
+// Section "pickle" of torchser_bench (--mib, --repeats and --quick resize it).
 // Default: 1024 MiB in 256 float32 tensors, 5 repeats, medians.
 
 #include <fcntl.h>
@@ -23,9 +23,8 @@
 
 using namespace torchser::bench;
 
-int main(int argc, char** argv) {
-  const BenchArgs args = parse_bench_args(
-      argc, argv, {(std::filesystem::temp_directory_path() / "torchser-bench").string(), 1024, 256, 5});
+int torchser::bench::bench_pickle(const Config& config) {
+  const BenchArgs args = section_args(config, 1024, 256, 5);
   const std::filesystem::path dir = args.dir;
   const std::int64_t count = args.tensors;
   const int repeats = args.repeats;
@@ -92,7 +91,7 @@ int main(int argc, char** argv) {
       {"memcpy into new allocations (new pages)", copy_load.baseline, total, "", 0},
       {"raw write() to page cache (new file)", save.baseline, total, "", 0},
       {"torchser torch_save (durable=false)", save.subject, total, "of raw write()", save.ratio},
-      {"torchser torch_load, mmap: open + create every tensor", t_open, total, "", 0},
+      {"torchser torch_load, mmap: open + create every tensor", t_open, 0, "", 0},
       {"torchser torch_load, one copy per storage", copy_load.subject, total, "of memcpy into new allocations",
        copy_load.ratio},
       {"torch::pickle_load (reads the whole file first)", t_pickle_load, total, "of memcpy into new allocations",

@@ -7,8 +7,7 @@
 //   - torch::save / torch::load (C++), and Python torch.save / torch.load via
 //     /usr/bin/python3 when it has torch.
 //
-// Usage: torchser_bench_safetensors [--dir DIR] [--mib N] [--tensors N]
-//                                   [--repeats N]
+// Section "safetensors" of torchser_bench (--mib, --repeats and --quick resize it).
 // Default: 1024 MiB in 1024 float32 tensors, 5 repeats, medians.
 
 #include <fcntl.h>
@@ -39,9 +38,8 @@
 
 using namespace torchser::bench;
 
-int main(int argc, char** argv) {
-  const BenchArgs args = parse_bench_args(
-      argc, argv, {(std::filesystem::temp_directory_path() / "torchser-bench").string(), 1024, 1024, 5});
+int torchser::bench::bench_safetensors(const Config& config) {
+  const BenchArgs args = section_args(config, 1024, 1024, 5);
   const std::filesystem::path dir = args.dir;
   const std::int64_t count = args.tensors;
   const int repeats = args.repeats;
@@ -177,7 +175,7 @@ int main(int argc, char** argv) {
   rows.push_back({"torchser save_file (durable=false)", save_fast.subject, total, "of raw write()", save_fast.ratio});
   rows.push_back({"torchser save_file (durable, the default)", save_durable.subject, total, "of raw write() + fsync", save_durable.ratio});
   rows.push_back({"torch::save (C++)", torch_save.subject, total, "of raw write()", torch_save.ratio});
-  rows.push_back({"torchser load_file, mmap: open + create every tensor", t_open, total, "", 0});
+  rows.push_back({"torchser load_file, mmap: open + create every tensor", t_open, 0, "", 0});
   rows.push_back({"torchser load_file, mmap, then touch every page", t_touch, total, "", 0});
   rows.push_back({"torchser load_file, mmap, copied into touched memory", mmap_copy.subject, total, "of memcpy", mmap_copy.ratio});
   rows.push_back({"torchser load_file, pread (new tensors)", pread_load.subject, total, "of memcpy into new allocations", pread_load.ratio});

@@ -7,8 +7,8 @@
 // max_shard_size = 100 tensors' worth (6400 bytes), so there are ~N/100
 // shards (the reference's cost grows with storages × shards).
 //
-// Usage: torchser_bench_split [--max-tensors N] [--python-max-tensors N]
-//                             [--markdown]
+// Section "split" of torchser_bench: 1k tensors up to --max-tensors (1M);
+// the Python planner up to --python-max-tensors (10k; 1k in quick mode).
 
 #include <algorithm>
 #include <chrono>
@@ -23,9 +23,11 @@
 
 #include <torchser/split.h>
 
+#include "bench_utils.h"
+
 namespace {
 
-using Clock = std::chrono::steady_clock;
+using torchser::bench::Clock;
 
 torchser::StateDict make_state_dict(std::int64_t n) {
   torchser::StateDict sd;
@@ -66,6 +68,9 @@ double time_torchser(const torchser::StateDict& sd, int repeats) {
 // Seconds the reference planner takes for n tensors, or a negative value when
 // /usr/bin/python3 cannot import huggingface_hub.
 double time_python(std::int64_t n, int repeats) {
+  if (!torchser::bench::python_enabled()) {
+    return -1;
+  }
   const std::string script =
       "import sys,time,statistics\n"
       "try:\n"
@@ -109,25 +114,15 @@ std::string ms(double seconds) {
 
 } // namespace
 
-int main(int argc, char** argv) {
-  std::int64_t max_tensors = 1'000'000;
-  std::int64_t python_max = 10'000;
-  for (int i = 1; i + 1 < argc; i += 2) {
-    const std::string arg = argv[i];
-    if (arg == "--max-tensors") {
-      max_tensors = std::atoll(argv[i + 1]);
-    } else if (arg == "--python-max-tensors") {
-      python_max = std::atoll(argv[i + 1]);
-    }
-  }
+int torchser::bench::bench_split(const Config& config) {
+  const std::int64_t max_tensors = config.quick ? std::min<std::int64_t>(config.max_tensors, 10'000) : config.max_tensors;
+  const std::int64_t python_max = config.quick ? std::min<std::int64_t>(config.python_max_tensors, 1'000) : config.python_max_tensors;
   std::cout << "| tensors | shards | torchser | per tensor | huggingface_hub "
                "(Python) | speed-up |\n"
             << "|---:|---:|---:|---:|---:|---:|\n";
   for (std::int64_t n = 1000; n <= max_tensors; n *= 10) {
     const auto sd = make_state_dict(n);
-    const int repeats = std::getenv("BENCH_REPEATS")
-                            ? std::atoi(std::getenv("BENCH_REPEATS"))
-                            : (n >= 1'000'000 ? 3 : 7);
+    const int repeats = config.repeats > 0 ? config.repeats : config.quick ? 1 : (n >= 1'000'000 ? 3 : 7);
     const double ours = time_torchser(sd, repeats);
     const auto shards = torchser::split_torch_state_dict_into_shards(
                             sd, torchser::SplitOptions().max_shard_size(6400))
@@ -135,7 +130,7 @@ int main(int argc, char** argv) {
     std::string python = "not run";
     std::string ratio = "";
     if (n <= python_max) {
-      const double theirs = time_python(n, n >= 100'000 ? 1 : 3);
+      const double theirs = time_python(n, config.quick || n >= 100'000 ? 1 : 3);
       if (theirs >= 0) {
         python = ms(theirs);
         char buffer[32];

@@ -112,22 +112,44 @@ inline void print(const std::vector<Row>& rows) {
   std::cout << "| operation | time | GB/s | ratio |\n|---|---:|---:|---:|\n";
   for (const Row& r : rows) {
     char line[256];
-    const double gbps = r.bytes / r.seconds / 1e9;
+    char gbps[32] = "";
+    if (r.bytes > 0) { // rows that move no bytes (opening, reading a directory) have no rate
+      std::snprintf(gbps, sizeof gbps, "%.2f", r.bytes / r.seconds / 1e9);
+    }
     if (r.ratio > 0) {
-      std::snprintf(line, sizeof line, "| %s | %.1f ms | %.2f | %.2f× %s |", r.what.c_str(), r.seconds * 1e3, gbps,
+      std::snprintf(line, sizeof line, "| %s | %.1f ms | %s | %.2f× %s |", r.what.c_str(), r.seconds * 1e3, gbps,
                     r.ratio, r.versus.c_str());
     } else {
-      std::snprintf(line, sizeof line, "| %s | %.1f ms | %.2f | |", r.what.c_str(), r.seconds * 1e3, gbps);
+      std::snprintf(line, sizeof line, "| %s | %.1f ms | %s | |", r.what.c_str(), r.seconds * 1e3, gbps);
     }
     std::cout << line << "\n";
   }
 }
 
 
+/// What the one benchmark program was asked for (see bench_main.cpp).
+struct Config {
+  std::string dir;        ///< where the files go
+  bool quick = false;     ///< CI mode: small sizes, one repeat
+  std::int64_t mib = 0;   ///< 0: each section's default
+  int repeats = 0;        ///< 0: each section's default
+  std::int64_t max_tensors = 1'000'000; ///< largest planner workload
+  std::int64_t python_max_tensors = 10'000; ///< largest one Python plans too
+};
+
+/// Whether the Python peers run (off with --no-python).
+inline bool& python_enabled() {
+  static bool enabled = true;
+  return enabled;
+}
+
 /// Runs a Python script on /usr/bin/python3 and returns the numbers it
-/// prints (empty when Python or its torch is missing).
+/// prints (empty when Python or its torch is missing, or Python is off).
 inline std::vector<double> python_numbers(const std::string& script) {
   std::vector<double> numbers;
+  if (!python_enabled()) {
+    return numbers;
+  }
   if (FILE* pipe = ::popen(("/usr/bin/python3 - 2>/dev/null <<'TORCHSER_EOF'\n" + script + "TORCHSER_EOF\n").c_str(), "r")) {
     double value = 0;
     while (std::fscanf(pipe, "%lf", &value) == 1) {
@@ -138,8 +160,8 @@ inline std::vector<double> python_numbers(const std::string& script) {
   return numbers;
 }
 
-/// Command line of the I/O benchmarks:
-/// [--dir DIR] [--mib N] [--tensors N] [--repeats N].
+/// Sizes of one I/O section: `mib` MiB in `tensors` float32 tensors,
+/// `repeats` paired rounds.
 struct BenchArgs {
   std::string dir;
   std::int64_t mib;
@@ -147,24 +169,32 @@ struct BenchArgs {
   int repeats;
   /// float32 elements per tensor for `mib` MiB in `tensors` tensors.
   std::int64_t elements_per_tensor() const {
-    return mib * (1 << 20) / tensors / 4;
+    return std::max<std::int64_t>(1, mib * (1 << 20) / tensors / 4);
   }
 };
-inline BenchArgs parse_bench_args(int argc, char** argv, BenchArgs args) {
-  for (int i = 1; i + 1 < argc; i += 2) {
-    const std::string arg = argv[i];
-    if (arg == "--dir") {
-      args.dir = argv[i + 1];
-    } else if (arg == "--mib") {
-      args.mib = std::atoll(argv[i + 1]);
-    } else if (arg == "--tensors") {
-      args.tensors = std::atoll(argv[i + 1]);
-    } else if (arg == "--repeats") {
-      args.repeats = std::atoi(argv[i + 1]);
-    }
+/// A section's defaults (`mib`, `tensors`, `repeats`) with the command
+/// line's overrides; quick mode shrinks them to seconds in all.
+inline BenchArgs section_args(const Config& config, std::int64_t mib, std::int64_t tensors, int repeats) {
+  BenchArgs args{config.dir, mib, tensors, repeats};
+  if (config.quick) {
+    args.mib = 16;
+    args.repeats = 1;
+  }
+  if (config.mib > 0) {
+    args.mib = config.mib;
+  }
+  if (config.repeats > 0) {
+    args.repeats = config.repeats;
   }
   std::filesystem::create_directories(args.dir);
   return args;
 }
+
+// The sections, one per file.
+int bench_split(const Config& config);
+int bench_safetensors(const Config& config);
+int bench_pickle(const Config& config);
+int bench_model(const Config& config);
+int bench_dduf(const Config& config);
 
 } // namespace torchser::bench

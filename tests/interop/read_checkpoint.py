@@ -16,10 +16,12 @@ import sys
 import torch
 
 try:
+    import huggingface_hub
     from huggingface_hub import load_state_dict_from_file as hub_load
 except Exception:  # not installed here
     hub_load = None
 try:
+    import safetensors
     from safetensors.torch import load_file as st_load
 except Exception:
     st_load = None
@@ -30,10 +32,10 @@ DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.
 
 
 def read_safetensors(path):
+    if st_load is not None:  # the official reader, the strictest
+        return st_load(path)
     if hub_load is not None:
         return hub_load(path)
-    if st_load is not None:
-        return st_load(path)
     data = open(path, "rb").read()
     (n,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8:8 + n])
@@ -76,7 +78,9 @@ def main(path):
                 by_storage.setdefault(t.storage().data_ptr(), []).append(name)
         sharing += [sorted(names) for names in by_storage.values() if len(names) > 1]
     print(json.dumps({"tensors": summary, "sharing": sorted(sharing),
-                      "tools": {"huggingface_hub": hub_load is not None, "safetensors": st_load is not None}}))
+                      "tools": {"huggingface_hub": huggingface_hub.__version__ if hub_load else None,
+                                "safetensors": safetensors.__version__ if st_load else None,
+                                "torch": torch.__version__}}))
 
 
 if __name__ == "__main__":
