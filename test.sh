@@ -15,8 +15,9 @@ if [ "${1:-}" = "--sanitize" ]; then
 fi
 
 # python3-torch: the interoperability tests run Python's torch.save/torch.load;
-# unzip: they check the archives torchser writes with `unzip -t`.
-scripts/install-deps.sh python3-torch unzip
+# unzip: they check the archives torchser writes with `unzip -t`; doxygen: the
+# docs_complete test (every public declaration documented).
+scripts/install-deps.sh python3-torch unzip doxygen
 cmake -S . -B "$build_dir" -G Ninja "${cmake_args[@]}" >/dev/null
 cmake --build "$build_dir"
 # LeakSanitizer and UBSan report through these; a finding fails the test.

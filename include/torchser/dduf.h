@@ -51,14 +51,18 @@ struct LoadResult;
 /// alive while the view exists.
 class TORCHSER_API MappedBytes {
  public:
+  /// `size` bytes at `data`, valid while `owner` (the mapping) lives.
   MappedBytes(std::shared_ptr<const void> owner, const std::uint8_t* data, std::size_t size)
       : owner_(std::move(owner)), data_(data), size_(size) {}
+  /// The first byte.
   const std::uint8_t* data() const noexcept {
     return data_;
   }
+  /// The number of bytes.
   std::size_t size() const noexcept {
     return size_;
   }
+  /// The bytes as a string view (no copy).
   std::string_view view() const noexcept {
     return {reinterpret_cast<const char*>(data_), size_};
   }
@@ -71,10 +75,10 @@ class TORCHSER_API MappedBytes {
 
 /// `huggingface_hub.DDUFEntry`: where an entry's bytes are in the archive.
 struct TORCHSER_API DDUFEntry {
-  std::string filename;
-  std::uint64_t length = 0;
+  std::string filename; ///< the entry's name in the archive, e.g. "unet/config.json"
+  std::uint64_t length = 0; ///< its size in bytes (stored, so also its size in the file)
   std::uint64_t offset = 0; ///< absolute, in the archive file
-  std::filesystem::path dduf_path;
+  std::filesystem::path dduf_path; ///< the archive
 
   /// The entry as UTF-8 text. Throws DDUFCorruptedFileError when it is not
   /// valid UTF-8 or the file is shorter than the entry says.
@@ -99,12 +103,15 @@ struct TORCHSER_API DDUFExportEntry {
   /// pieces; nothing is held in memory by torchser.
   using Producer = std::function<void(const ByteSink&)>;
 
-  std::string filename;
+  std::string filename; ///< the entry's name in the archive
   /// A file to copy, bytes, or a producer.
   std::variant<std::filesystem::path, std::string, Producer> content;
 
+  /// The content of the file at `path`, copied when the archive is written.
   static DDUFExportEntry from_file(std::string filename, std::filesystem::path path);
+  /// `bytes` as the content.
   static DDUFExportEntry from_bytes(std::string filename, std::string bytes);
+  /// Whatever `producer` writes, streamed into the archive.
   static DDUFExportEntry from_producer(std::string filename, Producer producer);
   /// A safetensors file of `state_dict` as save_torch_state_dict writes one
   /// (metadata {"format": "pt"}, tied weights stored once and recorded as

@@ -70,6 +70,7 @@ class TORCHSER_API FileNotFoundError : public OSError {
 /// the official text and then names the file and the offending detail.
 class TORCHSER_API SafetensorError : public Error {
  public:
+  /// The format rule that was broken (the official reader's error variants).
   enum class Kind {
     kHeaderTooSmall, ///< fewer than 8 bytes
     kHeaderTooLarge, ///< header length over 100,000,000 bytes
@@ -85,9 +86,11 @@ class TORCHSER_API SafetensorError : public Error {
     kInvalidSlice, ///< get_slice() index out of range or too many indices
     kUnsupportedDtype, ///< a valid dtype this LibTorch build cannot hold
   };
+  /// An error of `kind` with the full `message`.
   SafetensorError(Kind kind, const std::string& message)
       : Error(message), kind_(kind) {}
   ~SafetensorError() override;
+  /// Which rule was broken.
   Kind kind() const noexcept {
     return kind_;
   }

@@ -7,6 +7,9 @@
 /// and class carries TORCHSER_API so that exactly the documented surface is
 /// exported (and exception type_info is shared with the caller, so that
 /// `catch (const torchser::ValueError&)` works across the library boundary).
+///
+/// \def TORCHSER_API
+/// Exports a declaration from the torchser shared library.
 
 #include <torchser/version.h>
 

@@ -54,8 +54,8 @@ struct TORCHSER_API LoadOptions {
 
 /// Python's `_IncompatibleKeys`, both lists sorted.
 struct TORCHSER_API LoadResult {
-  std::vector<std::string> missing_keys;
-  std::vector<std::string> unexpected_keys;
+  std::vector<std::string> missing_keys; ///< the module's keys the checkpoint lacks
+  std::vector<std::string> unexpected_keys; ///< the checkpoint's keys the module lacks
 };
 
 /// `huggingface_hub.load_state_dict_from_file`: `.safetensors` through the

@@ -137,25 +137,33 @@ class OrderedMap {
   /// One entry: `key()` and `value()`, as `torch::OrderedDict::Item`.
   class Item {
    public:
+    /// `key` → `value`.
     Item(std::string key, V value)
         : key_(std::move(key)), value_(std::move(value)) {}
+    /// The key.
     const std::string& key() const noexcept {
       return key_;
     }
+    /// The value.
+    ///@{
     V& value() noexcept {
       return value_;
     }
     const V& value() const noexcept {
       return value_;
     }
+    ///@}
 
    private:
     std::string key_;
     V value_;
   };
 
+  /// Iterators over the entries, in insertion order.
+  ///@{
   using iterator = typename std::vector<Item>::iterator;
   using const_iterator = typename std::vector<Item>::const_iterator;
+  ///@}
 
   OrderedMap() = default;
 
@@ -216,6 +224,7 @@ class OrderedMap {
   }
 
   /// The value of `key`, or nullptr.
+  ///@{
   V* find(std::string_view key) noexcept {
     const std::ptrdiff_t p = find_position(key, hash_of(key));
     return p < 0 ? nullptr : &items_[static_cast<std::size_t>(p)].value();
@@ -224,11 +233,14 @@ class OrderedMap {
     const std::ptrdiff_t p = find_position(key, hash_of(key));
     return p < 0 ? nullptr : &items_[static_cast<std::size_t>(p)].value();
   }
+  ///@}
+  /// Whether `key` is present.
   bool contains(std::string_view key) const noexcept {
     return find(key) != nullptr;
   }
 
   /// The value of `key`; throws KeyError (Python's `dict[key]`) when absent.
+  ///@{
   V& operator[](std::string_view key) {
     V* value = find(key);
     if (value == nullptr) {
@@ -243,22 +255,29 @@ class OrderedMap {
     }
     return *value;
   }
+  ///@}
 
+  /// The number of entries.
   std::size_t size() const noexcept {
     return items_.size();
   }
+  /// Whether there are none.
   bool empty() const noexcept {
     return items_.empty();
   }
+  /// Makes room for `count` entries.
   void reserve(std::size_t count) {
     items_.reserve(count);
     index_.reserve(count);
   }
+  /// Removes every entry.
   void clear() noexcept {
     items_.clear();
     index_.clear();
   }
 
+  /// The entries, in insertion order.
+  ///@{
   iterator begin() noexcept {
     return items_.begin();
   }
@@ -271,6 +290,7 @@ class OrderedMap {
   const_iterator end() const noexcept {
     return items_.end();
   }
+  ///@}
   /// The entries, in insertion order.
   const std::vector<Item>& items() const noexcept {
     return items_;

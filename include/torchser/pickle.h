@@ -12,7 +12,7 @@
 /// 2. `data.pkl` is a pickle (protocol 2) of the saved object. Tensors are
 ///    `torch._utils._rebuild_tensor_v2(storage, offset, size, stride, ...)`
 ///    calls whose storage is a persistent id
-///    `('storage', torch.<Type>Storage, '<key>', '<location>', numel)`.
+///    `('storage', torch.TypeStorage, 'key', 'location', numel)`.
 ///
 /// The reader is a small pickle machine that only knows the allowlisted
 /// globals (those of Python's `weights_only=True`): it never executes
@@ -48,11 +48,17 @@ namespace torchser {
 /// bytes, tensor, list, tuple, dict (or `collections.OrderedDict`).
 class TORCHSER_API PickleValue {
  public:
+  /// The Python type.
   enum class Kind { kNone, kBool, kInt, kFloat, kString, kBytes, kTensor, kList, kTuple, kDict };
+  /// The elements of a list or tuple.
   using Items = std::vector<PickleValue>;
+  /// The (key, value) pairs of a dict, in insertion order.
   using DictItems = std::vector<std::pair<PickleValue, PickleValue>>;
 
+  /// None.
   PickleValue() = default;
+  /// A value of each kind.
+  ///@{
   static PickleValue from_bool(bool value);
   static PickleValue from_int(std::int64_t value);
   static PickleValue from_float(double value);
@@ -61,27 +67,34 @@ class TORCHSER_API PickleValue {
   static PickleValue from_tensor(at::Tensor value);
   static PickleValue list(Items items);
   static PickleValue tuple(Items items);
+  ///@}
   /// A dict; `ordered` marks a `collections.OrderedDict`. Both keep their
   /// insertion order.
   static PickleValue dict(DictItems items, bool ordered = false);
 
+  /// The Python type.
   Kind kind() const noexcept {
     return kind_;
   }
+  /// Whether the value is None.
   bool is_none() const noexcept {
     return kind_ == Kind::kNone;
   }
+  /// Whether the value is a `collections.OrderedDict`.
   bool is_ordered_dict() const noexcept {
     return kind_ == Kind::kDict && ordered_;
   }
-  /// The value; each throws ValueError when the kind differs.
+  /// The value as bool, int, float, str or bytes, tensor, list or tuple
+  /// items, dict items; each throws ValueError when the kind differs.
+  ///@{
   bool to_bool() const;
   std::int64_t to_int() const;
   double to_float() const;
-  const std::string& to_string() const; ///< str or bytes
+  const std::string& to_string() const;
   const at::Tensor& to_tensor() const;
-  const Items& items() const; ///< list or tuple
+  const Items& items() const;
   const DictItems& dict_items() const;
+  ///@}
   /// The value of string key `key` in a dict, or nullptr.
   const PickleValue* find(const std::string& key) const;
   /// Python's type name: "NoneType", "int", "collections.OrderedDict", ...

@@ -102,13 +102,15 @@ using SafetensorsMetadata = std::map<std::string, std::string>;
 
 /// One tensor as the header describes it.
 struct TORCHSER_API SafetensorsTensorInfo {
-  std::string name;
-  SafetensorsDtype dtype;
+  std::string name; ///< the tensor's name
+  SafetensorsDtype dtype; ///< its element type
   /// Logical shape (for F4, the packed torch shape halves the last dim).
   std::vector<std::int64_t> shape;
   /// [begin, end) relative to the start of the data buffer.
+  ///@{
   std::uint64_t begin;
   std::uint64_t end;
+  ///@}
 };
 
 // ---------------------------------------------------------------------------
@@ -130,6 +132,9 @@ using ByteSink = std::function<void(const void* data, std::size_t size)>;
 /// save_torch_state_dict's job).
 class TORCHSER_API SafetensorsWriter {
  public:
+  /// Prepares `tensors` with `metadata` (the `__metadata__` map, none when
+  /// nullopt); `force_contiguous` writes non-contiguous tensors as contiguous
+  /// copies instead of rejecting them.
   SafetensorsWriter(
       const StateDict& tensors,
       const std::optional<SafetensorsMetadata>& metadata = std::nullopt,
@@ -204,6 +209,8 @@ struct TORCHSER_API SafeOpenOptions {
   /// Where tensors go. CUDA goes through pinned host memory when the build
   /// has CUDA.
   TORCH_ARG(c10::Device, device) = c10::Device(c10::kCPU);
+  /// How the bytes are read: a copy-on-write mapping (tensors are views of
+  /// it), or pread into new tensors (for files that may change while open).
   TORCH_ARG(LoadBackend, backend) = LoadBackend::kMmap;
 };
 
@@ -220,9 +227,9 @@ struct TORCHSER_API SliceIndex {
   SliceIndex(std::optional<std::int64_t> start, std::optional<std::int64_t> stop)
       : start(start), stop(stop) {}
 
-  std::optional<std::int64_t> select;
-  std::optional<std::int64_t> start;
-  std::optional<std::int64_t> stop;
+  std::optional<std::int64_t> select; ///< one position, or none for a range
+  std::optional<std::int64_t> start; ///< the range's start (none: 0)
+  std::optional<std::int64_t> stop; ///< the range's end (none: the dimension's size)
 };
 
 class SafeOpen;
@@ -231,6 +238,7 @@ class SafeOpen;
 /// data, and sub-tensors read by ranges on the leading dimensions.
 class TORCHSER_API SafeSlice {
  public:
+  /// The tensor's shape.
   const std::vector<std::int64_t>& get_shape() const noexcept;
   /// The header code, e.g. "F32".
   std::string get_dtype() const;
@@ -255,6 +263,7 @@ class TORCHSER_API SafeSlice {
 /// for files that break the format (the message names the file and the rule).
 class TORCHSER_API SafeOpen {
  public:
+  /// Opens and validates the file at `path`.
   explicit SafeOpen(
       const std::filesystem::path& path,
       const SafeOpenOptions& options = {});
@@ -265,9 +274,13 @@ class TORCHSER_API SafeOpen {
       std::uint64_t offset,
       std::uint64_t length,
       const SafeOpenOptions& options = {});
+  /// Closes the file; tensors created from the mapping keep it alive.
   ~SafeOpen();
+  /// Movable, not copyable.
+  ///@{
   SafeOpen(SafeOpen&&) noexcept;
   SafeOpen& operator=(SafeOpen&&) noexcept;
+  ///@}
 
   /// Tensor names, sorted.
   std::vector<std::string> keys() const;
@@ -285,6 +298,7 @@ class TORCHSER_API SafeOpen {
   at::Tensor get_tensor(std::string_view name) const;
   /// A lazily read view of tensor `name`.
   SafeSlice get_slice(std::string_view name) const;
+  /// The file's path.
   const std::filesystem::path& path() const noexcept;
 
   /// With the mmap backend: drops this process's mapped pages of tensor

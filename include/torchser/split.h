@@ -85,20 +85,25 @@ class TORCHSER_API ShardSize {
     static_assert(!std::is_same_v<Integer, bool>, "a size is not a bool");
   }
   /// From a size string such as "5GB" (see parse_size_to_int()).
+  ///@{
   ShardSize(const char* size);        // NOLINT(google-explicit-constructor)
   ShardSize(const std::string& size); // NOLINT(google-explicit-constructor)
   ShardSize(std::string_view size);   // NOLINT(google-explicit-constructor)
+  ///@}
 
   /// The size in bytes; always positive.
   std::int64_t bytes() const noexcept {
     return bytes_;
   }
+  /// Sizes compare by their bytes.
+  ///@{
   friend bool operator==(ShardSize a, ShardSize b) noexcept {
     return a.bytes_ == b.bytes_;
   }
   friend bool operator!=(ShardSize a, ShardSize b) noexcept {
     return a.bytes_ != b.bytes_;
   }
+  ///@}
 
  private:
   static std::int64_t from_signed(std::int64_t bytes);
@@ -160,6 +165,7 @@ TORCHSER_API StateDictSplit split_torch_state_dict_into_shards(
 /// A storage-id callable for split_state_dict_into_shards_factory() that
 /// treats every entry as independent (Python's `lambda t: None`).
 struct NoStorageId {
+  /// No storage, whatever the value.
   template <typename T>
   std::optional<int> operator()(const T& /*unused*/) const noexcept {
     return std::nullopt;

@@ -36,6 +36,8 @@ struct TORCHSER_API StorageId {
   /// The storage's size in bytes (see get_torch_storage_size()).
   std::int64_t nbytes;
 
+  /// Ids are equal when device, address and size all are.
+  ///@{
   friend bool operator==(const StorageId& a, const StorageId& b) noexcept {
     return a.device == b.device && a.data_ptr == b.data_ptr &&
            a.nbytes == b.nbytes;
@@ -43,6 +45,7 @@ struct TORCHSER_API StorageId {
   friend bool operator!=(const StorageId& a, const StorageId& b) noexcept {
     return !(a == b);
   }
+  ///@}
 };
 
 /// `huggingface_hub.get_torch_storage_id`: the identity of `tensor`'s storage,
@@ -72,8 +75,10 @@ TORCHSER_API std::int64_t get_torch_storage_size(const at::Tensor& tensor);
 } // namespace torchser
 
 namespace std {
+/// Hashing of storage ids, for unordered containers.
 template <>
 struct hash<torchser::StorageId> {
+  /// The id's hash.
   size_t operator()(const torchser::StorageId& id) const noexcept {
     // Distinct live storages of one device have distinct addresses, at least
     // 16 bytes apart, so the address alone identifies them; keeping its
