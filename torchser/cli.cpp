@@ -28,6 +28,8 @@
 #include <torchser/save.h>
 #include <torchser/version.h>
 
+#include "torchser/detail/index_json.h"
+
 namespace {
 
 namespace fs = std::filesystem;
@@ -122,22 +124,21 @@ std::optional<fs::path> find_index(const fs::path& dir) {
 }
 
 // The files of a checkpoint: its shards (sorted) or its single file.
-std::vector<fs::path> checkpoint_files(const fs::path& path, json* index_out = nullptr) {
+std::vector<fs::path> checkpoint_files(const fs::path& path, torchser::detail::IndexFile* index_out = nullptr) {
   if (!fs::is_directory(path)) {
     return {path};
   }
   if (const auto index_path = find_index(path)) {
-    std::ifstream in(*index_path);
-    const json index = json::parse(in);
+    // The loader's own index reader: shard names that would leave the
+    // directory are refused before any shard is opened.
+    const std::string name = index_path->filename().string();
+    const std::string extension = fs::path(name.substr(0, name.size() - 11)).extension().string();
+    const torchser::detail::IndexFile index = torchser::detail::read_index(*index_path, extension);
     if (index_out != nullptr) {
       *index_out = index;
     }
-    std::set<std::string> shards;
-    for (const auto& [key, file] : index.at("weight_map").items()) {
-      shards.insert(file.get<std::string>());
-    }
     std::vector<fs::path> files;
-    for (const auto& shard : shards) {
+    for (const auto& [shard, keys] : index.shards) {
       files.push_back(path / shard);
     }
     return files;
@@ -169,13 +170,10 @@ Inspection inspect(const fs::path& path) {
     }
     return out;
   }
-  json index;
+  torchser::detail::IndexFile index;
   const auto files = checkpoint_files(path, &index);
-  if (index.contains("metadata")) {
-    for (const auto& [key, value] : index["metadata"].items()) {
-      out.metadata.emplace_back(key, value.is_string() ? value.get<std::string>() : value.dump());
-    }
-  }
+  out.metadata = index.other_metadata;
+  out.metadata.insert(out.metadata.end(), index.metadata.begin(), index.metadata.end());
   for (const fs::path& file : files) {
     const std::string label = fs::is_directory(path) ? file.filename().string() : "";
     if (file.extension() == ".safetensors") {
@@ -256,7 +254,7 @@ int cmd_verify(const fs::path& path) {
     std::cout << "OK: " << path.string() << " (DDUF, " << entries.size() << " entries)\n";
     return 0;
   }
-  json index;
+  torchser::detail::IndexFile index;
   const auto files = checkpoint_files(path, &index);
   std::set<std::string> found;
   for (const fs::path& file : files) {
@@ -273,14 +271,13 @@ int cmd_verify(const fs::path& path) {
       }
     }
   }
-  if (index.contains("weight_map")) {
-    for (const auto& [key, file] : index["weight_map"].items()) {
+  for (const auto& [shard, keys] : index.shards) {
+    for (const std::string& key : keys) {
       if (found.count(key) == 0) {
-        throw torchser::ValueError("The index names tensor '" + key + "' in '" + file.get<std::string>() +
+        throw torchser::ValueError("The index names tensor '" + key + "' in '" + shard +
                                    "', but that shard does not hold it.");
       }
     }
-    // Loading validates shard names (traversal, extensions) as load_torch_model does.
   }
   std::cout << "OK: " << path.string() << " (" << files.size() << " file" << (files.size() == 1 ? "" : "s") << ", "
             << found.size() << " tensors)\n";

@@ -1,9 +1,14 @@
 #include "torchser/detail/index_json.h"
 
+#include <cerrno>
 #include <cstdio>
+#include <fstream>
+#include <sstream>
 
+#include <nlohmann/json.hpp>
 #include <torchser/errors.h>
 
+#include "torchser/detail/file.h"
 #include "torchser/detail/python_format.h"
 
 namespace torchser::detail {
@@ -84,6 +89,90 @@ std::string index_json(const StateDictSplit& split, const Metadata& metadata) {
   }
   out += first ? "}\n}" : "\n  }\n}";
   return out;
+}
+
+// A CPython 3.12 PureWindowsPath drive or root, or a ".." component (§3.G).
+bool escapes_directory(std::string_view shard) {
+  if (!shard.empty() && (shard[0] == '/' || shard[0] == '\\')) {
+    return true; // root, or UNC \\server\share
+  }
+  // The second code point ':' makes a drive in 3.12+ (any first character).
+  std::size_t first = 1;
+  while (first < shard.size() && (static_cast<unsigned char>(shard[first]) & 0xC0) == 0x80) {
+    ++first;
+  }
+  if (first < shard.size() && shard[first] == ':') {
+    return true;
+  }
+  std::size_t start = 0;
+  while (start <= shard.size()) {
+    const std::size_t end = shard.find_first_of("/\\", start);
+    const std::string_view part = shard.substr(start, end == std::string::npos ? std::string::npos : end - start);
+    if (part == "..") {
+      return true;
+    }
+    if (end == std::string::npos) {
+      break;
+    }
+    start = end + 1;
+  }
+  return false;
+}
+
+IndexFile parse_index(std::string_view text, const std::string& index_path, std::string_view expected_extension) {
+  nlohmann::json index;
+  try {
+    index = nlohmann::json::parse(text);
+  } catch (const nlohmann::json::exception& e) {
+    throw ValueError("Invalid index file '" + index_path + "': " + e.what());
+  }
+  if (!index.is_object() || !index.contains("weight_map") || !index["weight_map"].is_object()) {
+    throw ValueError("Invalid index file '" + index_path + "': it has no \"weight_map\" object.");
+  }
+  IndexFile out;
+  for (const auto& [key, file] : index["weight_map"].items()) {
+    if (!file.is_string()) {
+      throw ValueError("Invalid index file '" + index_path + "': the shard of '" + key + "' is not a string.");
+    }
+    out.shards[file.get<std::string>()].push_back(key);
+    out.keys.insert(key);
+  }
+  for (const auto& [shard, keys] : out.shards) {
+    if (escapes_directory(shard)) {
+      throw ValueError("Invalid shard filename '" + shard + "' in index file '" + index_path +
+                       "'. Shard filenames must be relative paths without '..' components.");
+    }
+    if (shard.empty() || shard.find('\0') != std::string::npos) {
+      // A NUL would cut the name short when the file is opened.
+      throw ValueError("Invalid shard filename " + python_repr(shard) + " in index file '" + index_path +
+                       "'. Shard filenames must be non-empty and free of NUL characters.");
+    }
+    if (shard.size() < expected_extension.size() ||
+        shard.compare(shard.size() - expected_extension.size(), expected_extension.size(), expected_extension) != 0) {
+      throw ValueError("Invalid shard filename '" + shard + "' in index file '" + index_path + "'. Expected '" +
+                       std::string(expected_extension) + "' extension to match the index format.");
+    }
+  }
+  if (index.contains("metadata") && index["metadata"].is_object()) {
+    for (const auto& [key, value] : index["metadata"].items()) {
+      if (value.is_string()) {
+        out.metadata.emplace_back(key, value.get<std::string>());
+      } else {
+        out.other_metadata.emplace_back(key, value.dump());
+      }
+    }
+  }
+  return out;
+}
+
+IndexFile read_index(const std::filesystem::path& index_path, std::string_view expected_extension) {
+  std::ifstream in(index_path, std::ios::binary);
+  if (!in) {
+    throw_os_error("Cannot read index file", index_path, errno);
+  }
+  std::ostringstream text;
+  text << in.rdbuf();
+  return parse_index(text.str(), index_path.string(), expected_extension);
 }
 
 } // namespace torchser::detail

@@ -18,6 +18,7 @@
 #include <torchser/safetensors.h>
 #include <torchser/save.h>
 
+#include "torchser/detail/index_json.h"
 #include "torchser/detail/load_safetensors.h"
 #include "torchser/detail/python_format.h"
 
@@ -52,34 +53,6 @@ std::string quoted_list(const std::vector<std::string>& keys, const char* separa
     out += (i == 0 ? "\"" : std::string(separator) + "\"") + keys[i] + "\"";
   }
   return out;
-}
-
-// A CPython 3.12 PureWindowsPath drive or root, or a ".." component (§3.G).
-bool escapes_directory(const std::string& shard) {
-  if (!shard.empty() && (shard[0] == '/' || shard[0] == '\\')) {
-    return true; // root, or UNC \\server\share
-  }
-  // The second code point ':' makes a drive in 3.12+ (any first character).
-  std::size_t first = 1;
-  while (first < shard.size() && (static_cast<unsigned char>(shard[first]) & 0xC0) == 0x80) {
-    ++first;
-  }
-  if (first < shard.size() && shard[first] == ':') {
-    return true;
-  }
-  std::size_t start = 0;
-  while (start <= shard.size()) {
-    const std::size_t end = shard.find_first_of("/\\", start);
-    const std::string part = shard.substr(start, end == std::string::npos ? std::string::npos : end - start);
-    if (part == "..") {
-      return true;
-    }
-    if (end == std::string::npos) {
-      break;
-    }
-    start = end + 1;
-  }
-  return false;
 }
 
 // M-T9: a safetensors file with metadata must say format "pt" or "mlx".
@@ -274,45 +247,12 @@ LoadResult load_sharded(torch::nn::Module& model, const std::filesystem::path& d
                         const std::string& pattern_text, const LoadOptions& options) {
   const detail::FilenamePattern pattern(pattern_text);
   const std::filesystem::path index_path = directory / (pattern.format("") + kIndexSuffix);
-  nlohmann::json index;
-  try {
-    std::ifstream in(index_path);
-    index = nlohmann::json::parse(in);
-  } catch (const nlohmann::json::exception& e) {
-    throw ValueError("Invalid index file '" + index_path.string() + "': " + e.what());
-  }
-  if (!index.is_object() || !index.contains("weight_map") || !index["weight_map"].is_object()) {
-    throw ValueError("Invalid index file '" + index_path.string() + "': it has no \"weight_map\" object.");
-  }
-  std::map<std::string, std::vector<std::string>> shards; // sorted shard order
-  std::set<std::string> index_keys;
-  for (const auto& [key, file] : index["weight_map"].items()) {
-    if (!file.is_string()) {
-      throw ValueError("Invalid index file '" + index_path.string() + "': the shard of '" + key + "' is not a string.");
-    }
-    shards[file.get<std::string>()].push_back(key);
-    index_keys.insert(key);
-  }
   // Every shard name is checked before any file is opened.
   const std::string expected_extension = path_suffix(pattern.format(""));
-  for (const auto& [shard, keys] : shards) {
-    if (escapes_directory(shard)) {
-      throw ValueError("Invalid shard filename '" + shard + "' in index file '" + index_path.string() +
-                       "'. Shard filenames must be relative paths without '..' components.");
-    }
-    if (!has_suffix(shard, expected_extension)) {
-      throw ValueError("Invalid shard filename '" + shard + "' in index file '" + index_path.string() +
-                       "'. Expected '" + expected_extension + "' extension to match the index format.");
-    }
-  }
-  std::vector<std::pair<std::string, std::string>> metadata;
-  if (index.contains("metadata") && index["metadata"].is_object()) {
-    for (const auto& [key, value] : index["metadata"].items()) {
-      if (value.is_string()) {
-        metadata.emplace_back(key, value.get<std::string>());
-      }
-    }
-  }
+  const detail::IndexFile index = detail::read_index(index_path, expected_extension);
+  const auto& shards = index.shards;
+  const auto& index_keys = index.keys;
+  const auto& metadata = index.metadata;
   ModuleLoader loader(model);
   const auto retied = aliases_to_retie(metadata, index_keys, loader.targets());
   const LoadResult result = key_differences(loader.targets(), index_keys, retied);
