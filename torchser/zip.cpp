@@ -226,6 +226,13 @@ std::vector<ZipEntry> read_zip_directory(const ZipSource& source) {
     if ((e.flags & 0x1) != 0) {
       fail("entry '" + e.name + "' is encrypted");
     }
+    // A stored entry's bytes are its content: readers use either size, so
+    // they must agree (found by fuzzing: a larger uncompressed size made
+    // torch_load read past the end of the mapping).
+    if (e.method == 0 && e.compressed_size != e.uncompressed_size) {
+      fail("entry '" + e.name + "' is stored, but its sizes disagree (" + std::to_string(e.compressed_size) +
+           " bytes stored, " + std::to_string(e.uncompressed_size) + " bytes uncompressed)");
+    }
     if (__builtin_add_overflow(local, concat, &e.local_header_offset)) {
       fail("entry '" + e.name + "' has an impossible offset");
     }
