@@ -18,6 +18,7 @@
 #include <torchser/safetensors.h>
 #include <torchser/save.h>
 
+#include "torchser/detail/directory_lock.h"
 #include "torchser/detail/index_json.h"
 #include "torchser/detail/load_safetensors.h"
 #include "torchser/detail/python_format.h"
@@ -78,8 +79,8 @@ struct Source {
 
 // The tensors of a pickle shard, on CPU, on its mapped records (no copy).
 // (safetensors shards are read through SafeOpen, header first.)
-StateDict open_pickle(const std::filesystem::path& path) {
-  return extract_state_dict(torch_load(path));
+StateDict open_pickle(const std::filesystem::path& path, LoadBackend backend) {
+  return extract_state_dict(torch_load(path, TorchLoadOptions().mmap(backend == LoadBackend::kMmap)));
 }
 
 // Copies values into the module's tensors after everything was checked.
@@ -224,10 +225,11 @@ LoadResult load_one_file(
 
 LoadResult load_single_file(torch::nn::Module& model, const std::filesystem::path& path, const LoadOptions& options) {
   if (path.extension() == ".safetensors") {
-    return detail::load_safetensors_into(model, SafeOpen(path), path.string(), options);
+    return detail::load_safetensors_into(model, SafeOpen(path, SafeOpenOptions().backend(options.backend())),
+                                         path.string(), options);
   }
   const StateDict pickled =
-      load_state_dict_from_file(path, LoadOptions(options).map_location(std::nullopt).mmap(true));
+      load_state_dict_from_file(path, LoadOptions(options).map_location(std::nullopt).mmap(options.backend() == LoadBackend::kMmap));
   std::map<std::string, std::vector<std::int64_t>> shapes;
   for (const auto& item : pickled) {
     shapes[item.key()] = item.value().sizes().vec();
@@ -277,13 +279,13 @@ LoadResult load_sharded(torch::nn::Module& model, const std::filesystem::path& d
   std::map<std::string, std::vector<std::int64_t>> shapes;
   for (const Source& source : sources) {
     if (source.safetensors) {
-      const SafeOpen file(source.path);
+      const SafeOpen file(source.path, SafeOpenOptions().backend(options.backend()));
       for (const auto& info : file.tensors()) {
         shapes[info.name] = info.shape;
         loader.check_shape(info.name, info.shape);
       }
     } else {
-      for (const auto& item : open_pickle(source.path)) {
+      for (const auto& item : open_pickle(source.path, options.backend())) {
         shapes[item.key()] = item.value().sizes().vec();
         loader.check_shape(item.key(), item.value().sizes());
       }
@@ -300,10 +302,10 @@ LoadResult load_sharded(torch::nn::Module& model, const std::filesystem::path& d
   // Then one shard at a time.
   for (const Source& source : sources) {
     if (source.safetensors) {
-      copy_safetensors(SafeOpen(source.path), loader, retie);
+      copy_safetensors(SafeOpen(source.path, SafeOpenOptions().backend(options.backend())), loader, retie);
       continue;
     }
-    const StateDict shard = open_pickle(source.path);
+    const StateDict shard = open_pickle(source.path, options.backend());
     for (const auto& item : shard) {
       loader.copy(item.key(), item.value());
     }
@@ -381,7 +383,7 @@ StateDict load_state_dict_from_file(const std::filesystem::path& path, const Loa
     if (device.is_meta()) {
       device = c10::Device(c10::kCPU); // the reference falls back to CPU too
     }
-    const SafeOpen file(path, SafeOpenOptions().device(device));
+    const SafeOpen file(path, SafeOpenOptions().device(device).backend(options.backend()));
     check_format_metadata(file, path.string());
     StateDict out;
     for (const auto& info : file.tensors()) {
@@ -404,7 +406,9 @@ LoadResult load_torch_model(
   if (!std::filesystem::is_directory(checkpoint_path, ec)) {
     return load_single_file(model, checkpoint_path, options);
   }
-  recover_interrupted_save(checkpoint_path);
+  // Held until the last tensor is copied: a concurrent save's commit is
+  // never seen halfway (see detail/directory_lock.h).
+  const detail::DirectoryLock lock = detail::lock_for_reading(checkpoint_path);
   std::vector<std::string> patterns;
   if (options.filename_pattern().has_value()) {
     patterns.push_back(*options.filename_pattern());

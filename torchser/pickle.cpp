@@ -835,9 +835,20 @@ bool is_tensor_dict(const PickleValue& v) {
 PickleValue torch_load(const std::filesystem::path& path, const TorchLoadOptions& options) {
   const std::string source = "'" + path.string() + "'";
   const detail::File file = detail::File::open_read(path);
-  const auto mapping = detail::MappedFile::map(file);
-  const std::uint8_t* data = mapping->data();
-  const std::uint64_t size = mapping->size();
+  // mmap: tensors are views of a mapping of the file. Otherwise nothing is
+  // mapped: every byte is read with pread, so a file truncated or rewritten
+  // while it is read gives an OSError naming it, never a SIGBUS.
+  const std::shared_ptr<const detail::MappedFile> mapping = options.mmap() ? detail::MappedFile::map(file) : nullptr;
+  const std::uint64_t size = options.mmap() ? mapping->size() : file.size();
+  const auto read_bytes = [&](std::uint64_t offset, std::uint64_t n) {
+    std::string out(static_cast<std::size_t>(n), '\0');
+    if (mapping) {
+      std::memcpy(out.data(), mapping->data() + offset, out.size());
+    } else {
+      file.pread_exact(out.data(), out.size(), offset);
+    }
+    return out;
+  };
 
   std::vector<detail::ZipEntry> entries;
   try {
@@ -847,7 +858,8 @@ PickleValue torch_load(const std::filesystem::path& path, const TorchLoadOptions
         size, [&](void* out, std::size_t n, std::uint64_t offset) { file.pread_exact(out, n, offset); }, nullptr});
   } catch (const detail::ZipFormatError& e) {
     // Pre-1.6 torch.save files are a bare pickle stream (magic number first).
-    if (size >= 2 && data[0] == 0x80 && data[1] <= 5) {
+    const std::string magic = size >= 2 ? read_bytes(0, 2) : std::string();
+    if (magic.size() == 2 && static_cast<std::uint8_t>(magic[0]) == 0x80 && static_cast<std::uint8_t>(magic[1]) <= 5) {
       throw UnpicklingError(
           "Cannot load " + source +
           ": it is a legacy (pre-1.6, non-zip) torch.save file, which torchser does not read. Load it with "
@@ -878,7 +890,7 @@ PickleValue torch_load(const std::filesystem::path& path, const TorchLoadOptions
   const auto byteorder = by_name.find(prefix + "byteorder");
   if (byteorder != by_name.end()) {
     const auto* e = byteorder->second;
-    const std::string order(reinterpret_cast<const char*>(data + e->data_offset), e->uncompressed_size);
+    const std::string order = read_bytes(e->data_offset, std::min<std::uint64_t>(e->uncompressed_size, 64));
     if (order != "little") {
       throw UnpicklingError("Cannot load " + source + ": big-endian checkpoints are not supported (byteorder '" + order + "')");
     }
@@ -899,23 +911,33 @@ PickleValue torch_load(const std::filesystem::path& path, const TorchLoadOptions
                             std::to_string(e.uncompressed_size) + " bytes");
     }
     const auto options_dtype = at::TensorOptions().dtype(dtype);
-    const std::uint8_t* bytes = data + e.data_offset;
     at::Tensor base;
     if (nbytes == 0) {
       base = at::empty({numel}, options_dtype);
-    } else if (!copy && reinterpret_cast<std::uintptr_t>(bytes) % element == 0) {
-      base = at::from_blob(const_cast<std::uint8_t*>(bytes), {numel}, [keep = mapping](void*) {}, options_dtype);
+    } else if (!copy && reinterpret_cast<std::uintptr_t>(mapping->data() + e.data_offset) % element == 0) {
+      base = at::from_blob(const_cast<std::uint8_t*>(mapping->data() + e.data_offset), {numel},
+                           [keep = mapping](void*) {}, options_dtype);
+    } else if (mapping) {
+      base = at::empty({numel}, options_dtype);
+      std::memcpy(base.data_ptr(), mapping->data() + e.data_offset, nbytes);
     } else {
       base = at::empty({numel}, options_dtype);
-      std::memcpy(base.data_ptr(), bytes, nbytes);
+      file.pread_exact(base.data_ptr(), nbytes, e.data_offset);
     }
     if (options.map_location().has_value() && !options.map_location()->is_cpu()) {
       base = base.to(*options.map_location());
     }
     return base;
   };
-  Machine machine(data + pickle->data_offset, static_cast<std::size_t>(pickle->uncompressed_size), source,
-                  std::move(storages));
+  std::string pickle_bytes;
+  const std::uint8_t* pickle_data = nullptr;
+  if (mapping) {
+    pickle_data = mapping->data() + pickle->data_offset;
+  } else {
+    pickle_bytes = read_bytes(pickle->data_offset, pickle->uncompressed_size);
+    pickle_data = reinterpret_cast<const std::uint8_t*>(pickle_bytes.data());
+  }
+  Machine machine(pickle_data, static_cast<std::size_t>(pickle->uncompressed_size), source, std::move(storages));
   return machine.run();
 }
 

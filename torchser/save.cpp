@@ -22,6 +22,7 @@
 #include <torchser/storage.h>
 
 #include "torchser/detail/file.h"
+#include "torchser/detail/directory_lock.h"
 #include "torchser/detail/index_json.h"
 #include "torchser/detail/pickle_writer.h"
 #include "torchser/detail/python_format.h"
@@ -30,40 +31,6 @@ namespace torchser {
 namespace {
 
 constexpr const char* kJournalName = ".torchser-commit.json";
-
-// An advisory lock on the checkpoint directory itself (flock on its file
-// descriptor: no lock file to show up among the checkpoint's files). Saves
-// hold it for their whole duration, so that savers of one directory (every
-// rank of a distributed job writes) take turns, and so that recovery never
-// mistakes the temporary files of a save in progress for leftovers.
-class DirectoryLock {
- public:
-  DirectoryLock(const std::filesystem::path& directory, bool wait) {
-    fd_ = ::open(directory.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (fd_ < 0) {
-      return; // an unreadable directory: nothing to lock, nothing to recover
-    }
-    int rc = 0;
-    do {
-      rc = ::flock(fd_, LOCK_EX | (wait ? 0 : LOCK_NB));
-    } while (rc != 0 && errno == EINTR);
-    held_ = rc == 0;
-  }
-  ~DirectoryLock() {
-    if (fd_ >= 0) {
-      ::close(fd_); // releases the lock
-    }
-  }
-  DirectoryLock(const DirectoryLock&) = delete;
-  DirectoryLock& operator=(const DirectoryLock&) = delete;
-  bool held() const {
-    return held_;
-  }
-
- private:
-  int fd_ = -1;
-  bool held_ = false;
-};
 
 // ---------------------------------------------------------------------------
 // Shared tensors (safetensors' _find_shared_tensors / _remove_duplicate_names)
@@ -325,9 +292,73 @@ bool recover_locked(const std::filesystem::path& directory) {
 bool recover_interrupted_save(const std::filesystem::path& directory) {
   // A save in progress holds the lock: its files are not leftovers, and it
   // will finish its own commit.
-  const DirectoryLock lock(directory, /*wait=*/false);
+  const detail::DirectoryLock lock(directory, detail::DirectoryLock::Mode::kExclusive, /*wait=*/false);
   return lock.held() && recover_locked(directory);
 }
+
+namespace detail {
+
+DirectoryLock::DirectoryLock(const std::filesystem::path& directory, Mode mode, bool wait) {
+  fd_ = ::open(directory.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd_ < 0) {
+    return; // an unreadable directory: nothing to lock, nothing to recover
+  }
+  int rc = 0;
+  do {
+    rc = ::flock(fd_, (mode == Mode::kExclusive ? LOCK_EX : LOCK_SH) | (wait ? 0 : LOCK_NB));
+  } while (rc != 0 && errno == EINTR);
+  held_ = rc == 0;
+}
+
+DirectoryLock::~DirectoryLock() {
+  if (fd_ >= 0) {
+    ::close(fd_); // releases the lock
+  }
+}
+
+DirectoryLock::DirectoryLock(DirectoryLock&& other) noexcept : fd_(other.fd_), held_(other.held_) {
+  other.fd_ = -1;
+  other.held_ = false;
+}
+
+void DirectoryLock::downgrade() {
+  if (held_) {
+    int rc = 0;
+    do {
+      rc = ::flock(fd_, LOCK_SH);
+    } while (rc != 0 && errno == EINTR);
+    held_ = rc == 0;
+  }
+}
+
+DirectoryLock lock_for_reading(const std::filesystem::path& directory) {
+  DirectoryLock exclusive(directory, DirectoryLock::Mode::kExclusive, /*wait=*/false);
+  if (exclusive.held()) { // no save in progress, no other reader
+    recover_locked(directory);
+    exclusive.downgrade();
+    return exclusive;
+  }
+  // A save in progress (wait for its commit) or other readers (no wait).
+  DirectoryLock shared(directory, DirectoryLock::Mode::kShared, /*wait=*/true);
+  std::error_code ec;
+  bool leftovers = std::filesystem::exists(directory / kJournalName, ec);
+  for (const auto& entry : std::filesystem::directory_iterator(directory, ec)) {
+    leftovers = leftovers || entry.path().filename().string().find(kTemporaryInfix) != std::string::npos;
+  }
+  if (!leftovers) {
+    return shared;
+  }
+  // A saver died: finish or undo its save once the other readers are done.
+  { const DirectoryLock release = std::move(shared); }
+  DirectoryLock recovering(directory, DirectoryLock::Mode::kExclusive, /*wait=*/true);
+  if (recovering.held()) {
+    recover_locked(directory);
+  }
+  recovering.downgrade();
+  return recovering;
+}
+
+} // namespace detail
 
 void save_torch_state_dict(
     const StateDict& state_dict,
@@ -347,7 +378,7 @@ void save_torch_state_dict(
   if (!std::filesystem::is_directory(save_directory, ec)) {
     detail::throw_os_error("Cannot save into", save_directory, ENOENT);
   }
-  const DirectoryLock lock(save_directory, /*wait=*/true);
+  const detail::DirectoryLock lock(save_directory, detail::DirectoryLock::Mode::kExclusive, /*wait=*/true);
   recover_locked(save_directory);
 
   // Tied weights: keep one name per storage, record the others in metadata

@@ -26,6 +26,7 @@
 #include <torch/arg.h>
 
 #include <torchser/export.h>
+#include <torchser/load_backend.h>
 #include <torchser/state_dict.h>
 
 namespace torch::nn {
@@ -46,8 +47,13 @@ struct TORCHSER_API LoadOptions {
   TORCH_ARG(bool, weights_only) = false;
   /// Device of the returned tensors (load_state_dict_from_file). Unset: CPU.
   TORCH_ARG(std::optional<c10::Device>, map_location) = std::nullopt;
-  /// Pickle files: tensors on the mapped file instead of copies.
+  /// Pickle files (load_state_dict_from_file): tensors on the mapped file
+  /// instead of copies read with pread.
   TORCH_ARG(bool, mmap) = false;
+  /// How load_torch_model reads checkpoint files, and load_state_dict_from_file
+  /// safetensors files: kMmap (fast, the files must not change meanwhile) or
+  /// kPread (for files another process may rewrite; see load_backend.h).
+  TORCH_ARG(LoadBackend, backend) = LoadBackend::kMmap;
   /// Explicit file-name pattern in a directory.
   TORCH_ARG(std::optional<std::string>, filename_pattern) = std::nullopt;
 };

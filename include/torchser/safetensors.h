@@ -48,6 +48,7 @@
 
 #include <torchser/errors.h>
 #include <torchser/export.h>
+#include <torchser/load_backend.h>
 #include <torchser/ordered_map.h>
 #include <torchser/state_dict.h>
 
@@ -191,18 +192,6 @@ TORCHSER_API std::string save(
 
 // ---------------------------------------------------------------------------
 // Reader
-
-/// How tensor bytes come from the file.
-enum class LoadBackend {
-  /// Memory-map the file; CPU tensors are zero-copy views of the mapping
-  /// (private, copy-on-write), which lives while any of them does. Nothing
-  /// is read until touched.
-  kMmap,
-  /// Read each tensor with pread() into its own allocation: for network
-  /// filesystems and files that may change while tensors are alive (a
-  /// mapped file truncated by someone else faults on access).
-  kPread,
-};
 
 /// Options of SafeOpen and load_file().
 struct TORCHSER_API SafeOpenOptions {

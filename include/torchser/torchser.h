@@ -9,6 +9,7 @@
 #include <torchser/errors.h>
 #include <torchser/export.h>
 #include <torchser/load.h>
+#include <torchser/load_backend.h>
 #include <torchser/module.h>
 #include <torchser/ordered_map.h>
 #include <torchser/pickle.h>
