@@ -167,10 +167,10 @@ std::string unicode(const std::string& s) {
   return out + s;
 }
 // {'w': tensor of `size` over a FloatStorage of `numel` elements}
-std::string tensor_pickle(const std::string& size_tuple, int numel) {
+std::string tensor_pickle(const std::string& size_tuple, int numel, const std::string& stride_tuple = "K\x01\x85") {
   return proto() + "}(" + unicode("w") + "ctorch._utils\n_rebuild_tensor_v2\n((" + unicode("storage") +
       "ctorch\nFloatStorage\n" + unicode("0") + unicode("cpu") + "K" + static_cast<char>(numel) + std::string("tQK\x00", 4) +
-      size_tuple + "K\x01\x85\x89" + "ccollections\nOrderedDict\n)Rt" + "Ru.";
+      size_tuple + stride_tuple + "\x89" + "ccollections\nOrderedDict\n)Rt" + "Ru.";
 }
 
 struct HostileCase {
@@ -204,6 +204,10 @@ std::vector<HostileCase> hostile_cases() {
       {"TwoValuesAtStop", archive(proto() + "NN."), "exactly one value at STOP"},
       {"ViewOutsideStorage", archive(tensor_pickle("Kd\x85", 4), {{"data/0", four_floats}}),
        "reaches element 99 of a storage of 4 elements"},
+      {"NegativeSize", archive(tensor_pickle("J\xfe\xff\xff\xff\x85", 4), {{"data/0", four_floats}}),
+       "a tensor size holds something other than a non-negative int"},
+      {"NegativeStride", archive(tensor_pickle("K\x02\x85", 4, "J\xff\xff\xff\xff\x85"), {{"data/0", four_floats}}),
+       "a tensor stride holds something other than a non-negative int"},
       {"StorageLargerThanRecord", archive(tensor_pickle("K\x04\x85", 8), {{"data/0", four_floats}}),
        "claims 8 elements of Float but its record has 16 bytes"},
       {"MissingStorageRecord", archive(tensor_pickle("K\x04\x85", 4)), "storage record 'archive/data/0' is missing"},

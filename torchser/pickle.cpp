@@ -938,7 +938,13 @@ PickleValue torch_load(const std::filesystem::path& path, const TorchLoadOptions
     pickle_data = reinterpret_cast<const std::uint8_t*>(pickle_bytes.data());
   }
   Machine machine(pickle_data, static_cast<std::size_t>(pickle->uncompressed_size), source, std::move(storages));
-  return machine.run();
+  try {
+    return machine.run();
+  } catch (const c10::Error& e) {
+    // Whatever LibTorch refuses that the checks above let through is still a
+    // bad file, reported as one.
+    throw UnpicklingError("Cannot load " + source + ": " + e.what_without_backtrace());
+  }
 }
 
 StateDict extract_state_dict(const PickleValue& checkpoint) {

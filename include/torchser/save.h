@@ -11,7 +11,9 @@
 ///   through a journal (`.torchser-commit.json`) before any old file is
 ///   touched; an interrupted save is completed (or its temporary files
 ///   removed) by the next save or load of the directory, so the directory
-///   always loads as the complete old or the complete new checkpoint.
+///   always loads as the complete old or the complete new checkpoint. A save
+///   holds an exclusive flock on the directory and load_torch_model a shared
+///   one, so a concurrent load never sees the renames of a commit halfway.
 /// - Stale files of the pattern are matched by whole name (`model.safetensors.bak`
 ///   survives), and the pattern is never read as a regex.
 /// - Inputs are never mutated; a user `format` other than "pt" is a ValueError;
