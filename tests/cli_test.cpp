@@ -76,6 +76,23 @@ TEST(CliTest, VerifyExitCodesAndMessages) {
   EXPECT_THAT(trailing.output, HasSubstr("incomplete metadata, file not fully covered"));
 }
 
+TEST(CliTest, VerifyRefusesAnIndexWhoseShardsLeaveTheDirectory) {
+  // The CLI reads indexes with the loader's checks: nothing outside the
+  // checkpoint directory is opened.
+  TempDir dir;
+  std::filesystem::create_directories(dir / "ckpt");
+  StateDict sd;
+  sd.insert("w", at::arange(4, at::kFloat));
+  save_file(sd, dir / "outside.safetensors", SafetensorsMetadata{{"format", "pt"}});
+  std::ofstream(dir / "ckpt" / "model.safetensors.index.json")
+      << R"({"metadata": {}, "weight_map": {"w": "../outside.safetensors"}})";
+  for (const char* command : {"verify", "inspect"}) {
+    const CliRun run = cli(std::string(command) + " " + quoted(dir / "ckpt"));
+    EXPECT_EQ(run.status, 1) << command;
+    EXPECT_THAT(run.output, HasSubstr("Shard filenames must be relative paths without '..' components.")) << command;
+  }
+}
+
 TEST(CliTest, ConvertsBetweenPickleAndSafetensors) {
   TempDir dir;
   const auto source = torchser::testing::fixtures_dir() / "reference/pickle/sharded";

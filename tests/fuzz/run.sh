@@ -51,6 +51,10 @@ for target in "${targets[@]}"; do
     mkdir -p "tests/fuzz/regressions/$target"
     cp "$work"/artifacts/* "tests/fuzz/regressions/$target/" 2>/dev/null || true
     tail -60 "$log" >&2
+    # The input, recoverable from a CI log: base64 -d > tests/fuzz/regressions/<target>/<name>
+    for f in "$work"/artifacts/*; do
+      [ -f "$f" ] && { echo "--- $(basename "$f") (base64)" >&2; base64 -w 120 "$f" | head -c 200000 >&2; echo >&2; }
+    done
   fi
   runs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' || echo '?')
   cov=$(grep -o 'cov: [0-9]*' "$log" | tail -1 | grep -o '[0-9]*' || echo '?')
