@@ -139,8 +139,10 @@ TEST(DDUFReadTest, DirectoryEntriesAreSkippedAndBadJsonIsCorruption) {
   write(dir / "bad.dduf", make("{bad", false));
   EXPECT_THROW_CONTAINS(read_dduf_file(dir / "bad.dduf"), DDUFCorruptedFileError, "Invalid JSON in 'model_index.json'");
   write(dir / "list.dduf", make("[1]", false));
+  // The reference's message, then the archive it is about.
   EXPECT_THROW_MESSAGE(read_dduf_file(dir / "list.dduf"), DDUFCorruptedFileError,
-                       "Invalid 'model_index.json' content. Must be a dictionary. Got <class 'list'>.");
+                       "Invalid 'model_index.json' content. Must be a dictionary. Got <class 'list'>. (file '" +
+                           (dir / "list.dduf").string() + "')");
 }
 
 TEST(DDUFExportTest, EntriesFromFilesBytesAndProducers) {

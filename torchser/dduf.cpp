@@ -222,7 +222,8 @@ OrderedMap<DDUFEntry> read_dduf_file(const std::filesystem::path& dduf_path) {
   entries.reserve(zip_entries.size());
   for (detail::ZipEntry& z : zip_entries) {
     if (z.method != 0) {
-      throw DDUFCorruptedFileError("Data must not be compressed in DDUF file.");
+      throw DDUFCorruptedFileError("Data must not be compressed in DDUF file. (entry '" + display_name(z.name) +
+                                   "', file '" + dduf_path.string() + "')");
     }
     if (z.is_directory()) {
       continue; // `zip -r` writes these; they hold nothing (SPEC deviation 11)
@@ -231,7 +232,8 @@ OrderedMap<DDUFEntry> read_dduf_file(const std::filesystem::path& dduf_path) {
       validate_entry_name(z.name);
       check_safe_name(z.name);
     } catch (const DDUFInvalidEntryNameError& e) {
-      throw DDUFCorruptedFileError("Invalid entry name in DDUF file: " + display_name(z.name) + " (" + e.what() + ")");
+      throw DDUFCorruptedFileError("Invalid entry name in DDUF file: " + display_name(z.name) + " (" + e.what() +
+                                   "; file '" + dduf_path.string() + "')");
     }
     std::string key = z.name;
     const auto [slot, inserted] = entries.try_insert(
@@ -243,7 +245,8 @@ OrderedMap<DDUFEntry> read_dduf_file(const std::filesystem::path& dduf_path) {
   }
   const DDUFEntry* index_entry = entries.find("model_index.json");
   if (index_entry == nullptr) {
-    throw DDUFCorruptedFileError("Missing required 'model_index.json' entry in DDUF file.");
+    throw DDUFCorruptedFileError("Missing required 'model_index.json' entry in DDUF file. (file '" +
+                                 dduf_path.string() + "')");
   }
   const std::string_view index_text(
       reinterpret_cast<const char*>(mapping->data() + index_entry->offset), static_cast<std::size_t>(index_entry->length));
@@ -257,7 +260,12 @@ OrderedMap<DDUFEntry> read_dduf_file(const std::filesystem::path& dduf_path) {
     // Python leaks json.JSONDecodeError here (SPEC deviation 11).
     throw DDUFCorruptedFileError("Invalid JSON in 'model_index.json' of '" + dduf_path.string() + "': " + e.what());
   }
-  validate_structure(index, entries, [&](const std::string& name) { return entries.contains(name); });
+  try {
+    validate_structure(index, entries, [&](const std::string& name) { return entries.contains(name); });
+  } catch (const DDUFCorruptedFileError& e) {
+    // The reference's text, then which archive it is about.
+    throw DDUFCorruptedFileError(std::string(e.what()) + " (file '" + dduf_path.string() + "')");
+  }
   return entries;
 }
 
