@@ -248,6 +248,19 @@ OrderedMap<std::vector<std::string>> remove_duplicate_names(
 
 namespace {
 
+// The temporary files of saves in `directory` (names with kTemporaryInfix).
+std::vector<std::filesystem::path> temporary_files(const std::filesystem::path& directory) {
+  std::vector<std::filesystem::path> found;
+  std::error_code ec;
+  for (const auto& entry : std::filesystem::directory_iterator(directory, ec)) {
+    if (entry.path().filename().string().find(detail::kTemporaryInfix) != std::string::npos &&
+        entry.is_regular_file(ec)) {
+      found.push_back(entry.path());
+    }
+  }
+  return found;
+}
+
 bool recover_locked(const std::filesystem::path& directory) {
   std::error_code ec;
   const auto journal = directory / kJournalName;
@@ -277,12 +290,9 @@ bool recover_locked(const std::filesystem::path& directory) {
     changed = true;
   }
   // Temporary files of a save that never reached its commit point.
-  for (const auto& entry : std::filesystem::directory_iterator(directory, ec)) {
-    const std::string name = entry.path().filename().string();
-    if (name.find(detail::kTemporaryInfix) != std::string::npos && entry.is_regular_file(ec)) {
-      std::filesystem::remove(entry.path(), ec);
-      changed = true;
-    }
+  for (const auto& path : temporary_files(directory)) {
+    std::filesystem::remove(path, ec);
+    changed = true;
   }
   return changed;
 }
@@ -341,11 +351,7 @@ DirectoryLock lock_for_reading(const std::filesystem::path& directory) {
   // A save in progress (wait for its commit) or other readers (no wait).
   DirectoryLock shared(directory, DirectoryLock::Mode::kShared, /*wait=*/true);
   std::error_code ec;
-  bool leftovers = std::filesystem::exists(directory / kJournalName, ec);
-  for (const auto& entry : std::filesystem::directory_iterator(directory, ec)) {
-    leftovers = leftovers || entry.path().filename().string().find(kTemporaryInfix) != std::string::npos;
-  }
-  if (!leftovers) {
+  if (!std::filesystem::exists(directory / kJournalName, ec) && temporary_files(directory).empty()) {
     return shared;
   }
   // A saver died: finish or undo its save once the other readers are done.
