@@ -5,7 +5,6 @@
 // Section "dduf" of torchser_bench (--mib, --repeats and --quick resize it).
 // Default: 1024 MiB in 8 safetensors entries, 5 repeats, medians.
 
-#include <fcntl.h>
 #include <unistd.h>
 
 #include <filesystem>
@@ -73,14 +72,9 @@ int torchser::bench::bench_dduf(const Config& config) {
     ::sync();
   };
   // The plain copy: the same tensor bytes written to one new file.
-  const Paired export_pair = paired(args.repeats, [&] {
-    const int fd = ::open(copy.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    for (const auto& t : tensors) {
-      write_all(fd, t.data_ptr(), t.nbytes());
-    }
-    ::fsync(fd); // export_entries_as_dduf commits durably
-    ::close(fd);
-  }, [&] { torchser::export_entries_as_dduf(archive, big); }, settle);
+  const Paired export_pair = paired(  // export_entries_as_dduf commits durably: so does the copy
+      args.repeats, [&] { write_raw(copy, tensors, /*durable=*/true); },
+      [&] { torchser::export_entries_as_dduf(archive, big); }, settle);
   settle();
 
   std::vector<Row> rows = {

@@ -7,7 +7,6 @@
 // Section "model" of torchser_bench (--mib, --repeats and --quick resize it).
 // Default: 1024 MiB in 256 float32 parameters, 5 repeats, medians.
 
-#include <fcntl.h>
 #include <malloc.h>
 #include <unistd.h>
 
@@ -75,13 +74,7 @@ int torchser::bench::bench_model(const Config& config) {
     std::filesystem::create_directories(ckpt);
     ::sync();
   };
-  const auto raw_write = [&] {
-    const int fd = ::open(raw.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    for (const auto& t : params) {
-      write_all(fd, t.data_ptr(), t.nbytes());
-    }
-    ::close(fd);
-  };
+  const auto raw_write = [&] { write_raw(raw, params, /*durable=*/false); };
   const auto save = [&] {
     torchser::save_torch_model(*model, ckpt,
                                torchser::SaveOptions().max_shard_size("200MB").durable(false));

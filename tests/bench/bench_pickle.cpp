@@ -6,15 +6,12 @@
 // Section "pickle" of torchser_bench (--mib, --repeats and --quick resize it).
 // Default: 1024 MiB in 256 float32 tensors, 5 repeats, medians.
 
-#include <fcntl.h>
 #include <malloc.h>
 #include <unistd.h>
 
 #include <cstring>
 #include <filesystem>
 
-#include <ATen/ops/empty_like.h>
-#include <ATen/ops/rand.h>
 #include <torch/csrc/jit/serialization/pickle.h>
 
 #include <torchser/pickle.h>
@@ -29,14 +26,11 @@ int torchser::bench::bench_pickle(const Config& config) {
   const std::int64_t count = args.tensors;
   const int repeats = args.repeats;
   const std::int64_t per_tensor = args.elements_per_tensor();
-  torchser::StateDict sd;
-  std::vector<at::Tensor> tensors;
-  for (std::int64_t i = 0; i < count; ++i) {
-    auto t = at::rand({per_tensor});
-    sd.insert("model.layers." + std::to_string(i) + ".weight", t);
-    tensors.push_back(t);
-  }
-  const double total = static_cast<double>(per_tensor) * 4 * static_cast<double>(count);
+  // (References, not a structured binding: C++17 lambdas cannot capture those.)
+  const Workload work = random_workload(count, per_tensor);
+  const torchser::StateDict& sd = work.sd;
+  const std::vector<at::Tensor>& tensors = work.tensors;
+  const double total = work.total;
   std::cout << "# " << count << " float32 tensors, " << total / (1 << 20) << " MiB, medians of " << repeats
             << " runs, files in " << dir << "\n\n";
 
@@ -48,20 +42,8 @@ int torchser::bench::bench_pickle(const Config& config) {
     ::sync();
   };
   const auto fresh_memory = [] { ::malloc_trim(0); };
-  const auto raw_write = [&] {
-    const int fd = ::open(raw_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    for (const auto& t : tensors) {
-      write_all(fd, t.data_ptr(), t.nbytes());
-    }
-    ::close(fd);
-  };
-  const auto memcpy_fresh = [&] {
-    std::vector<at::Tensor> copies;
-    for (const auto& t : tensors) {
-      copies.push_back(at::empty_like(t));
-      std::memcpy(copies.back().data_ptr(), t.data_ptr(), t.nbytes());
-    }
-  };
+  const auto raw_write = [&] { write_raw(raw_path, tensors, /*durable=*/false); };
+  const auto memcpy_fresh = [&] { memcpy_into_new(tensors); };
 
   const Paired save = paired(repeats, raw_write, [&] { torchser::torch_save(sd, bin_path, /*durable=*/false); }, settle);
   torchser::torch_save(sd, bin_path, /*durable=*/false);

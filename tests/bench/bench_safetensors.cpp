@@ -10,7 +10,6 @@
 // Section "safetensors" of torchser_bench (--mib, --repeats and --quick resize it).
 // Default: 1024 MiB in 1024 float32 tensors, 5 repeats, medians.
 
-#include <fcntl.h>
 #include <malloc.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -28,8 +27,6 @@
 #include <string>
 #include <vector>
 
-#include <ATen/ops/empty_like.h>
-#include <ATen/ops/rand.h>
 #include <torch/serialize.h>
 
 #include <torchser/safetensors.h>
@@ -45,14 +42,11 @@ int torchser::bench::bench_safetensors(const Config& config) {
   const int repeats = args.repeats;
   const std::int64_t per_tensor = args.elements_per_tensor();
 
-  torchser::StateDict sd;
-  std::vector<at::Tensor> tensors;
-  for (std::int64_t i = 0; i < count; ++i) {
-    auto t = at::rand({per_tensor});
-    sd.insert("model.layers." + std::to_string(i) + ".weight", t);
-    tensors.push_back(t);
-  }
-  const double total = static_cast<double>(per_tensor) * 4 * static_cast<double>(count);
+  // (References, not a structured binding: C++17 lambdas cannot capture those.)
+  const Workload work = random_workload(count, per_tensor);
+  const torchser::StateDict& sd = work.sd;
+  const std::vector<at::Tensor>& tensors = work.tensors;
+  const double total = work.total;
   std::cout << "# " << count << " float32 tensors, " << total / (1 << 20) << " MiB, medians of " << repeats
             << " runs, files in " << dir << "\n\n";
   std::vector<Row> rows;
@@ -68,25 +62,8 @@ int torchser::bench::bench_safetensors(const Config& config) {
       offset += t.nbytes();
     }
   };
-  // What a copying loader must do at least: a new allocation per tensor,
-  // filled with memcpy.
-  const auto memcpy_fresh = [&] {
-    std::vector<at::Tensor> copies;
-    for (const auto& t : tensors) {
-      copies.push_back(at::empty_like(t));
-      std::memcpy(copies.back().data_ptr(), t.data_ptr(), t.nbytes());
-    }
-  };
-  const auto raw_write = [&](bool durable) {
-    const int fd = ::open(raw_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    for (const auto& t : tensors) {
-      write_all(fd, t.data_ptr(), t.nbytes());
-    }
-    if (durable) {
-      ::fsync(fd);
-    }
-    ::close(fd);
-  };
+  const auto memcpy_fresh = [&] { memcpy_into_new(tensors); };
+  const auto raw_write = [&](bool durable) { write_raw(raw_path, tensors, durable); };
   const auto st_path = dir / "model.safetensors";
   const auto pt_path = dir / "model.pt";
   // Every write goes to a new file: replacing a 1 GiB file first frees the

@@ -2,6 +2,7 @@
 
 // Timing, memory and table helpers shared by the benchmark programs.
 
+#include <fcntl.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -9,12 +10,18 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <functional>
 #include <iostream>
 #include <string>
 #include <vector>
+
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/rand.h>
+
+#include <torchser/state_dict.h>
 
 namespace torchser::bench {
 
@@ -98,6 +105,47 @@ inline void write_all(int fd, const void* data, std::size_t size) {
     p += n;
     size -= static_cast<std::size_t>(n);
   }
+}
+
+// The physical limit of every save: the tensors' bytes written one after
+// another to a new file with plain write() (then fsync when `durable`).
+inline void write_raw(const std::filesystem::path& path, const std::vector<at::Tensor>& tensors, bool durable) {
+  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  for (const auto& t : tensors) {
+    write_all(fd, t.data_ptr(), t.nbytes());
+  }
+  if (durable) {
+    ::fsync(fd);
+  }
+  ::close(fd);
+}
+
+// What a copying loader must do at least: a new allocation per tensor,
+// filled with memcpy.
+inline void memcpy_into_new(const std::vector<at::Tensor>& tensors) {
+  std::vector<at::Tensor> copies;
+  for (const auto& t : tensors) {
+    copies.push_back(at::empty_like(t));
+    std::memcpy(copies.back().data_ptr(), t.data_ptr(), t.nbytes());
+  }
+}
+
+// `count` random float32 tensors of `per_tensor` elements, as a state dict
+// ("model.layers.<i>.weight") and as a list, and their bytes in all.
+struct Workload {
+  torchser::StateDict sd;
+  std::vector<at::Tensor> tensors;
+  double total;
+};
+inline Workload random_workload(std::int64_t count, std::int64_t per_tensor) {
+  Workload w;
+  for (std::int64_t i = 0; i < count; ++i) {
+    auto t = at::rand({per_tensor});
+    w.sd.insert("model.layers." + std::to_string(i) + ".weight", t);
+    w.tensors.push_back(t);
+  }
+  w.total = static_cast<double>(per_tensor) * 4 * static_cast<double>(count);
+  return w;
 }
 
 struct Row {
