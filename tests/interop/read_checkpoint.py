@@ -8,6 +8,7 @@ It uses huggingface_hub's and safetensors' loaders when they are importable
 (the GPU machine has them), and otherwise torch plus a minimal safetensors
 header reader, so that it runs wherever Python has torch.
 """
+import inspect
 import json
 import os
 import struct
@@ -54,6 +55,9 @@ def read_file(path):
     if path.endswith(".safetensors"):
         return read_safetensors(path)
     if hub_load is not None:
+        # huggingface_hub 2.x loads pickle files only when told safe=False.
+        if "safe" in inspect.signature(hub_load).parameters:
+            return hub_load(path, weights_only=True, safe=False)
         return hub_load(path, weights_only=True)
     return torch.load(path, weights_only=True)
 

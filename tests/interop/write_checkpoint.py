@@ -57,6 +57,10 @@ def main(directory, fmt):
     net = Net()
     net.norm.running_mean.uniform_()
     sd = net.state_dict()
+    # Summarised before saving: huggingface_hub 2.x's safetensors path removes
+    # the tied duplicates from the dict it is given.
+    summary = {name: {"dtype": str(t.dtype).split(".")[-1], "shape": list(t.shape), "sum": float(t.double().sum())}
+               for name, t in sd.items()}
     safe = fmt == "safetensors"
     if save_torch_state_dict is not None:
         save_torch_state_dict(sd, directory, safe_serialization=safe, max_shard_size=800)
@@ -82,9 +86,7 @@ def main(directory, fmt):
         with open(os.path.join(directory, index), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
         tool = f"torch {torch.__version__} " + ("and a minimal safetensors writer" if safe else "torch.save")
-    print(json.dumps({"tool": tool,
-                      "tensors": {name: {"dtype": str(t.dtype).split(".")[-1], "shape": list(t.shape),
-                                         "sum": float(t.double().sum())} for name, t in sd.items()}}))
+    print(json.dumps({"tool": tool, "tensors": summary}))
 
 
 if __name__ == "__main__":

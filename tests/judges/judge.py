@@ -1,0 +1,338 @@
+"""The Python side of the judge tests (tests/judges_test.cpp): the real
+safetensors, huggingface_hub, transformers and torch.distributed.checkpoint
+packages read what torchser wrote and write what torchser reads.
+
+Usage: judge.py COMMAND ARGS...   (each command prints one JSON line last)
+
+Tensors are reported as {"dtype": safetensors code, "shape": [...],
+"hex": raw little-endian bytes in hex}, so the C++ side compares bytes, not
+approximations. The tensors of these tests are small.
+"""
+import contextlib
+import io
+import json
+import logging
+import os
+import sys
+import warnings
+
+import torch
+
+CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+         torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+         torch.bool: "BOOL", torch.complex64: "C64"}
+for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"), ("float8_e4m3fnuz", "F8_E4M3FNUZ"),
+                     ("float8_e5m2fnuz", "F8_E5M2FNUZ"), ("float8_e8m0fnu", "F8_E8M0"), ("uint16", "U16"),
+                     ("uint32", "U32"), ("uint64", "U64"), ("float4_e2m1fn_x2", "F4")):
+    if hasattr(torch, _name):
+        CODES[getattr(torch, _name)] = _code
+DTYPES = {code: dtype for dtype, code in CODES.items()}
+
+
+def raw_bytes(t):
+    t = t.detach().contiguous().cpu()
+    if t.numel() == 0:
+        return b""
+    return t.reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def describe(t):
+    return {"dtype": CODES[t.dtype], "shape": list(t.shape), "hex": raw_bytes(t).hex()}
+
+
+def describe_all(sd):
+    return {name: describe(t) for name, t in sd.items()}
+
+
+def emit(obj):
+    print(json.dumps(obj, sort_keys=True))
+
+
+def versions():
+    out = {"torch": torch.__version__}
+    for name in ("safetensors", "huggingface_hub", "transformers"):
+        try:
+            out[name] = __import__(name).__version__
+        except Exception:
+            out[name] = None
+    return out
+
+
+# --- safetensors ---------------------------------------------------------
+
+def st_roundtrip(src, dst):
+    """Reads SRC with the official reader (load_file, and safe_open for
+    metadata and slices), then writes the same tensors and metadata with the
+    official writer to DST."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(src)
+    slices = {}
+    with safe_open(src, framework="pt") as f:
+        metadata = f.metadata()
+        keys = list(f.keys())
+        for name in keys:
+            sl = f.get_slice(name)
+            shape = sl.get_shape()
+            if len(shape) >= 1 and shape[0] >= 3:
+                part = sl[1:3]
+                slices[name] = describe(part)
+                if len(shape) >= 2 and shape[1] >= 2:
+                    slices[name + "[:, 1:]"] = describe(sl[:, 1:])
+    save_file(tensors, dst, metadata=metadata)
+    emit({"tensors": describe_all(tensors), "keys": keys, "metadata": metadata, "slices": slices,
+          "versions": versions()})
+
+
+def st_supported():
+    """The safetensors codes the installed safetensors.torch maps to torch
+    dtypes."""
+    from safetensors import torch as st
+
+    emit({"codes": sorted(st._TYPES), "versions": versions()})
+
+
+# --- huggingface_hub -----------------------------------------------------
+
+class Net(torch.nn.Module):
+    """tests/judges_test.cpp's JudgeNet: an embedding tied to the output
+    layer, two linear blocks, a batch norm with its buffers."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(16, 8)
+        self.blocks = torch.nn.ModuleList([torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)])
+        self.norm = torch.nn.BatchNorm1d(8)
+        self.head = torch.nn.Linear(8, 16, bias=False)
+        self.head.weight = self.embed.weight
+
+
+def hub_save(directory, fmt, max_shard_size):
+    from huggingface_hub import save_torch_model
+
+    torch.manual_seed(1)
+    net = Net()
+    with torch.no_grad():
+        net.norm.running_mean.uniform_()
+        net.norm.running_var.uniform_(0.5, 2.0)
+        net.norm.num_batches_tracked.fill_(7)
+    save_torch_model(net, directory, safe_serialization=(fmt == "safetensors"), max_shard_size=int(max_shard_size))
+    emit({"tensors": describe_all(net.state_dict()), "files": sorted(os.listdir(directory)),
+          "versions": versions()})
+
+
+def hub_load(directory, fmt, strict):
+    from huggingface_hub import load_torch_model
+
+    net = Net()
+    with torch.no_grad():
+        for p in net.state_dict().values():
+            p.zero_()
+    result = load_torch_model(net, directory, strict=strict == "strict", safe=(fmt == "safetensors"))
+    emit({"tensors": describe_all(net.state_dict()), "tied": net.head.weight is net.embed.weight,
+          "missing": sorted(getattr(result, "missing_keys", [])),
+          "unexpected": sorted(getattr(result, "unexpected_keys", [])), "versions": versions()})
+
+
+def hub_split(spec_path):
+    """Plans every case of SPEC with split_torch_state_dict_into_shards. A case:
+    {"storages": [{"dtype", "numel"}], "tensors": [{"name", "storage",
+    "offset", "shape"}], "max_shard_size", "filename_pattern"}; a tensor is
+    the contiguous run of its storage's elements at offset."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    plans = []
+    for case in json.load(open(spec_path)):
+        bases = [torch.zeros(s["numel"], dtype=DTYPES[s["dtype"]]) for s in case["storages"]]
+        sd = {}
+        for t in case["tensors"]:
+            n = 1
+            for d in t["shape"]:
+                n *= d
+            sd[t["name"]] = bases[t["storage"]][t["offset"]:t["offset"] + n].view(t["shape"])
+        kwargs = {"max_shard_size": case["max_shard_size"]}
+        if case.get("filename_pattern"):
+            kwargs["filename_pattern"] = case["filename_pattern"]
+        plan = split_torch_state_dict_into_shards(sd, **kwargs)
+        # Pairs, so that the order of files and of names is compared too.
+        plans.append({"filename_to_tensors": [[f, list(t)] for f, t in plan.filename_to_tensors.items()],
+                      "tensor_to_filename": [[t, f] for t, f in plan.tensor_to_filename.items()],
+                      "is_sharded": plan.is_sharded, "metadata": plan.metadata})
+    emit({"plans": plans, "versions": versions()})
+
+
+def hub_dduf(path):
+    """read_dduf_file over a torchser archive: every entry's offset and length,
+    its text for .json/.txt, and its tensors for .safetensors (through the
+    entry's memory map, as diffusers reads it)."""
+    from huggingface_hub import read_dduf_file
+    from safetensors.torch import load as st_load
+
+    entries = {}
+    for name, entry in read_dduf_file(path).items():
+        item = {"offset": entry.offset, "length": entry.length}
+        if name.endswith((".json", ".txt")):
+            item["text"] = entry.read_text()
+        if name.endswith(".safetensors"):
+            with entry.as_mmap() as mm:
+                item["tensors"] = describe_all(st_load(bytes(mm)))
+        entries[name] = item
+    emit({"entries": entries, "versions": versions()})
+
+
+# --- transformers --------------------------------------------------------
+
+def tf_model(arch):
+    import transformers as tf
+
+    if arch == "gpt2":  # tied input and output embeddings, Conv1D weights
+        config = tf.GPT2Config(vocab_size=96, n_positions=32, n_embd=32, n_layer=2, n_head=4, bos_token_id=0,
+                                eos_token_id=0)
+        return tf.GPT2LMHeadModel, config
+    if arch == "llama":  # untied, grouped-query attention, rotary
+        config = tf.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                tie_word_embeddings=False)
+        return tf.LlamaForCausalLM, config
+    if arch == "qwen2":  # tied, biases on q/k/v
+        config = tf.Qwen2Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                tie_word_embeddings=True)
+        return tf.Qwen2ForCausalLM, config
+    raise SystemExit(f"unknown architecture {arch}")
+
+
+def tf_input():
+    return torch.arange(12).reshape(2, 6) % 96
+
+
+@contextlib.contextmanager
+def captured_warnings():
+    """Everything written to stderr (transformers' logger, Python warnings),
+    captured at the descriptor, less the progress bars."""
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as sink, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        os.dup2(sink.fileno(), 2)
+        messages = []
+        try:
+            yield messages
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            text = sink.read().decode(errors="replace").replace("\r", "\n")
+            messages += [line for line in text.splitlines()
+                         if line.strip() and not line.startswith(("Loading weights", "Writing model shards"))]
+            messages += [str(w.message) for w in caught]
+
+
+def tf_save(directory, arch, max_shard_size):
+    """A model from a config with random weights (no download), saved
+    sharded with save_pretrained; prints its state dict and logits."""
+    cls, config = tf_model(arch)
+    torch.manual_seed(2)
+    model = cls(config).eval()
+    model.save_pretrained(directory, max_shard_size=max_shard_size)
+    with torch.no_grad():
+        logits = model(tf_input()).logits
+    emit({"files": sorted(os.listdir(directory)), "logits": describe(logits),
+          "tensors": describe_all(model.state_dict()), "versions": versions()})
+
+
+def tf_load(directory, arch):
+    """from_pretrained on DIRECTORY: the logits, the loading report and
+    every warning it logged."""
+    cls, _ = tf_model(arch)
+    with captured_warnings() as messages:
+        model, info = cls.from_pretrained(directory, output_loading_info=True)
+    model.eval()
+    with torch.no_grad():
+        logits = model(tf_input()).logits
+    tied = None
+    if hasattr(model, "lm_head"):
+        tied = model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    emit({"logits": describe(logits), "tied": tied,
+          "missing": sorted(info.get("missing_keys", [])), "unexpected": sorted(info.get("unexpected_keys", [])),
+          "mismatched": [str(m) for m in info.get("mismatched_keys", [])],
+          "error_msgs": [str(m) for m in info.get("error_msgs", [])],
+          "warnings": messages, "versions": versions()})
+
+
+# --- torch.distributed.checkpoint ----------------------------------------
+
+def dcp_state_dict(rank, world, mesh):
+    """A state dict of DTensors over a 1-D mesh: a row split, a column
+    split, an uneven split, a replicated tensor (the values depend only on
+    the full tensor, so every world size writes the same checkpoint)."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    g = torch.Generator().manual_seed(3)
+    full = {
+        "embed.weight": torch.randn(10, 6, generator=g),
+        "proj.weight": torch.randn(4, 8, generator=g),
+        "proj.bias": torch.randn(7, generator=g),
+        "norm.weight": torch.randn(6, generator=g).to(torch.bfloat16),
+    }
+    placements = {"embed.weight": [Shard(0)], "proj.weight": [Shard(1)], "proj.bias": [Shard(0)],
+                  "norm.weight": [Replicate()]}
+    return full, {k: distribute_tensor(v, mesh, placements[k]) for k, v in full.items()}
+
+
+def dcp_worker(rank, world, port, directory, mode):
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+    from torch.distributed.device_mesh import init_device_mesh
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=__import__("datetime").timedelta(seconds=60))
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        full, sd = dcp_state_dict(rank, world, mesh)
+        if mode == "write":
+            writer = HuggingFaceStorageWriter(directory, save_distributed=True, enable_consolidation=True,
+                                              fqn_to_index_mapping={"embed.weight": 1, "proj.weight": 1,
+                                                                    "proj.bias": 2, "norm.weight": 2})
+            dcp.save(sd, storage_writer=writer)
+            result = {"tensors": describe_all(full)}
+        else:
+            # Reads DIRECTORY (a plain Hub checkpoint) into this rank's shards.
+            for v in sd.values():
+                v.to_local().zero_()
+            dcp.load(sd, storage_reader=HuggingFaceStorageReader(directory))
+            result = {"tensors": describe_all({k: v.full_tensor() for k, v in sd.items()}),
+                      "local": {k: describe(v.to_local()) for k, v in sd.items()}}
+        dist.barrier()
+        if rank == 0:
+            emit(dict(result, versions=versions(), world_size=world))
+    finally:
+        dist.destroy_process_group()
+
+
+def dcp(directory, mode, world="2"):
+    """Runs WORLD processes of Gloo on 127.0.0.1 (a free port), each saving or
+    loading its DTensor shards with HuggingFaceStorageWriter/Reader."""
+    import socket
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(dcp_worker, args=(int(world), port, directory, mode), nprocs=int(world), join=True,
+                       start_method="spawn")
+
+
+COMMANDS = {"st-roundtrip": st_roundtrip, "st-supported": st_supported, "hub-save": hub_save, "hub-load": hub_load,
+            "hub-split": hub_split, "hub-dduf": hub_dduf, "tf-save": tf_save, "tf-load": tf_load, "dcp": dcp,
+            "versions": lambda: emit(versions())}
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+        raise SystemExit(f"usage: judge.py {{{','.join(COMMANDS)}}} ARGS...")
+    COMMANDS[sys.argv[1]](*sys.argv[2:])
