@@ -31,4 +31,17 @@ fi
 echo "install-deps: installing ${missing[*]}" >&2
 export DEBIAN_FRONTEND=noninteractive
 "${sudo[@]}" apt-get update -qq
+# Say which package this release does not offer, rather than apt's error.
+unavailable=()
+for p in "${missing[@]}"; do
+  candidate=$(apt-cache policy "$p" 2>/dev/null | sed -n 's/^ *Candidate: //p')
+  if [ -z "$candidate" ] || [ "$candidate" = "(none)" ]; then
+    unavailable+=("$p")
+  fi
+done
+if [ ${#unavailable[@]} -gt 0 ]; then
+  echo "install-deps: Debian $(cat /etc/debian_version 2>/dev/null || echo '?') offers no package" \
+       "${unavailable[*]} (apt-cache policy shows no candidate); install it by hand or use Debian 12 or 13" >&2
+  exit 1
+fi
 "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

@@ -9,10 +9,14 @@ source_dir=$2
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
 
-cmake --install "$build_dir" --prefix "$scratch/prefix" >/dev/null
-cmake -S "$source_dir/examples/consumer" -B "$scratch/build" -G Ninja \
-  -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$scratch/prefix" >/dev/null
-cmake --build "$scratch/build" >/dev/null
+# Quiet unless a step fails; then its output.
+quiet() { "$@" >"$scratch/log" 2>&1 || { cat "$scratch/log" >&2; echo "failed: $*" >&2; return 1; }; }
+quiet cmake --install "$build_dir" --prefix "$scratch/prefix"
+# Only torchser's prefix: the installed package finds the LibTorch it was
+# built against by itself (the wheel's, where the system has another).
+quiet cmake -S "$source_dir/examples/consumer" -B "$scratch/build" -G Ninja \
+  -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$scratch/prefix"
+quiet cmake --build "$scratch/build"
 "$scratch/build/consumer"
 # The install holds the public headers and nothing private.
 test -f "$scratch/prefix/include/torchser/split.h"

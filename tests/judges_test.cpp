@@ -17,6 +17,7 @@
 #include <ATen/ops/arange.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/randint.h>
+#include <ATen/ops/randn.h>
 #include <ATen/ops/zeros.h>
 #include <nlohmann/json.hpp>
 #include <torch/nn/module.h>
@@ -28,6 +29,7 @@
 #include <torchser/dduf.h>
 #include <torchser/load.h>
 #include <torchser/module.h>
+#include <torchser/pickle.h>
 #include <torchser/safetensors.h>
 #include <torchser/save.h>
 #include <torchser/split.h>
@@ -97,22 +99,12 @@ json judge(const std::vector<std::string>& args) {
   }
 }
 
-std::string hex_of(const at::Tensor& t) {
-  const at::Tensor c = t.contiguous();
-  static const char* digits = "0123456789abcdef";
-  const auto* p = static_cast<const unsigned char*>(c.data_ptr());
-  std::string out;
-  const std::size_t n = c.numel() == 0 ? 0 : c.nbytes();
-  out.reserve(2 * n);
-  for (std::size_t i = 0; i < n; ++i) {
-    out += digits[p[i] >> 4];
-    out += digits[p[i] & 15];
-  }
-  return out;
-}
+using torchser::testing::hex_of;
 
 json describe(const at::Tensor& t) {
-  return {{"dtype", safetensors_dtype_name(to_safetensors_dtype(t.scalar_type()))},
+  // complex128 has no safetensors code; judge.py calls it C128.
+  return {{"dtype", t.scalar_type() == at::kComplexDouble ? "C128"
+                                                            : safetensors_dtype_name(to_safetensors_dtype(t.scalar_type()))},
           {"shape", t.sizes().vec()},
           {"hex", hex_of(t)}};
 }
@@ -255,6 +247,37 @@ TEST(JudgeTest, SafetensorsReadsEveryDtypeTorchserWritesAndWritesTheSameBytes) {
       EXPECT_EQ(describe(back[item.key()]), describe(item.value())) << item.key();
     }
   }
+}
+
+// --- torch.save / torch.load --------------------------------------------
+
+// Every dtype of this build through torchser's torch_save → Python's
+// torch.load(weights_only=True), and Python's torch.save → torchser: the
+// float8, uint16..64 and float4 dtypes (LibTorch 2.x) take PyTorch's
+// _rebuild_tensor_v3 path over untyped storages.
+TEST(JudgeTest, TorchLoadReadsEveryDtypeTorchserPicklesAndBack) {
+  REQUIRE_PYTHON_JUDGES();
+  std::set<std::string> all;
+  for (int d = 0; d <= static_cast<int>(SafetensorsDtype::kU64); ++d) {
+    all.insert(safetensors_dtype_name(static_cast<SafetensorsDtype>(d)));
+  }
+  std::vector<std::string> none;
+  StateDict sd = every_dtype_state_dict(all, none);
+  sd.insert("t_C128", at::randn({2, 3}, at::kComplexDouble));
+  // Views keep sharing their storage, in both directions.
+  sd.insert("view_of_t_F32", sd["t_F32"].slice(0, 1, 3));
+  TempDir dir;
+  torch_save(sd, dir / "torchser.bin");
+  const json out = judge({"pickle-roundtrip", (dir / "torchser.bin").string(), (dir / "python.bin").string()});
+  print_tools(out, "torch.load(weights_only=True) / torch.save");
+  std::cout << "[judge] dtypes pickled: " << (sd.size() - 2) / 3 + 1 << "\n";
+  expect_same_tensors(out.at("tensors"), sd, "torch.load");
+  const StateDict back = extract_state_dict(torch_load(dir / "python.bin"));
+  ASSERT_EQ(back.size(), sd.size());
+  for (const auto& item : sd) {
+    EXPECT_EQ(describe(back[item.key()]), describe(item.value())) << item.key();
+  }
+  EXPECT_EQ(back["view_of_t_F32"].data_ptr(), static_cast<char*>(back["t_F32"].data_ptr()) + 3 * 4);
 }
 
 // --- huggingface_hub -----------------------------------------------------

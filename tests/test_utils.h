@@ -47,6 +47,22 @@ inline std::string le64(std::uint64_t n) {
   return out;
 }
 
+/// A tensor's bytes (contiguous, little-endian as in memory) in lowercase
+/// hex: how the judge scripts and fixtures record tensors exactly.
+inline std::string hex_of(const at::Tensor& tensor) {
+  const at::Tensor c = tensor.contiguous();
+  static const char* digits = "0123456789abcdef";
+  const auto* p = static_cast<const unsigned char*>(c.data_ptr());
+  const std::size_t n = c.numel() == 0 ? 0 : c.nbytes();
+  std::string out;
+  out.reserve(2 * n);
+  for (std::size_t i = 0; i < n; ++i) {
+    out += digits[p[i] >> 4];
+    out += digits[p[i] & 15];
+  }
+  return out;
+}
+
 /// A fresh directory under the system temp dir, removed with its content.
 class TempDir {
  public:

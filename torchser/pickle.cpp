@@ -2,6 +2,7 @@
 
 #include <cstring>
 #include <map>
+#include <optional>
 #include <set>
 #include <sstream>
 #include <unordered_map>
@@ -197,6 +198,65 @@ const std::map<std::string, at::ScalarType>& storage_types() {
   return types;
 }
 
+// The dtypes PyTorch 2.x pickles by name, with _rebuild_tensor_v3 over an
+// untyped (byte) storage, because no typed storage class exists for them
+// (torch.storage._new_dtypes()); and the LibTorch release that added each.
+struct NamedDtype {
+  const char* name; // torch.<name>
+  const char* since;
+  std::optional<at::ScalarType> type; // empty where this build lacks it
+};
+
+const std::vector<NamedDtype>& v3_dtypes() {
+  static const std::vector<NamedDtype> table = {
+#if TORCHSER_TORCH_AT_LEAST(2, 1)
+      {"float8_e5m2", "2.1", at::ScalarType::Float8_e5m2},
+      {"float8_e4m3fn", "2.1", at::ScalarType::Float8_e4m3fn},
+#else
+      {"float8_e5m2", "2.1", std::nullopt},
+      {"float8_e4m3fn", "2.1", std::nullopt},
+#endif
+#if TORCHSER_TORCH_AT_LEAST(2, 2)
+      {"float8_e5m2fnuz", "2.2", at::ScalarType::Float8_e5m2fnuz},
+      {"float8_e4m3fnuz", "2.2", at::ScalarType::Float8_e4m3fnuz},
+#else
+      {"float8_e5m2fnuz", "2.2", std::nullopt},
+      {"float8_e4m3fnuz", "2.2", std::nullopt},
+#endif
+#if TORCHSER_TORCH_AT_LEAST(2, 3)
+      {"uint16", "2.3", at::ScalarType::UInt16},
+      {"uint32", "2.3", at::ScalarType::UInt32},
+      {"uint64", "2.3", at::ScalarType::UInt64},
+#else
+      {"uint16", "2.3", std::nullopt},
+      {"uint32", "2.3", std::nullopt},
+      {"uint64", "2.3", std::nullopt},
+#endif
+#if TORCHSER_TORCH_AT_LEAST(2, 7)
+      {"float8_e8m0fnu", "2.7", at::ScalarType::Float8_e8m0fnu},
+#else
+      {"float8_e8m0fnu", "2.7", std::nullopt},
+#endif
+#if TORCHSER_TORCH_AT_LEAST(2, 8)
+      {"float4_e2m1fn_x2", "2.8", at::ScalarType::Float4_e2m1fn_x2},
+#else
+      {"float4_e2m1fn_x2", "2.8", std::nullopt},
+#endif
+  };
+  return table;
+}
+
+// The name torch.save gives a v3 dtype, or nullptr for a typed-storage dtype.
+const char* v3_dtype_name(at::ScalarType dtype) {
+  for (const auto& row : v3_dtypes()) {
+    if (row.type == dtype) {
+      return row.name;
+    }
+  }
+  return nullptr;
+}
+
+// The typed storage class torch.save names for `dtype` (v2 tensors).
 std::string storage_type_name(at::ScalarType dtype) {
   for (const auto& [name, type] : storage_types()) {
     if (type == dtype) {
@@ -207,10 +267,17 @@ std::string storage_type_name(at::ScalarType dtype) {
       std::string("torch.save has no storage type for dtype ") + c10::toString(dtype) + " in this build.");
 }
 
+bool is_untyped_storage(const std::string& global) {
+  return global == "torch.storage.UntypedStorage" || global == "torch.UntypedStorage";
+}
+
 const std::set<std::string>& allowed_globals() {
   static const std::set<std::string> globals = {
       "collections.OrderedDict",
       "torch._utils._rebuild_tensor_v2",
+      "torch._utils._rebuild_tensor_v3",
+      "torch.storage.UntypedStorage",
+      "torch.UntypedStorage",
       "torch._utils._rebuild_parameter",
       "torch._utils._rebuild_parameter_with_state",
       "torch.device",
@@ -406,6 +473,17 @@ class Machine {
     if (module == "torch" && storage_types().count(name) != 0) {
       return v;
     }
+    if (module == "torch") {
+      for (const auto& row : v3_dtypes()) {
+        if (name == row.name) {
+          if (!row.type) {
+            fail("dtype torch." + name + " is not supported by this LibTorch build (" + TORCH_VERSION +
+                 "): it needs LibTorch >= " + row.since);
+          }
+          return v;
+        }
+      }
+    }
     if (allowed_globals().count(full) == 0) {
       fail("Unsupported global: GLOBAL " + full +
            " is not an allowed global (torchser loads weights only and never runs code from a checkpoint)");
@@ -472,6 +550,28 @@ class Machine {
     if (name == "torch._utils._rebuild_tensor_v2") {
       return rebuild_tensor(args);
     }
+    if (name == "torch._utils._rebuild_tensor_v3") {
+      // (untyped storage, offset, size, stride, requires_grad, hooks, dtype[, metadata]):
+      // the storage's bytes reinterpreted as dtype, then the view as in v2.
+      if (args.size() < 7 || args[0].tag != Tag::kStorage || args[6].tag != Tag::kGlobal) {
+        fail("_rebuild_tensor_v3 expects (storage, offset, size, stride, requires_grad, hooks, dtype, ...)");
+      }
+      const at::ScalarType dtype = v3_dtype(args[6].s);
+      std::vector<V> typed(args.begin(), args.begin() + 4);
+      const at::Tensor& bytes = typed[0].t;
+      if (bytes.scalar_type() != dtype) {
+        if (bytes.scalar_type() != at::kByte) {
+          fail("_rebuild_tensor_v3 over a typed storage of another dtype");
+        }
+        const auto item = static_cast<std::int64_t>(c10::elementSize(dtype));
+        if (bytes.numel() % item != 0) {
+          fail("an untyped storage of " + std::to_string(bytes.numel()) + " bytes is not a whole number of " +
+               args[6].s + " elements");
+        }
+        typed[0].t = bytes.view(dtype);
+      }
+      return rebuild_tensor(typed);
+    }
     if (name == "torch._utils._rebuild_parameter" || name == "torch._utils._rebuild_parameter_with_state") {
       if (args.size() < 2 || args[0].tag != Tag::kTensor || args[1].tag != Tag::kBool) {
         fail("_rebuild_parameter expects (tensor, requires_grad, ...)");
@@ -500,22 +600,35 @@ class Machine {
     fail("calling " + name + " is not supported");
   }
 
+  at::ScalarType v3_dtype(const std::string& global) {
+    for (const auto& row : v3_dtypes()) {
+      if (global == std::string("torch.") + row.name && row.type) {
+        return *row.type;
+      }
+    }
+    fail(global + " is not a dtype _rebuild_tensor_v3 takes");
+  }
+
   V persistent_load(const V& pid) {
     const std::vector<V>& f = as(pid, Tag::kTuple, "persistent id tuple").items;
     if (f.size() != 5 || f[0].tag != Tag::kStr || f[0].s != "storage" || f[1].tag != Tag::kGlobal ||
         f[2].tag != Tag::kStr || f[4].tag != Tag::kInt || f[4].i < 0) {
       fail("a persistent id is not ('storage', type, key, location, numel)");
     }
-    const std::string type = f[1].s.substr(f[1].s.rfind('.') + 1);
-    const auto dtype = storage_types().find(type);
-    if (f[1].s.rfind("torch.", 0) != 0 || dtype == storage_types().end()) {
-      fail("storage type " + f[1].s + " is not supported by this build");
+    at::ScalarType dtype = at::kByte; // an untyped storage: numel counts bytes
+    if (!is_untyped_storage(f[1].s)) {
+      const std::string type = f[1].s.substr(f[1].s.rfind('.') + 1);
+      const auto typed = storage_types().find(type);
+      if (f[1].s.rfind("torch.", 0) != 0 || typed == storage_types().end()) {
+        fail("storage type " + f[1].s + " is not supported by this build");
+      }
+      dtype = typed->second;
     }
     const std::string& key = f[2].s;
     auto it = storage_cache_.find(key);
     if (it == storage_cache_.end()) {
-      it = storage_cache_.emplace(key, storages_(key, dtype->second, f[4].i)).first;
-    } else if (it->second.scalar_type() != dtype->second) {
+      it = storage_cache_.emplace(key, storages_(key, dtype, f[4].i)).first;
+    } else if (it->second.scalar_type() != dtype) {
       fail("storage '" + key + "' is used with two dtypes");
     }
     V v;
@@ -1072,7 +1185,9 @@ void write_torch_save(const StateDict& state_dict, AtomicFile& file, const std::
     std::int64_t numel;
   };
   std::vector<Record> records;
-  std::unordered_map<StorageId, std::size_t> record_of;
+  // Keyed by the storage itself, as torch.save keys by storage._cdata: two
+  // empty tensors have equal StorageIds (no data) but are separate storages.
+  std::unordered_map<const c10::StorageImpl*, std::size_t> record_of;
   PickleWriter p;
   p.proto();
   p.op('}'); // EMPTY_DICT
@@ -1082,16 +1197,18 @@ void write_torch_save(const StateDict& state_dict, AtomicFile& file, const std::
     if (!t.defined() || t.layout() != at::kStrided || t.is_meta()) {
       throw ValueError("Tensor '" + item.key() + "' cannot be saved: it is undefined, sparse or on the meta device.");
     }
-    const StorageId id = *get_torch_storage_id(t);
+    const auto nbytes = static_cast<std::int64_t>(t.storage().nbytes());
     const auto element = static_cast<std::int64_t>(t.element_size());
-    auto [it, inserted] = record_of.try_emplace(id, records.size());
+    auto [it, inserted] = record_of.try_emplace(t.storage().unsafeGetStorageImpl(), records.size());
     if (inserted) {
-      if (id.nbytes % element != 0) {
+      if (nbytes % element != 0) {
         throw ValueError("Tensor '" + item.key() + "': its storage is not a whole number of " +
                          c10::toString(t.scalar_type()) + " elements.");
       }
-      storage_type_name(t.scalar_type()); // throws for dtypes torch.save cannot type
-      records.push_back({at::Tensor(), t.scalar_type(), id.nbytes / element});
+      if (v3_dtype_name(t.scalar_type()) == nullptr) {
+        storage_type_name(t.scalar_type()); // throws for dtypes torch.save cannot name
+      }
+      records.push_back({at::Tensor(), t.scalar_type(), nbytes / element});
       records.back().storage = t; // any tensor on the storage; bytes are taken whole
     } else if (records[it->second].dtype != t.scalar_type()) {
       throw ValueError("Cannot save tensor '" + item.key() +
@@ -1100,15 +1217,24 @@ void write_torch_save(const StateDict& state_dict, AtomicFile& file, const std::
                        "), which torch.save's typed storages cannot express.");
     }
     const Record& r = records[it->second];
+    // As PyTorch 2.x writes them: dtypes with a typed storage class through
+    // _rebuild_tensor_v2; the others (float8, uint16..64, float4) through
+    // _rebuild_tensor_v3 over an untyped storage sized in bytes, with the
+    // dtype named last.
+    const char* v3_name = v3_dtype_name(r.dtype);
     p.string(item.key());
-    p.global("torch._utils", "_rebuild_tensor_v2");
+    p.global("torch._utils", v3_name != nullptr ? "_rebuild_tensor_v3" : "_rebuild_tensor_v2");
     p.op('(');
     p.op('(');
     p.string("storage");
-    p.global("torch", storage_type_name(r.dtype));
+    if (v3_name != nullptr) {
+      p.global("torch.storage", "UntypedStorage");
+    } else {
+      p.global("torch", storage_type_name(r.dtype));
+    }
     p.string(std::to_string(it->second));
     p.string("cpu");
-    p.integer(r.numel);
+    p.integer(v3_name != nullptr ? r.numel * static_cast<std::int64_t>(c10::elementSize(r.dtype)) : r.numel);
     p.op('t');
     p.op('Q'); // BINPERSID
     p.integer(t.storage_offset());
@@ -1118,6 +1244,9 @@ void write_torch_save(const StateDict& state_dict, AtomicFile& file, const std::
     p.global("collections", "OrderedDict");
     p.op(')');
     p.op('R');
+    if (v3_name != nullptr) {
+      p.global("torch", v3_name);
+    }
     p.op('t');
     p.op('R');
   }

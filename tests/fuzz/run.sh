@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the libFuzzer targets (clang-14, ASan + UBSan) and runs each for a
+# Builds the libFuzzer targets (clang: scripts/pick-clang.sh, ASan + UBSan) and runs each for a
 # bounded time on its seed corpus (tests/fuzz/corpus and the reference
 # fixtures) with the format dictionary. A crash fails the run; its input is
 # copied to tests/fuzz/regressions/<target>/, which the test suite replays
@@ -13,9 +13,11 @@ shift || true
 targets=("$@")
 [ ${#targets[@]} -eq 0 ] && targets=(safetensors_header safetensors_file index_json dduf torch_load_file pickle_vm)
 
-scripts/install-deps.sh clang-14 libclang-rt-14-dev
+clang=$(scripts/pick-clang.sh)
+scripts/install-deps.sh "clang-$clang" "libclang-rt-$clang-dev"
+echo "fuzz: clang-$clang" >&2
 build=build-fuzz
-CC=clang-14 CXX=clang++-14 cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+CC=clang-$clang CXX=clang++-$clang cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
   -DTORCHSER_FUZZ=ON -DBUILD_SHARED_LIBS=OFF -DTORCHSER_BUILD_TESTS=OFF -DTORCHSER_BUILD_EXAMPLES=OFF \
   -DTORCHSER_BUILD_BENCHMARKS=OFF >/dev/null
 cmake --build "$build" --target $(printf 'fuzz_%s ' "${targets[@]}")

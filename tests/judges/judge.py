@@ -18,7 +18,7 @@ import warnings
 
 import torch
 
-CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+CODES = {torch.complex128: "C128", torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
          torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
          torch.bool: "BOOL", torch.complex64: "C64"}
 for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"), ("float8_e4m3fnuz", "F8_E4M3FNUZ"),
@@ -91,6 +91,16 @@ def st_supported():
     from safetensors import torch as st
 
     emit({"codes": sorted(st._TYPES), "versions": versions()})
+
+
+# --- torch.save / torch.load ----------------------------------------------
+
+def pickle_roundtrip(src, dst):
+    """torch.load(SRC, weights_only=True), then torch.save of the same dict
+    to DST (PyTorch's own writer: v2 and v3 tensors as it chooses)."""
+    sd = torch.load(src, weights_only=True)
+    torch.save(sd, dst)
+    emit({"tensors": describe_all(sd), "versions": versions()})
 
 
 # --- huggingface_hub -----------------------------------------------------
@@ -328,7 +338,7 @@ def dcp(directory, mode, world="2"):
                        start_method="spawn")
 
 
-COMMANDS = {"st-roundtrip": st_roundtrip, "st-supported": st_supported, "hub-save": hub_save, "hub-load": hub_load,
+COMMANDS = {"st-roundtrip": st_roundtrip, "pickle-roundtrip": pickle_roundtrip, "st-supported": st_supported, "hub-save": hub_save, "hub-load": hub_load,
             "hub-split": hub_split, "hub-dduf": hub_dduf, "tf-save": tf_save, "tf-load": tf_load, "dcp": dcp,
             "versions": lambda: emit(versions())}
 

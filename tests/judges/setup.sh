@@ -40,9 +40,20 @@ if [ "$(cat "$dir/stamp" 2>/dev/null)" != "$want" ]; then
   rm -rf "$dir/venv" "$dir/node_modules" "$dir/stamp"
   log "creating $dir/venv with $python ($("$python" --version 2>&1))"
   "$python" -m venv "$dir/venv"
-  # --only-binary: every judge installs from a wheel, nothing compiles.
+  # torch first, from local wheels only (pip's find-links: this machine's
+  # /opt/wheels, or PIP_FIND_LINKS=DIR holding the CPU wheel): never the
+  # index, whose Linux torch is a multi-GB CUDA build.
+  if ! "$dir/venv/bin/pip" install --quiet --disable-pip-version-check --no-index --no-deps \
+      "$(grep '^torch==' "$here/requirements.txt")" 2> >(grep -v "^WARNING: Location" >&2); then
+    log "no local CPU wheel of $(grep '^torch==' "$here/requirements.txt") for $("$python" --version 2>&1):"
+    log "put one in a folder and set PIP_FIND_LINKS to it (the index would give a multi-GB CUDA build)"
+    rm -rf "$dir/venv"
+    exit 1
+  fi
+  # The rest from the index; --only-binary: every judge installs from a
+  # wheel, nothing compiles.
   "$dir/venv/bin/pip" install --quiet --disable-pip-version-check --only-binary=:all: \
-    -r "$here/requirements.txt" 2> >(grep -v "^WARNING: Location" >&2)
+    ${TORCHSER_JUDGES_PIP_ARGS:-} -r "$here/requirements.txt" 2> >(grep -v "^WARNING: Location" >&2)
   "$dir/venv/bin/python" - <<'PY'
 import torch
 assert torch.__version__.split("+")[0] == "2.13.0", torch.__version__
