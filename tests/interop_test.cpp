@@ -12,15 +12,11 @@
 #include <ATen/ops/arange.h>
 #include <ATen/ops/rand.h>
 #include <nlohmann/json.hpp>
-#include <torch/nn/module.h>
-#include <torch/nn/modules/batchnorm.h>
-#include <torch/nn/modules/container/modulelist.h>
-#include <torch/nn/modules/embedding.h>
-#include <torch/nn/modules/linear.h>
 
 #include <torchser/module.h>
 
 #include "test_utils.h"
+#include "tied_net.h"
 
 namespace torchser {
 namespace {
@@ -90,19 +86,7 @@ TEST(InteropTest, PythonReadsTorchserCheckpoints) {
   }
 }
 
-struct Net : torch::nn::Module {
-  Net() {
-    embed = register_module("embed", torch::nn::Embedding(16, 8));
-    blocks = register_module("blocks", torch::nn::ModuleList(torch::nn::Linear(8, 8), torch::nn::Linear(8, 8)));
-    norm = register_module("norm", torch::nn::BatchNorm1d(8));
-    head = register_module("head", torch::nn::Linear(torch::nn::LinearOptions(8, 16).bias(false)));
-    head->weight.set_data(embed->weight);
-  }
-  torch::nn::Embedding embed{nullptr};
-  torch::nn::ModuleList blocks{nullptr};
-  torch::nn::BatchNorm1d norm{nullptr};
-  torch::nn::Linear head{nullptr};
-};
+using torchser::testing::TiedNet;
 
 TEST(InteropTest, TorchserLoadsAPythonShardedCheckpoint) {
   SKIP_WITHOUT_PYTHON_TORCH();
@@ -112,7 +96,7 @@ TEST(InteropTest, TorchserLoadsAPythonShardedCheckpoint) {
     const json out = run_script(std::string("write_checkpoint.py"), dir.path(), safe ? "safetensors" : "pickle");
     std::cout << "[interop] written by " << out.at("tool").get<std::string>() << "\n";
     const json& written = out.at("tensors");
-    Net net;
+    TiedNet net;
     const LoadResult result = load_torch_model(net, dir.path(), LoadOptions().safe(safe).strict(false));
     EXPECT_TRUE(result.unexpected_keys.empty());
     if (safe) {

@@ -20,11 +20,6 @@
 #include <ATen/ops/randn.h>
 #include <ATen/ops/zeros.h>
 #include <nlohmann/json.hpp>
-#include <torch/nn/module.h>
-#include <torch/nn/modules/batchnorm.h>
-#include <torch/nn/modules/container/modulelist.h>
-#include <torch/nn/modules/embedding.h>
-#include <torch/nn/modules/linear.h>
 
 #include <torchser/dduf.h>
 #include <torchser/load.h>
@@ -35,6 +30,7 @@
 #include <torchser/split.h>
 
 #include "test_utils.h"
+#include "tied_net.h"
 
 namespace torchser {
 namespace {
@@ -282,25 +278,11 @@ TEST(JudgeTest, TorchLoadReadsEveryDtypeTorchserPicklesAndBack) {
 
 // --- huggingface_hub -----------------------------------------------------
 
-// judge.py's Net: an embedding tied to the output layer, two linear blocks, a
-// batch norm with its buffers.
-struct JudgeNet : torch::nn::Module {
-  JudgeNet() {
-    embed = register_module("embed", torch::nn::Embedding(16, 8));
-    blocks = register_module("blocks", torch::nn::ModuleList(torch::nn::Linear(8, 8), torch::nn::Linear(8, 8)));
-    norm = register_module("norm", torch::nn::BatchNorm1d(8));
-    head = register_module("head", torch::nn::Linear(torch::nn::LinearOptions(8, 16).bias(false)));
-    head->weight.set_data(embed->weight); // tied: one storage
-  }
-  torch::nn::Embedding embed{nullptr};
-  torch::nn::ModuleList blocks{nullptr};
-  torch::nn::BatchNorm1d norm{nullptr};
-  torch::nn::Linear head{nullptr};
-};
+using torchser::testing::TiedNet;
 
 TEST(JudgeTest, HuggingfaceHubLoadsTorchserCheckpoints) {
   REQUIRE_PYTHON_JUDGES();
-  JudgeNet net;
+  TiedNet net;
   {
     torch::NoGradGuard no_grad;
     at::manual_seed(5);
@@ -343,7 +325,7 @@ TEST(JudgeTest, TorchserLoadsHuggingfaceHubCheckpointsStrictly) {
       const bool sharded = std::any_of(out.at("files").begin(), out.at("files").end(),
                                        [](const json& f) { return f.get<std::string>().find(".index.json") != std::string::npos; });
       EXPECT_EQ(sharded, shard == "400") << out.at("files").dump();
-      JudgeNet net;
+      TiedNet net;
       const LoadResult result = load_torch_model(net, dir.path(), LoadOptions().safe(safe).strict(true));
       EXPECT_TRUE(result.missing_keys.empty());
       EXPECT_TRUE(result.unexpected_keys.empty());

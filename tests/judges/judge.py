@@ -106,7 +106,7 @@ def pickle_roundtrip(src, dst):
 # --- huggingface_hub -----------------------------------------------------
 
 class Net(torch.nn.Module):
-    """tests/judges_test.cpp's JudgeNet: an embedding tied to the output
+    """tests/tied_net.h's TiedNet: an embedding tied to the output
     layer, two linear blocks, a batch norm with its buffers."""
 
     def __init__(self):
