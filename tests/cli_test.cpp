@@ -10,6 +10,7 @@
 
 #include <torchser/load.h>
 #include <torchser/safetensors.h>
+#include <torchser/save.h>
 
 #include "test_utils.h"
 
@@ -37,6 +38,27 @@ CliRun cli(const std::string& arguments) {
 
 std::string quoted(const std::filesystem::path& path) {
   return "'" + path.string() + "'";
+}
+
+// verify once failed on every valid safetensors input (a reference into a
+// destroyed reader): files torchser wrote, and a checkpoint Python wrote.
+TEST(CliTest, VerifyAcceptsValidSafetensorsFilesAndCheckpoints) {
+  TempDir dir;
+  StateDict sd;
+  for (int i = 0; i < 6; ++i) {
+    sd.insert("layer." + std::to_string(i) + ".weight", at::arange(i, i + 40, at::kFloat));
+  }
+  TempDir other;
+  save_file(sd, other / "single.safetensors");
+  save_torch_state_dict(sd, dir.path(), SaveOptions().max_shard_size(400));
+  ASSERT_TRUE(std::filesystem::exists(dir / "model.safetensors.index.json"));
+  const std::filesystem::path python_written = torchser::testing::fixtures_dir() / "dcp" / "world2";
+  for (const auto& target : {other / "single.safetensors", dir.path(), dir / "model-00001-of-00003.safetensors",
+                             python_written}) {
+    const CliRun run = cli("verify " + quoted(target));
+    EXPECT_EQ(run.status, 0) << target << ": " << run.output;
+    EXPECT_THAT(run.output, HasSubstr("OK: ")) << target;
+  }
 }
 
 TEST(CliTest, InspectListsTensorsMetadataAndTotals) {

@@ -572,6 +572,10 @@ void transformers_roundtrip(const std::string& arch) {
   print_tools(saved, "transformers " + arch + " save_pretrained");
   EXPECT_TRUE(fs::exists(original / "model.safetensors.index.json")) << "not sharded: " << saved.at("files").dump();
 
+  // The command-line tool accepts transformers' folder as it is.
+  const std::string verify = std::string(TORCHSER_CLI) + " verify " + quote(original.string()) + " >/dev/null 2>&1";
+  EXPECT_EQ(std::system(verify.c_str()), 0) << verify;
+
   const StateDict sd = load_directory(original);
   ASSERT_FALSE(sd.is_empty());
   fs::create_directories(resaved);
@@ -581,6 +585,8 @@ void transformers_roundtrip(const std::string& arch) {
       fs::copy_file(original / name, resaved / name);
     }
   }
+  const std::string verify_ours = std::string(TORCHSER_CLI) + " verify " + quote(resaved.string()) + " >/dev/null 2>&1";
+  EXPECT_EQ(std::system(verify_ours.c_str()), 0) << verify_ours;
   const json loaded = judge({"tf-load", resaved.string(), arch});
   EXPECT_EQ(loaded.at("logits"), saved.at("logits")) << "logits differ after torchser re-saved " << arch;
   EXPECT_EQ(loaded.at("missing"), json::array());

@@ -262,7 +262,9 @@ int cmd_verify(const fs::path& path) {
       throw torchser::FileNotFoundError("Shard '" + file.string() + "' named by the index is missing.");
     }
     if (file.extension() == ".safetensors") {
-      for (const auto& info : torchser::SafeOpen(file).tensors()) {
+      // Named: tensors() refers into the reader, which must outlive the loop.
+      const torchser::SafeOpen reader(file);
+      for (const auto& info : reader.tensors()) {
         found.insert(info.name);
       }
     } else {
