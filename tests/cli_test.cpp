@@ -25,8 +25,9 @@ struct CliRun {
   std::string output; // stdout and stderr
 };
 
-CliRun cli(const std::string& arguments) {
-  FILE* pipe = ::popen((std::string(TORCHSER_CLI) + " " + arguments + " 2>&1").c_str(), "r");
+// Runs `SHELL_PREFIX torchser ARGUMENTS` through sh (a prefix sets limits).
+CliRun cli_with_prefix(const std::string& shell_prefix, const std::string& arguments) {
+  FILE* pipe = ::popen((shell_prefix + std::string(TORCHSER_CLI) + " " + arguments + " 2>&1").c_str(), "r");
   std::string out;
   char buffer[4096];
   while (std::fgets(buffer, sizeof buffer, pipe) != nullptr) {
@@ -34,6 +35,10 @@ CliRun cli(const std::string& arguments) {
   }
   const int status = ::pclose(pipe);
   return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
+}
+
+CliRun cli(const std::string& arguments) {
+  return cli_with_prefix("", arguments);
 }
 
 std::string quoted(const std::filesystem::path& path) {
@@ -141,6 +146,63 @@ TEST(CliTest, PackAndUnpackRoundTrip) {
   ASSERT_EQ(unpacked.status, 0) << unpacked.output;
   EXPECT_EQ(torchser::testing::read_file(dir / "out/vae/config.json"), R"({"x": 1})");
   EXPECT_EQ(torchser::testing::read_file(dir / "out/model_index.json"), R"({"vae": 1})");
+}
+
+// A pipeline folder whose weights make the archive larger than 64 KiB.
+std::filesystem::path big_pipeline(const TempDir& dir) {
+  const auto folder = dir / "pipeline";
+  std::filesystem::create_directories(folder / "unet");
+  std::ofstream(folder / "model_index.json") << R"({"unet": 1})";
+  std::ofstream(folder / "unet/config.json") << R"({"x": 1})";
+  StateDict sd;
+  sd.insert("w", at::arange(50000, at::kFloat));
+  save_file(sd, folder / "unet/diffusion_pytorch_model.safetensors");
+  return folder;
+}
+
+TEST(CliTest, UnpackFailsLoudlyWhenAWriteFailsAndLeavesNoPartialFile) {
+  TempDir dir;
+  ASSERT_EQ(cli("pack " + quoted(big_pipeline(dir)) + " " + quoted(dir / "p.dduf")).status, 0);
+  // 64 KiB file-size limit, SIGXFSZ ignored: writes past it fail with EFBIG.
+  const CliRun run = cli_with_prefix("ulimit -f 64; trap '' XFSZ; ", "unpack " + quoted(dir / "p.dduf") + " " +
+                                                                         quoted(dir / "out"));
+  EXPECT_EQ(run.status, 1) << run.output;
+  EXPECT_THAT(run.output, HasSubstr("File too large"));
+  EXPECT_THAT(run.output, HasSubstr("diffusion_pytorch_model.safetensors"));
+  EXPECT_FALSE(std::filesystem::exists(dir / "out/unet/diffusion_pytorch_model.safetensors"));
+  for (const auto& e : std::filesystem::recursive_directory_iterator(dir / "out")) {
+    EXPECT_EQ(e.path().lexically_relative(dir / "out").string().find("tmp"), std::string::npos)
+        << "left behind: " << e.path();
+  }
+}
+
+TEST(CliTest, UnpackRefusesToWriteThroughASymlinkInTheTarget) {
+  TempDir dir;
+  ASSERT_EQ(cli("pack " + quoted(big_pipeline(dir)) + " " + quoted(dir / "p.dduf")).status, 0);
+  std::ofstream(dir / "victim.txt") << "precious";
+  std::filesystem::create_directories(dir / "out/unet");
+  std::filesystem::create_symlink(dir / "victim.txt", dir / "out/unet/config.json");
+  const CliRun run = cli("unpack " + quoted(dir / "p.dduf") + " " + quoted(dir / "out"));
+  EXPECT_EQ(run.status, 1) << run.output;
+  EXPECT_THAT(run.output, HasSubstr("symbolic link"));
+  EXPECT_EQ(torchser::testing::read_file(dir / "victim.txt"), "precious");
+  // And a symlinked folder is refused the same way.
+  TempDir other;
+  std::filesystem::create_directories(other / "elsewhere");
+  std::filesystem::create_directory_symlink(other / "elsewhere", other / "unet");
+  const CliRun folder = cli("unpack " + quoted(dir / "p.dduf") + " " + quoted(other.path()));
+  EXPECT_EQ(folder.status, 1) << folder.output;
+  EXPECT_TRUE(std::filesystem::is_empty(other / "elsewhere"));
+}
+
+TEST(CliTest, PackRefusesFilesDdufCannotHold) {
+  TempDir dir;
+  const auto folder = big_pipeline(dir);
+  std::ofstream(folder / "unet/diffusion_pytorch_model.bin") << "pickle";
+  const CliRun run = cli("pack " + quoted(folder) + " " + quoted(dir / "p.dduf"));
+  EXPECT_EQ(run.status, 1) << run.output;
+  EXPECT_THAT(run.output, HasSubstr("DDUF cannot hold unet/diffusion_pytorch_model.bin"));
+  EXPECT_FALSE(std::filesystem::exists(dir / "p.dduf"));
 }
 
 TEST(CliTest, EveryCommandHasHelp) {

@@ -48,7 +48,8 @@ TEST(FuzzRegressionTest, EverySavedCrashAndSeedRunsCleanThroughItsTarget) {
         continue;
       }
       for (const auto& entry : fs::directory_iterator(dir)) {
-        if (!entry.is_regular_file() || entry.path().extension() == ".json" && target.name != std::string("index_json")) {
+        if (!entry.is_regular_file() ||
+            (entry.path().extension() == ".json" && target.name != std::string("index_json"))) {
           continue;
         }
         SCOPED_TRACE(std::string(target.name) + " <- " + entry.path().string());

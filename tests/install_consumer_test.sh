@@ -18,6 +18,9 @@ quiet cmake -S "$source_dir/examples/consumer" -B "$scratch/build" -G Ninja \
   -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$scratch/prefix"
 quiet cmake --build "$scratch/build"
 "$scratch/build/consumer"
+# The installed command-line tool starts from this prefix without
+# LD_LIBRARY_PATH (its RPATH finds libtorchser and LibTorch).
+env -u LD_LIBRARY_PATH "$scratch/prefix/bin/torchser" --help >/dev/null
 # The install holds the public headers and nothing private.
 test -f "$scratch/prefix/include/torchser/split.h"
 test -f "$scratch/prefix/include/torchser/version.h"

@@ -8,6 +8,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
@@ -28,6 +29,7 @@
 #include <torchser/save.h>
 #include <torchser/version.h>
 
+#include "torchser/detail/file.h"
 #include "torchser/detail/index_json.h"
 
 namespace {
@@ -312,6 +314,34 @@ int cmd_convert(const fs::path& src, const fs::path& dst, const std::string& to,
 }
 
 int cmd_pack(const fs::path& folder, const fs::path& out) {
+  // export_folder_as_dduf leaves out what DDUF cannot hold, as
+  // huggingface_hub does; a user packing a folder wants to hear about it
+  // (an archive without its UNet weights is worse than no archive).
+  if (fs::is_directory(folder)) {
+    std::vector<std::string> refused;
+    for (const auto& item : fs::recursive_directory_iterator(folder)) {
+      if (!item.is_regular_file()) {
+        continue;
+      }
+      const fs::path relative = item.path().lexically_relative(folder);
+      const std::string ext = relative.extension().string();
+      const bool allowed_ext = ext == ".json" || ext == ".model" || ext == ".safetensors" || ext == ".txt";
+      const auto depth = std::distance(relative.begin(), relative.end());
+      if (!allowed_ext || depth > 2) {
+        refused.push_back(relative.string());
+      }
+    }
+    if (!refused.empty()) {
+      std::sort(refused.begin(), refused.end());
+      std::string list;
+      for (const auto& name : refused) {
+        list += (list.empty() ? "" : ", ") + name;
+      }
+      throw torchser::ValueError("Cannot pack '" + folder.string() + "': DDUF cannot hold " + list +
+                                 " (entries must be .json, .model, .safetensors or .txt files, at most one folder "
+                                 "deep). Convert or move them first; nothing was written.");
+    }
+  }
   torchser::export_folder_as_dduf(out, folder);
   const auto entries = torchser::read_dduf_file(out);
   std::cout << "Packed " << entries.size() << " entries into " << out.string() << " (" << human(fs::file_size(out))
@@ -319,18 +349,38 @@ int cmd_pack(const fs::path& folder, const fs::path& out) {
   return 0;
 }
 
+// Every component below `folder` that exists must be a real directory or
+// file: unpack never writes through a symbolic link it finds in the target.
+void refuse_symlinks(const fs::path& folder, const fs::path& relative) {
+  fs::path at = folder;
+  for (const auto& part : relative) {
+    at /= part;
+    if (fs::is_symlink(fs::symlink_status(at))) {
+      throw torchser::OSError("Cannot unpack into '" + at.string() +
+                              "': it is a symbolic link, which unpack does not follow or replace.");
+    }
+  }
+}
+
 int cmd_unpack(const fs::path& archive, const fs::path& folder) {
   const auto entries = torchser::read_dduf_file(archive); // names are validated: no '..', no absolute paths
   std::uint64_t total = 0;
   for (const auto& item : entries) {
     total += item.value().length;
+    refuse_symlinks(folder, item.key());
   }
   Progress progress("unpack", total);
   for (const auto& item : entries) {
     const fs::path target = folder / item.key();
     fs::create_directories(target.parent_path());
     const torchser::MappedBytes bytes = item.value().as_mmap();
-    std::ofstream(target, std::ios::binary).write(bytes.view().data(), static_cast<std::streamsize>(bytes.size()));
+    // A temporary beside the target, every write checked, then renamed over
+    // it: a full disk or a file-size limit fails naming the file, and an
+    // existing file is replaced whole or not at all.
+    torchser::detail::AtomicFile file(target);
+    file.preallocate(bytes.size());
+    file.write(bytes.view().data(), bytes.size());
+    file.commit(/*durable=*/true);
     progress.step(item.key(), item.value().length);
   }
   std::cout << "Unpacked " << entries.size() << " entries into " << folder.string() << "\n";
