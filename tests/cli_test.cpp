@@ -205,6 +205,35 @@ TEST(CliTest, PackRefusesFilesDdufCannotHold) {
   EXPECT_FALSE(std::filesystem::exists(dir / "p.dduf"));
 }
 
+TEST(CliTest, ConvertTakesShardSizesInBytesAndLeavesNothingWhenItFails) {
+  TempDir dir;
+  StateDict sd;
+  for (int i = 0; i < 4; ++i) {
+    sd.insert("w" + std::to_string(i), at::arange(i, i + 100, at::kFloat));
+  }
+  save_file(sd, dir / "in.safetensors");
+  const CliRun run = cli("convert " + quoted(dir / "in.safetensors") + " " + quoted(dir / "out") +
+                         " --max-shard-size 800 --to bin");
+  ASSERT_EQ(run.status, 0) << run.output;
+  EXPECT_TRUE(std::filesystem::exists(dir / "out/pytorch_model.bin.index.json"));
+  EXPECT_TRUE(std::filesystem::exists(dir / "out/pytorch_model-00002-of-00002.bin"));
+  const CliRun bad = cli("convert " + quoted(dir / "in.safetensors") + " " + quoted(dir / "bad") +
+                         " --max-shard-size 1oo");
+  EXPECT_EQ(bad.status, 1) << bad.output;
+  EXPECT_THAT(bad.output, HasSubstr("1oo"));
+  EXPECT_FALSE(std::filesystem::exists(dir / "bad"));
+}
+
+TEST(CliTest, VersionAndUsageErrorsFollowTheConventions) {
+  const CliRun version = cli("--version");
+  EXPECT_EQ(version.status, 0) << version.output;
+  EXPECT_THAT(version.output, HasSubstr("torchser "));
+  EXPECT_THAT(version.output, HasSubstr("LibTorch "));
+  EXPECT_EQ(cli("convert only-one-argument").status, 2);
+  EXPECT_EQ(cli("frobnicate").status, 2);
+  EXPECT_EQ(cli("").status, 2);
+}
+
 TEST(CliTest, EveryCommandHasHelp) {
   for (const char* command : {"", "inspect ", "verify ", "convert ", "pack ", "unpack "}) {
     const CliRun help = cli(std::string(command) + "--help");

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include <CLI/CLI.hpp>
+#include <torch/version.h>
 #include <nlohmann/json.hpp>
 
 #include <torchser/dduf.h>
@@ -296,17 +297,30 @@ int cmd_convert(const fs::path& src, const fs::path& dst, const std::string& to,
       all.insert(item.key(), item.value());
     }
   }
-  fs::create_directories(dst);
+  // Plain bytes ("1000000") as well as size strings ("2GB"), as the
+  // library's ShardSize takes both.
+  const bool digits = !max_shard_size.empty() &&
+                      std::all_of(max_shard_size.begin(), max_shard_size.end(), [](char c) { return c >= '0' && c <= '9'; });
+  const torchser::ShardSize shard_size =
+      digits ? torchser::ShardSize(std::stoll(max_shard_size)) : torchser::ShardSize(max_shard_size);
   std::uint64_t total = 0;
   for (const auto& item : all) {
     total += static_cast<std::uint64_t>(item.value().nbytes());
   }
-  {
+  // A failed convert leaves no directory it created behind.
+  const bool created = !fs::exists(dst);
+  try {
+    fs::create_directories(dst);
     Progress progress("convert", total);
     torchser::save_torch_state_dict(
-        all, dst,
-        torchser::SaveOptions().safe_serialization(to != "pickle").max_shard_size(torchser::ShardSize(max_shard_size)));
+        all, dst, torchser::SaveOptions().safe_serialization(to != "pickle").max_shard_size(shard_size));
     progress.step(dst.string(), total);
+  } catch (...) {
+    if (created) {
+      std::error_code ignored;
+      fs::remove_all(dst, ignored);
+    }
+    throw;
   }
   std::cout << "Converted " << all.size() << " tensors (" << human(total) << ") from " << src.string() << " to "
             << dst.string() << " as " << (to == "pickle" ? "pickle" : "safetensors") << "\n";
@@ -410,8 +424,9 @@ int main(int argc, char** argv) {
   auto* convert_cmd = app.add_subcommand("convert", "Convert a checkpoint between pickle .bin and safetensors");
   convert_cmd->add_option("SRC", src, "a file or a checkpoint directory")->required();
   convert_cmd->add_option("DST", dst, "the output directory")->required();
-  convert_cmd->add_option("--to", to, "safetensors (default) or pickle")->check(CLI::IsMember({"safetensors", "pickle"}));
-  convert_cmd->add_option("--max-shard-size", max_shard_size, "largest shard, e.g. 2GB (default 5GB)");
+  convert_cmd->add_option("--to", to, "safetensors (default), or pickle (also: bin)")
+      ->check(CLI::IsMember({"safetensors", "pickle", "bin"}));
+  convert_cmd->add_option("--max-shard-size", max_shard_size, "largest shard, e.g. 2GB or 1000000 bytes (default 5GB)");
 
   std::string folder;
   std::string archive;
@@ -424,7 +439,16 @@ int main(int argc, char** argv) {
   unpack_cmd->add_option("IN", unpack_archive, "the .dduf file")->required();
   unpack_cmd->add_option("FOLDER", unpack_folder, "the folder to write")->required();
 
-  CLI11_PARSE(app, argc, argv);
+  app.set_version_flag("--version", std::string("torchser ") + TORCHSER_VERSION + " (LibTorch " + TORCH_VERSION + ")");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    // --help and --version exit 0; usage errors exit 2, as command-line tools do.
+    return app.exit(e) == 0 ? 0 : 2;
+  }
+  if (to == "bin") {
+    to = "pickle";
+  }
   try {
     if (inspect_cmd->parsed()) {
       return cmd_inspect(path, as_json);
