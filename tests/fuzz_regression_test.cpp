@@ -32,7 +32,7 @@ std::vector<fs::path> seed_dirs(const std::string& target) {
       {"safetensors_file", {fuzz / "corpus/safetensors", fixtures / "safetensors-official-2022"}},
       {"index_json", {fuzz / "corpus/index_json"}},
       {"dduf", {fixtures / "reference/dduf"}},
-      {"torch_load_file", {fixtures / "reference/pickle", fixtures / "reference/pickle/sharded"}},
+      {"torch_load_file", {fixtures / "reference/pickle", fixtures / "reference/pickle/sharded", fixtures / "torch2"}},
       {"pickle_vm", {fuzz / "corpus/pickle_vm"}},
   };
   std::vector<fs::path> dirs = seeds.at(target);

@@ -414,6 +414,16 @@ TEST(LoadTest, MissingPathAndEmptyDirectory) {
   EXPECT_THROW_MESSAGE(load_torch_model(model, dir.path()), ValueError, m_t4);
 }
 
+TEST(LoadTest, APickleCheckpointUnderTheSafeDefaultSaysHowToLoadIt) {
+  DummyModel model;
+  for (const std::int64_t shard : {std::int64_t{16}, std::int64_t{1} << 20}) {
+    TempDir dir;
+    save_torch_state_dict(torch_state_dict(), dir.path(), SaveOptions().safe_serialization(false).max_shard_size(shard));
+    EXPECT_THROW_CONTAINS(load_torch_model(model, dir.path()), ValueError, "pass LoadOptions().safe(false) to load it");
+    EXPECT_NO_THROW(load_torch_model(model, dir.path(), LoadOptions().safe(false)));
+  }
+}
+
 TEST(LoadTest, StrictShardedLoadValidatesAgainstTheIndex) {
   // S-30, E-17, E-18 (SPEC deviation 2).
   TempDir dir;

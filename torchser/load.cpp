@@ -433,9 +433,23 @@ LoadResult load_torch_model(
       return load_single_file(model, *file, options);
     }
   }
+  // The reference's message, and where it would mislead (a pickle checkpoint
+  // under the default safe(true)), the way out.
+  std::string hint;
+  if (options.safe() && !options.filename_pattern().has_value()) {
+    const auto pickle_index =
+        checkpoint_path / (detail::FilenamePattern(kPytorchWeightsFilePattern).format("") + kIndexSuffix);
+    if (std::filesystem::is_regular_file(pickle_index, ec)) {
+      hint = " It holds a pickle checkpoint (" + pickle_index.filename().string() +
+             "): pass LoadOptions().safe(false) to load it (torchser's pickle reader never runs code from a file).";
+    } else if (single_file(checkpoint_path, ".bin", checkpoint_path)) {
+      hint = " It holds a pickle .bin file: pass LoadOptions().safe(false) to load it (torchser's pickle reader "
+             "never runs code from a file).";
+    }
+  }
   throw ValueError("Directory '" + checkpoint_path.string() +
                    "' does not contain a valid checkpoint. Expected either a sharded checkpoint with an index file, "
-                   "or a single model file.");
+                   "or a single model file." + hint);
 }
 
 } // namespace torchser

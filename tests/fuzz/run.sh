@@ -28,7 +28,7 @@ seeds_of() {
     safetensors_header|safetensors_file) echo tests/fuzz/corpus/safetensors $fixtures/safetensors-official-2022 ;;
     index_json) echo tests/fuzz/corpus/index_json ;;
     dduf) echo $fixtures/reference/dduf ;;
-    torch_load_file) echo $fixtures/reference/pickle $fixtures/reference/pickle/sharded ;;
+    torch_load_file) echo $fixtures/reference/pickle $fixtures/reference/pickle/sharded $fixtures/torch2 ;;
     pickle_vm) echo tests/fuzz/corpus/pickle_vm ;;
   esac
 }
