@@ -103,6 +103,36 @@ TEST(CliTest, VerifyExitCodesAndMessages) {
   EXPECT_THAT(trailing.output, HasSubstr("incomplete metadata, file not fully covered"));
 }
 
+TEST(CliTest, VerifyRefusesAnIndexThatDisagreesWithItsShards) {
+  TempDir dir;
+  StateDict a;
+  a.insert("a", at::arange(4, at::kFloat));
+  StateDict b;
+  b.insert("b", at::arange(4, at::kFloat));
+  b.insert("c", at::arange(4, at::kFloat));
+  save_file(a, dir / "model-00001-of-00002.safetensors", SafetensorsMetadata{{"format", "pt"}});
+  save_file(b, dir / "model-00002-of-00002.safetensors", SafetensorsMetadata{{"format", "pt"}});
+  const auto index = [&](const std::string& weight_map) {
+    std::ofstream(dir / "model.safetensors.index.json")
+        << R"({"metadata": {"total_size": 48}, "weight_map": )" << weight_map << "}";
+  };
+  index(R"({"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors",)"
+        R"( "c": "model-00002-of-00002.safetensors"})");
+  EXPECT_EQ(cli("verify " + quoted(dir.path())).status, 0);
+  // A tensor placed in the wrong shard (of two the index names).
+  index(R"({"a": "model-00002-of-00002.safetensors", "b": "model-00001-of-00002.safetensors",)"
+        R"( "c": "model-00002-of-00002.safetensors"})");
+  const CliRun wrong = cli("verify " + quoted(dir.path()));
+  EXPECT_EQ(wrong.status, 1) << wrong.output;
+  EXPECT_THAT(wrong.output, HasSubstr("names tensor 'b' in 'model-00001-of-00002.safetensors', but that shard does "
+                                      "not hold it (it is in 'model-00002-of-00002.safetensors')"));
+  // A tensor a shard holds that the index does not list.
+  index(R"({"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"})");
+  const CliRun unlisted = cli("verify " + quoted(dir.path()));
+  EXPECT_EQ(unlisted.status, 1) << unlisted.output;
+  EXPECT_THAT(unlisted.output, HasSubstr("holds tensor 'c', which the index does not list"));
+}
+
 TEST(CliTest, VerifyRefusesAnIndexWhoseShardsLeaveTheDirectory) {
   // The CLI reads indexes with the loader's checks: nothing outside the
   // checkpoint directory is opened.

@@ -260,27 +260,49 @@ int cmd_verify(const fs::path& path) {
   torchser::detail::IndexFile index;
   const auto files = checkpoint_files(path, &index);
   std::set<std::string> found;
+  std::map<std::string, std::set<std::string>> held; // shard file name → the tensors it holds
   for (const fs::path& file : files) {
     if (!fs::is_regular_file(file)) {
       throw torchser::FileNotFoundError("Shard '" + file.string() + "' named by the index is missing.");
     }
+    std::set<std::string>& names = held[file.filename().string()];
     if (file.extension() == ".safetensors") {
       // Named: tensors() refers into the reader, which must outlive the loop.
       const torchser::SafeOpen reader(file);
       for (const auto& info : reader.tensors()) {
-        found.insert(info.name);
+        names.insert(info.name);
       }
     } else {
       for (const auto& item : torchser::extract_state_dict(torchser::torch_load(file))) {
-        found.insert(item.key());
+        names.insert(item.key());
+      }
+    }
+    found.insert(names.begin(), names.end());
+  }
+  // The index and the shards agree exactly: a loader follows the index, so a
+  // tensor in another shard than it says, or one it does not list, is a
+  // checkpoint that loads wrong or not at all.
+  for (const auto& [shard, keys] : index.shards) {
+    for (const std::string& key : keys) {
+      if (held[shard].count(key) == 0) {
+        std::string elsewhere;
+        for (const auto& [other, names] : held) {
+          if (names.count(key) != 0) {
+            elsewhere = " (it is in '" + other + "')";
+          }
+        }
+        throw torchser::ValueError("The index names tensor '" + key + "' in '" + shard +
+                                   "', but that shard does not hold it" + elsewhere + ".");
       }
     }
   }
-  for (const auto& [shard, keys] : index.shards) {
-    for (const std::string& key : keys) {
-      if (found.count(key) == 0) {
-        throw torchser::ValueError("The index names tensor '" + key + "' in '" + shard +
-                                   "', but that shard does not hold it.");
+  if (!index.shards.empty()) {
+    for (const auto& [shard, names] : held) {
+      for (const std::string& name : names) {
+        if (index.keys.count(name) == 0) {
+          throw torchser::ValueError("Shard '" + shard + "' holds tensor '" + name +
+                                     "', which the index does not list: loaders following the index skip it.");
+        }
       }
     }
   }
