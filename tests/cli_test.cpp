@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include <torchser/load.h>
+#include <torchser/pickle.h>
 #include <torchser/safetensors.h>
 #include <torchser/save.h>
 
@@ -131,6 +132,33 @@ TEST(CliTest, VerifyRefusesAnIndexThatDisagreesWithItsShards) {
   const CliRun unlisted = cli("verify " + quoted(dir.path()));
   EXPECT_EQ(unlisted.status, 1) << unlisted.output;
   EXPECT_THAT(unlisted.output, HasSubstr("holds tensor 'c', which the index does not list"));
+}
+
+// The layouts the library loads: a Hub folder with both formats (safetensors
+// first), a folder holding one .dduf, an index named directly.
+TEST(CliTest, AcceptsTheLayoutsTheLibraryLoads) {
+  TempDir hub;
+  StateDict sd;
+  sd.insert("w", at::arange(6, at::kFloat));
+  save_file(sd, hub / "model.safetensors", SafetensorsMetadata{{"format", "pt"}});
+  torch_save(sd, hub / "pytorch_model.bin");
+  for (const char* command : {"verify", "inspect"}) {
+    const CliRun run = cli(std::string(command) + " " + quoted(hub.path()));
+    EXPECT_EQ(run.status, 0) << command << ": " << run.output;
+    EXPECT_THAT(run.output, HasSubstr("using model.safetensors")) << command;
+  }
+  TempDir with_dduf;
+  std::filesystem::copy_file(torchser::testing::fixtures_dir() / "reference/dduf/tiny_pipeline.dduf",
+                             with_dduf / "tiny_pipeline.dduf");
+  const CliRun dduf = cli("verify " + quoted(with_dduf.path()));
+  EXPECT_EQ(dduf.status, 0) << dduf.output;
+  EXPECT_THAT(dduf.output, HasSubstr("DDUF"));
+  const auto index = torchser::testing::fixtures_dir() / "reference/pickle/sharded/pytorch_model.bin.index.json";
+  const CliRun by_index = cli("verify " + quoted(index));
+  EXPECT_EQ(by_index.status, 0) << by_index.output;
+  EXPECT_THAT(by_index.output, HasSubstr("3 files"));
+  const CliRun listed = cli("inspect " + quoted(index));
+  EXPECT_THAT(listed.output, HasSubstr("pytorch_model-00001-of-00003.bin"));
 }
 
 TEST(CliTest, VerifyRefusesAnIndexWhoseShardsLeaveTheDirectory) {

@@ -126,12 +126,38 @@ std::optional<fs::path> find_index(const fs::path& dir) {
   return std::nullopt;
 }
 
-// The files of a checkpoint: its shards (sorted) or its single file.
+// What a user may name, resolved as the library resolves it: a folder whose
+// only checkpoint is one .dduf archive stands for that archive.
+fs::path resolve_target(const fs::path& path) {
+  if (!fs::is_directory(path) || find_index(path)) {
+    return path;
+  }
+  std::vector<fs::path> weights;
+  std::vector<fs::path> archives;
+  for (const auto& entry : fs::directory_iterator(path)) {
+    const auto ext = entry.path().extension();
+    if (entry.is_regular_file() && (ext == ".safetensors" || ext == ".bin")) {
+      weights.push_back(entry.path());
+    } else if (entry.is_regular_file() && ext == ".dduf") {
+      archives.push_back(entry.path());
+    }
+  }
+  return weights.empty() && archives.size() == 1 ? archives.front() : path;
+}
+
+// The files of a checkpoint: its shards (sorted) or its single file. An
+// index names the shards (an index path stands for its folder); without
+// one, a folder's single .safetensors file wins over a .bin, as in the
+// library's load_torch_model (a Hub repository often holds both).
 std::vector<fs::path> checkpoint_files(const fs::path& path, torchser::detail::IndexFile* index_out = nullptr) {
-  if (!fs::is_directory(path)) {
+  const std::string given = path.filename().string();
+  const bool index_given = fs::is_regular_file(path) && given.size() > 11 &&
+                           given.compare(given.size() - 11, 11, ".index.json") == 0;
+  if (!fs::is_directory(path) && !index_given) {
     return {path};
   }
-  if (const auto index_path = find_index(path)) {
+  const fs::path dir = index_given ? path.parent_path() : path;
+  if (const auto index_path = index_given ? std::optional<fs::path>(path) : find_index(dir)) {
     // The loader's own index reader: shard names that would leave the
     // directory are refused before any shard is opened.
     const std::string name = index_path->filename().string();
@@ -142,22 +168,34 @@ std::vector<fs::path> checkpoint_files(const fs::path& path, torchser::detail::I
     }
     std::vector<fs::path> files;
     for (const auto& [shard, keys] : index.shards) {
-      files.push_back(path / shard);
+      files.push_back(dir / shard);
     }
     return files;
   }
-  std::vector<fs::path> files;
-  for (const auto& entry : fs::directory_iterator(path)) {
+  std::vector<fs::path> safetensors;
+  std::vector<fs::path> pickles;
+  for (const auto& entry : fs::directory_iterator(dir)) {
     const auto ext = entry.path().extension();
-    if (entry.is_regular_file() && (ext == ".safetensors" || ext == ".bin")) {
-      files.push_back(entry.path());
+    if (entry.is_regular_file() && ext == ".safetensors") {
+      safetensors.push_back(entry.path());
+    } else if (entry.is_regular_file() && ext == ".bin") {
+      pickles.push_back(entry.path());
     }
   }
-  if (files.size() != 1) {
-    throw torchser::ValueError("Directory '" + path.string() +
-                               "' holds no index and not exactly one .safetensors or .bin file.");
+  if (safetensors.size() == 1) {
+    if (!pickles.empty()) {
+      std::cerr << "torchser: using " << safetensors.front().filename().string() << "; " << dir.string()
+                << " also holds " << pickles.front().filename().string() << " (as the library, safetensors first)\n";
+    }
+    return safetensors;
   }
-  return files;
+  if (safetensors.empty() && pickles.size() == 1) {
+    return pickles;
+  }
+  throw torchser::ValueError("Directory '" + dir.string() + "' holds no index and " +
+                             std::to_string(safetensors.size()) + " .safetensors and " +
+                             std::to_string(pickles.size()) +
+                             " .bin files: name the file to use, or add the checkpoint's index.");
 }
 
 Inspection inspect(const fs::path& path) {
@@ -178,7 +216,7 @@ Inspection inspect(const fs::path& path) {
   out.metadata = index.other_metadata;
   out.metadata.insert(out.metadata.end(), index.metadata.begin(), index.metadata.end());
   for (const fs::path& file : files) {
-    const std::string label = fs::is_directory(path) ? file.filename().string() : "";
+    const std::string label = file != path ? file.filename().string() : "";
     if (file.extension() == ".safetensors") {
       out.format = "safetensors";
       const torchser::SafeOpen st(file);
@@ -473,10 +511,10 @@ int main(int argc, char** argv) {
   }
   try {
     if (inspect_cmd->parsed()) {
-      return cmd_inspect(path, as_json);
+      return cmd_inspect(resolve_target(path), as_json);
     }
     if (verify_cmd->parsed()) {
-      return cmd_verify(verify_path);
+      return cmd_verify(resolve_target(verify_path));
     }
     if (convert_cmd->parsed()) {
       return cmd_convert(src, dst, to, max_shard_size);
