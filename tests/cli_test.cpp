@@ -161,6 +161,24 @@ TEST(CliTest, AcceptsTheLayoutsTheLibraryLoads) {
   EXPECT_THAT(listed.output, HasSubstr("pytorch_model-00001-of-00003.bin"));
 }
 
+TEST(CliTest, VerifyChecksTheCrcOfEveryPickleRecord) {
+  TempDir dir;
+  StateDict sd;
+  sd.insert("w", at::arange(1000, at::kFloat));
+  torch_save(sd, dir / "model.bin");
+  ASSERT_EQ(cli("verify " + quoted(dir / "model.bin")).status, 0);
+  // One byte of tensor data flipped: torch_load maps it without noticing.
+  std::string bytes = torchser::testing::read_file(dir / "model.bin");
+  const std::size_t at = bytes.find(std::string("\0\0\x80\x3f", 4)); // 1.0f, the second element
+  ASSERT_NE(at, std::string::npos);
+  bytes[at + 3] ^= 0x01;
+  std::ofstream(dir / "model.bin", std::ios::binary | std::ios::trunc) << bytes;
+  const CliRun run = cli("verify " + quoted(dir / "model.bin"));
+  EXPECT_EQ(run.status, 1) << run.output;
+  EXPECT_THAT(run.output, HasSubstr("Record 'model/data/0' of"));
+  EXPECT_THAT(run.output, HasSubstr("is corrupt: CRC-32"));
+}
+
 TEST(CliTest, VerifyRefusesAnIndexWhoseShardsLeaveTheDirectory) {
   // The CLI reads indexes with the loader's checks: nothing outside the
   // checkpoint directory is opened.

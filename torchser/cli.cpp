@@ -32,6 +32,7 @@
 
 #include "torchser/detail/file.h"
 #include "torchser/detail/index_json.h"
+#include "torchser/detail/zip.h"
 
 namespace {
 
@@ -284,6 +285,36 @@ int cmd_inspect(const fs::path& path, bool as_json) {
   return 0;
 }
 
+// Every record's CRC-32 against the ZIP directory: torch.load and the
+// loaders map records without checking them, so a flipped byte in tensor
+// data would load silently. Always on: ISA-L hashes at ~24 GB/s here, well
+// above the disk, so it costs one read of the file.
+void verify_zip_crcs(const fs::path& file) {
+  const auto mapped = torchser::detail::MappedFile::map(torchser::detail::File::open_read(file));
+  std::vector<torchser::detail::ZipEntry> entries;
+  try {
+    entries = torchser::detail::read_zip_directory(mapped->data(), mapped->size());
+  } catch (const torchser::detail::ZipFormatError& e) {
+    throw torchser::UnpicklingError("Cannot read '" + file.string() + "': " + e.what());
+  }
+  for (const auto& entry : entries) {
+    if (entry.method != 0 || entry.is_directory()) {
+      continue; // compressed records are refused by torch_load itself
+    }
+    if (entry.data_offset + entry.compressed_size > mapped->size()) {
+      throw torchser::UnpicklingError("Record '" + entry.name + "' of '" + file.string() + "' runs past the file.");
+    }
+    const std::uint32_t crc =
+        torchser::detail::crc32(0, mapped->data() + entry.data_offset, static_cast<std::size_t>(entry.compressed_size));
+    if (crc != entry.crc32) {
+      char buffer[64];
+      std::snprintf(buffer, sizeof buffer, "CRC-32 %08x, the ZIP directory says %08x", crc, entry.crc32);
+      throw torchser::UnpicklingError("Record '" + entry.name + "' of '" + file.string() + "' is corrupt: " + buffer +
+                                      ".");
+    }
+  }
+}
+
 int cmd_verify(const fs::path& path) {
   if (path.extension() == ".dduf") {
     const auto entries = torchser::read_dduf_file(path);
@@ -311,6 +342,7 @@ int cmd_verify(const fs::path& path) {
         names.insert(info.name);
       }
     } else {
+      verify_zip_crcs(file);
       for (const auto& item : torchser::extract_state_dict(torchser::torch_load(file))) {
         names.insert(item.key());
       }
