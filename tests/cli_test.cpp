@@ -179,6 +179,19 @@ TEST(CliTest, VerifyChecksTheCrcOfEveryPickleRecord) {
   EXPECT_THAT(run.output, HasSubstr("is corrupt: CRC-32"));
 }
 
+TEST(CliTest, InspectCountsATiedStorageOnce) {
+  TempDir dir;
+  StateDict sd;
+  const auto embed = at::arange(1000, at::kFloat); // 4000 bytes
+  sd.insert("embed.weight", embed);
+  sd.insert("lm_head.weight", embed);
+  sd.insert("bias", at::arange(10, at::kFloat)); // 40 bytes
+  torch_save(sd, dir / "tied.bin");
+  const auto out = nlohmann::json::parse(cli("inspect --json " + quoted(dir / "tied.bin")).output);
+  EXPECT_EQ(out["total_bytes"], 4040);
+  EXPECT_EQ(out["total_tensors"], 3);
+}
+
 TEST(CliTest, VerifyRefusesAnIndexWhoseShardsLeaveTheDirectory) {
   // The CLI reads indexes with the loader's checks: nothing outside the
   // checkpoint directory is opened.

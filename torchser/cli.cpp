@@ -28,6 +28,7 @@
 #include <torchser/pickle.h>
 #include <torchser/safetensors.h>
 #include <torchser/save.h>
+#include <torchser/storage.h>
 #include <torchser/version.h>
 
 #include "torchser/detail/file.h"
@@ -88,7 +89,26 @@ struct Row {
   std::vector<std::int64_t> shape;
   std::uint64_t bytes;
   std::string file;
+  /// The stored bytes this tensor views, once per storage: tensors sharing a
+  /// storage (tied weights in a .bin) count it once in the totals. Empty
+  /// for safetensors, where every tensor has bytes of its own.
+  std::string storage;
+  std::uint64_t storage_bytes = 0;
 };
+
+// What the rows occupy on disk: each storage once.
+std::uint64_t stored_bytes(const std::vector<Row>& rows) {
+  std::uint64_t total = 0;
+  std::set<std::string> seen;
+  for (const Row& row : rows) {
+    if (row.storage.empty()) {
+      total += row.bytes;
+    } else if (seen.insert(row.storage).second) {
+      total += row.storage_bytes;
+    }
+  }
+  return total;
+}
 
 struct Inspection {
   std::string format;
@@ -106,8 +126,12 @@ void add_safetensors(Inspection& out, const torchser::SafeOpen& file, const std:
 void add_state_dict(Inspection& out, const torchser::StateDict& sd, const std::string& label) {
   for (const auto& item : sd) {
     const at::Tensor& t = item.value();
+    const auto id = torchser::get_torch_storage_id(t);
+    const std::string storage =
+        label + "#" + (id ? std::to_string(id->data_ptr) + ":" + std::to_string(id->nbytes) : item.key());
     out.tensors.push_back({item.key(), c10::toString(t.scalar_type()), t.sizes().vec(),
-                           static_cast<std::uint64_t>(t.nbytes()), label});
+                           static_cast<std::uint64_t>(t.nbytes()), label, storage,
+                           static_cast<std::uint64_t>(t.numel() == 0 ? 0 : t.storage().nbytes())});
   }
 }
 
@@ -238,10 +262,7 @@ Inspection inspect(const fs::path& path) {
 
 int cmd_inspect(const fs::path& path, bool as_json) {
   const Inspection info = inspect(path);
-  std::uint64_t total = 0;
-  for (const Row& row : info.tensors) {
-    total += row.bytes;
-  }
+  const std::uint64_t total = stored_bytes(info.tensors);
   if (as_json) {
     json out;
     out["path"] = path.string();
