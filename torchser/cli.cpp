@@ -119,7 +119,8 @@ struct Inspection {
 
 void add_safetensors(Inspection& out, const torchser::SafeOpen& file, const std::string& label) {
   for (const auto& info : file.tensors()) {
-    out.tensors.push_back({info.name, torchser::safetensors_dtype_name(info.dtype), info.shape, info.end - info.begin, label});
+    out.tensors.push_back({info.name, torchser::safetensors_dtype_name(info.dtype), info.shape, info.end - info.begin, label,
+                           /*storage=*/"", 0});
   }
 }
 
@@ -445,24 +446,11 @@ int cmd_pack(const fs::path& folder, const fs::path& out) {
   // huggingface_hub does; a user packing a folder wants to hear about it
   // (an archive without its UNet weights is worse than no archive).
   if (fs::is_directory(folder)) {
-    std::vector<std::string> refused;
-    for (const auto& item : fs::recursive_directory_iterator(folder)) {
-      if (!item.is_regular_file()) {
-        continue;
-      }
-      const fs::path relative = item.path().lexically_relative(folder);
-      const std::string ext = relative.extension().string();
-      const bool allowed_ext = ext == ".json" || ext == ".model" || ext == ".safetensors" || ext == ".txt";
-      const auto depth = std::distance(relative.begin(), relative.end());
-      if (!allowed_ext || depth > 2) {
-        refused.push_back(relative.string());
-      }
-    }
-    if (!refused.empty()) {
-      std::sort(refused.begin(), refused.end());
+    const auto left_out = torchser::detail::dduf_folder_files(folder).left_out;
+    if (!left_out.empty()) {
       std::string list;
-      for (const auto& name : refused) {
-        list += (list.empty() ? "" : ", ") + name;
+      for (const auto& name : left_out) {
+        list += (list.empty() ? "" : ", ") + name.string();
       }
       throw torchser::ValueError("Cannot pack '" + folder.string() + "': DDUF cannot hold " + list +
                                  " (entries must be .json, .model, .safetensors or .txt files, at most one folder "

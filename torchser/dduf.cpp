@@ -376,8 +376,10 @@ void export_entries_as_dduf(const std::filesystem::path& dduf_path, const std::v
   file.commit(/*durable=*/true);
 }
 
-void export_folder_as_dduf(const std::filesystem::path& dduf_path, const std::filesystem::path& folder) {
-  std::vector<std::filesystem::path> files;
+namespace detail {
+
+DDUFFolderFiles dduf_folder_files(const std::filesystem::path& folder) {
+  DDUFFolderFiles out;
   for (const auto& item : std::filesystem::recursive_directory_iterator(folder)) {
     if (!item.is_regular_file()) {
       continue;
@@ -389,17 +391,20 @@ void export_folder_as_dduf(const std::filesystem::path& dduf_path, const std::fi
       const std::size_t dot = name.rfind('.');
       return (dot == std::string::npos || dot == 0 || dot + 1 == name.size()) ? std::string() : name.substr(dot);
     }();
-    if (kAllowedExtensions.count(suffix) == 0) {
-      continue; // file type not allowed
-    }
-    if (std::distance(relative.begin(), relative.end()) >= 3) {
-      continue; // nested directories not allowed
-    }
-    files.push_back(relative);
+    // A file type DDUF does not allow, or nested directories.
+    const bool allowed = kAllowedExtensions.count(suffix) != 0 && std::distance(relative.begin(), relative.end()) < 3;
+    (allowed ? out.kept : out.left_out).push_back(relative);
   }
-  std::sort(files.begin(), files.end());
+  std::sort(out.kept.begin(), out.kept.end());
+  std::sort(out.left_out.begin(), out.left_out.end());
+  return out;
+}
+
+} // namespace detail
+
+void export_folder_as_dduf(const std::filesystem::path& dduf_path, const std::filesystem::path& folder) {
   std::vector<DDUFExportEntry> entries;
-  for (const auto& relative : files) {
+  for (const auto& relative : detail::dduf_folder_files(folder).kept) {
     entries.push_back(DDUFExportEntry::from_file(relative.generic_string(), folder / relative));
   }
   export_entries_as_dduf(dduf_path, entries);

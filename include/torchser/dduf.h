@@ -154,6 +154,17 @@ namespace detail {
 /// or DDUFInvalidEntryNameError.
 TORCHSER_API std::string validate_dduf_entry_name(const std::string& entry_name);
 
+/// A folder's files as export_folder_as_dduf sees them, relative and sorted:
+/// those it packs, and those it leaves out (a file type DDUF does not allow,
+/// or more than one folder deep), as huggingface_hub does.
+struct TORCHSER_API DDUFFolderFiles {
+  std::vector<std::filesystem::path> kept; ///< packed, in this order
+  std::vector<std::filesystem::path> left_out; ///< skipped
+};
+
+/// The files of `folder` export_folder_as_dduf packs and leaves out.
+TORCHSER_API DDUFFolderFiles dduf_folder_files(const std::filesystem::path& folder);
+
 } // namespace detail
 
 } // namespace torchser
