@@ -3,12 +3,16 @@
 //   torchser inspect PATH [--json]
 //   torchser verify PATH
 //   torchser convert SRC DST [--to safetensors|pickle] [--max-shard-size SIZE]
+//   torchser recover DIR
 //   torchser pack FOLDER OUT.dduf
 //   torchser unpack IN.dduf FOLDER
 
 #include <unistd.h>
 
 #include <algorithm>
+#include <limits>
+#include <memory>
+#include <stdexcept>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
@@ -24,21 +28,23 @@
 
 #include <torchser/dduf.h>
 #include <torchser/errors.h>
-#include <torchser/load.h>
-#include <torchser/pickle.h>
-#include <torchser/safetensors.h>
 #include <torchser/save.h>
-#include <torchser/storage.h>
 #include <torchser/version.h>
 
+#include "torchser/detail/checkpoint_dir.h"
 #include "torchser/detail/file.h"
-#include "torchser/detail/index_json.h"
-#include "torchser/detail/zip.h"
+#include "torchser/detail/shared_tensors.h"
+#include "torchser/detail/tensor_file.h"
 
 namespace {
 
 namespace fs = std::filesystem;
 using json = nlohmann::ordered_json;
+
+// A command line that parses but asks for something contradictory: exit 2.
+struct UsageError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
 
 std::string human(std::uint64_t bytes) {
   const char* units[] = {"B", "KB", "MB", "GB", "TB"};
@@ -53,27 +59,38 @@ std::string human(std::uint64_t bytes) {
   return buffer;
 }
 
-// Progress on stderr: a bar redrawn in place on a terminal, a line per step
-// otherwise (logs stay readable).
-class Progress {
+// Progress on stderr: a bar redrawn in place on a terminal, quiet otherwise
+// (logs stay readable): then one line when the work is done.
+class ProgressBar {
  public:
-  Progress(std::string what, std::uint64_t total) : what_(std::move(what)), total_(total), tty_(::isatty(2) != 0) {}
-  void step(const std::string& item, std::uint64_t bytes) {
-    done_ += bytes;
-    if (tty_) {
-      const int width = 30;
-      const int filled = total_ == 0 ? width : static_cast<int>(width * static_cast<double>(done_) / static_cast<double>(total_));
-      std::fprintf(stderr, "\r%s [%s%s] %s / %s", what_.c_str(), std::string(filled, '#').c_str(),
-                   std::string(width - filled, ' ').c_str(), human(done_).c_str(), human(total_).c_str());
-      std::fflush(stderr);
-    } else {
-      std::fprintf(stderr, "%s: %s (%s)\n", what_.c_str(), item.c_str(), human(bytes).c_str());
+  ProgressBar(std::string what, std::uint64_t total) : what_(std::move(what)), total_(total), tty_(::isatty(2) != 0) {}
+  void set_total(std::uint64_t total) {
+    total_ = total;
+  }
+  /// `done` bytes of the total are through, the last of them `item`.
+  void step(const std::string& item, std::uint64_t done) {
+    done_ = done;
+    if (!tty_) {
+      return;
+    }
+    const int width = 30;
+    const int filled = total_ == 0 ? width
+                                   : static_cast<int>(width * std::min(1.0, static_cast<double>(done_) /
+                                                                                static_cast<double>(total_)));
+    std::string label = item.size() > 40 ? "..." + item.substr(item.size() - 37) : item;
+    std::fprintf(stderr, "\r%s [%s%s] %s / %s  %-40s", what_.c_str(), std::string(filled, '#').c_str(),
+                 std::string(width - filled, ' ').c_str(), human(done_).c_str(), human(total_).c_str(), label.c_str());
+    std::fflush(stderr);
+    drawn_ = true;
+  }
+  void finish() {
+    if (drawn_) {
+      std::fprintf(stderr, "\n");
+      drawn_ = false;
     }
   }
-  ~Progress() {
-    if (tty_) {
-      std::fprintf(stderr, "\n");
-    }
+  ~ProgressBar() {
+    finish();
   }
 
  private:
@@ -81,363 +98,298 @@ class Progress {
   std::uint64_t total_;
   std::uint64_t done_ = 0;
   bool tty_;
+  bool drawn_ = false;
 };
 
-struct Row {
-  std::string name;
-  std::string dtype;
-  std::vector<std::int64_t> shape;
-  std::uint64_t bytes;
-  std::string file;
-  /// The stored bytes this tensor views, once per storage: tensors sharing a
-  /// storage (tied weights in a .bin) count it once in the totals. Empty
-  /// for safetensors, where every tensor has bytes of its own.
-  std::string storage;
-  std::uint64_t storage_bytes = 0;
-};
+// What the CLI calls a checkpoint: the library's rules (detail::
+// resolve_checkpoint), with pickles and DDUF archives allowed, since the CLI
+// reads pickles without running code and takes archives as a whole.
+torchser::detail::Checkpoint resolve(const fs::path& path) {
+  torchser::detail::ResolveOptions options;
+  options.allow_pickle = true;
+  options.allow_dduf = true;
+  torchser::detail::Checkpoint checkpoint = torchser::detail::resolve_checkpoint(path, options);
+  if (!checkpoint.note.empty()) {
+    std::cerr << "torchser: " << checkpoint.note << "\n";
+  }
+  return checkpoint;
+}
 
-// What the rows occupy on disk: each storage once.
-std::uint64_t stored_bytes(const std::vector<Row>& rows) {
+std::string shown(const torchser::detail::Checkpoint& checkpoint, const fs::path& file) {
+  return checkpoint.kind == torchser::detail::Checkpoint::Kind::kSharded ? file.filename().string() : "";
+}
+
+// What the rows occupy on disk: each storage once (tensors sharing a storage
+// in a .bin count it once; safetensors tensors each have bytes of their own).
+std::uint64_t stored_bytes(const std::vector<std::pair<std::string, torchser::detail::TensorEntry>>& rows) {
   std::uint64_t total = 0;
   std::set<std::string> seen;
-  for (const Row& row : rows) {
-    if (row.storage.empty()) {
-      total += row.bytes;
-    } else if (seen.insert(row.storage).second) {
-      total += row.storage_bytes;
+  for (const auto& [file, entry] : rows) {
+    if (entry.storage.empty()) {
+      total += entry.nbytes;
+    } else if (seen.insert(file + "#" + entry.storage).second) {
+      total += entry.storage_bytes;
     }
   }
   return total;
 }
 
-struct Inspection {
-  std::string format;
-  std::vector<Row> tensors;
-  std::vector<std::pair<std::string, std::string>> metadata;
-  std::vector<std::pair<std::string, std::uint64_t>> entries; // DDUF
-};
-
-void add_safetensors(Inspection& out, const torchser::SafeOpen& file, const std::string& label) {
-  for (const auto& info : file.tensors()) {
-    out.tensors.push_back({info.name, torchser::safetensors_dtype_name(info.dtype), info.shape, info.end - info.begin, label,
-                           /*storage=*/"", 0});
-  }
-}
-
-void add_state_dict(Inspection& out, const torchser::StateDict& sd, const std::string& label) {
-  for (const auto& item : sd) {
-    const at::Tensor& t = item.value();
-    const auto id = torchser::get_torch_storage_id(t);
-    const std::string storage =
-        label + "#" + (id ? std::to_string(id->data_ptr) + ":" + std::to_string(id->nbytes) : item.key());
-    out.tensors.push_back({item.key(), c10::toString(t.scalar_type()), t.sizes().vec(),
-                           static_cast<std::uint64_t>(t.nbytes()), label, storage,
-                           static_cast<std::uint64_t>(t.numel() == 0 ? 0 : t.storage().nbytes())});
-  }
-}
-
-// The index of a checkpoint directory, if it has one.
-std::optional<fs::path> find_index(const fs::path& dir) {
-  for (const char* name : {"model.safetensors.index.json", "pytorch_model.bin.index.json"}) {
-    if (fs::is_regular_file(dir / name)) {
-      return dir / name;
-    }
-  }
-  for (const auto& entry : fs::directory_iterator(dir)) {
-    const std::string name = entry.path().filename().string();
-    if (name.size() > 11 && name.compare(name.size() - 11, 11, ".index.json") == 0) {
-      return entry.path();
-    }
-  }
-  return std::nullopt;
-}
-
-// What a user may name, resolved as the library resolves it: a folder whose
-// only checkpoint is one .dduf archive stands for that archive.
-fs::path resolve_target(const fs::path& path) {
-  if (!fs::is_directory(path) || find_index(path)) {
-    return path;
-  }
-  std::vector<fs::path> weights;
-  std::vector<fs::path> archives;
-  for (const auto& entry : fs::directory_iterator(path)) {
-    const auto ext = entry.path().extension();
-    if (entry.is_regular_file() && (ext == ".safetensors" || ext == ".bin")) {
-      weights.push_back(entry.path());
-    } else if (entry.is_regular_file() && ext == ".dduf") {
-      archives.push_back(entry.path());
-    }
-  }
-  return weights.empty() && archives.size() == 1 ? archives.front() : path;
-}
-
-// The files of a checkpoint: its shards (sorted) or its single file. An
-// index names the shards (an index path stands for its folder); without
-// one, a folder's single .safetensors file wins over a .bin, as in the
-// library's load_torch_model (a Hub repository often holds both).
-std::vector<fs::path> checkpoint_files(const fs::path& path, torchser::detail::IndexFile* index_out = nullptr) {
-  const std::string given = path.filename().string();
-  const bool index_given = fs::is_regular_file(path) && given.size() > 11 &&
-                           given.compare(given.size() - 11, 11, ".index.json") == 0;
-  if (!fs::is_directory(path) && !index_given) {
-    return {path};
-  }
-  const fs::path dir = index_given ? path.parent_path() : path;
-  if (const auto index_path = index_given ? std::optional<fs::path>(path) : find_index(dir)) {
-    // The loader's own index reader: shard names that would leave the
-    // directory are refused before any shard is opened.
-    const std::string name = index_path->filename().string();
-    const std::string extension = fs::path(name.substr(0, name.size() - 11)).extension().string();
-    const torchser::detail::IndexFile index = torchser::detail::read_index(*index_path, extension);
-    if (index_out != nullptr) {
-      *index_out = index;
-    }
-    std::vector<fs::path> files;
-    for (const auto& [shard, keys] : index.shards) {
-      files.push_back(dir / shard);
-    }
-    return files;
-  }
-  std::vector<fs::path> safetensors;
-  std::vector<fs::path> pickles;
-  for (const auto& entry : fs::directory_iterator(dir)) {
-    const auto ext = entry.path().extension();
-    if (entry.is_regular_file() && ext == ".safetensors") {
-      safetensors.push_back(entry.path());
-    } else if (entry.is_regular_file() && ext == ".bin") {
-      pickles.push_back(entry.path());
-    }
-  }
-  if (safetensors.size() == 1) {
-    if (!pickles.empty()) {
-      std::cerr << "torchser: using " << safetensors.front().filename().string() << "; " << dir.string()
-                << " also holds " << pickles.front().filename().string() << " (as the library, safetensors first)\n";
-    }
-    return safetensors;
-  }
-  if (safetensors.empty() && pickles.size() == 1) {
-    return pickles;
-  }
-  throw torchser::ValueError("Directory '" + dir.string() + "' holds no index and " +
-                             std::to_string(safetensors.size()) + " .safetensors and " +
-                             std::to_string(pickles.size()) +
-                             " .bin files: name the file to use, or add the checkpoint's index.");
-}
-
-Inspection inspect(const fs::path& path) {
-  Inspection out;
-  if (path.extension() == ".dduf") {
-    out.format = "dduf";
-    for (const auto& item : torchser::read_dduf_file(path)) {
-      const torchser::DDUFEntry& entry = item.value();
-      out.entries.emplace_back(entry.filename, entry.length);
-      if (fs::path(entry.filename).extension() == ".safetensors") {
-        add_safetensors(out, torchser::SafeOpen(path, entry.offset, entry.length), entry.filename);
+std::vector<std::pair<std::string, torchser::detail::TensorEntry>> dduf_tensors(
+    const torchser::OrderedMap<torchser::DDUFEntry>& entries) {
+  std::vector<std::pair<std::string, torchser::detail::TensorEntry>> rows;
+  for (const auto& item : entries) {
+    const torchser::DDUFEntry& entry = item.value();
+    if (fs::path(entry.filename).extension() == ".safetensors") {
+      const auto file = torchser::detail::open_tensor_file(entry.dduf_path, entry.offset, entry.length,
+                                                           entry.dduf_path.string() + ":" + entry.filename);
+      for (const auto& tensor : file->entries()) {
+        rows.emplace_back(entry.filename, tensor);
       }
     }
-    return out;
   }
-  torchser::detail::IndexFile index;
-  const auto files = checkpoint_files(path, &index);
-  out.metadata = index.other_metadata;
-  out.metadata.insert(out.metadata.end(), index.metadata.begin(), index.metadata.end());
-  for (const fs::path& file : files) {
-    const std::string label = file != path ? file.filename().string() : "";
-    if (file.extension() == ".safetensors") {
-      out.format = "safetensors";
-      const torchser::SafeOpen st(file);
-      if (files.size() == 1 && st.metadata()) {
-        out.metadata.assign(st.metadata()->begin(), st.metadata()->end());
-      }
-      add_safetensors(out, st, label);
-    } else {
-      out.format = "pickle";
-      add_state_dict(out, torchser::extract_state_dict(torchser::torch_load(file)), label);
-    }
-  }
-  if (files.size() > 1) {
-    out.format += " (sharded, " + std::to_string(files.size()) + " files)";
-  }
-  return out;
+  return rows;
 }
 
 int cmd_inspect(const fs::path& path, bool as_json) {
-  const Inspection info = inspect(path);
-  const std::uint64_t total = stored_bytes(info.tensors);
+  const torchser::detail::Checkpoint checkpoint = resolve(path);
+  std::string format;
+  std::vector<std::pair<std::string, torchser::detail::TensorEntry>> rows;
+  std::vector<std::pair<std::string, std::string>> metadata;
+  std::vector<std::pair<std::string, std::uint64_t>> archive_entries;
+  std::optional<std::string> interrupted;
+  if (checkpoint.kind == torchser::detail::Checkpoint::Kind::kDDUF) {
+    format = "dduf";
+    const auto entries = torchser::read_dduf_file(checkpoint.files.front());
+    for (const auto& item : entries) {
+      archive_entries.emplace_back(item.key(), item.value().length);
+    }
+    rows = dduf_tensors(entries);
+  } else {
+    if (checkpoint.is_directory) {
+      interrupted = torchser::detail::interrupted_save(checkpoint.directory);
+    }
+    metadata = checkpoint.index.other_metadata;
+    metadata.insert(metadata.end(), checkpoint.index.metadata.begin(), checkpoint.index.metadata.end());
+    for (const fs::path& path_of_file : checkpoint.files) {
+      const auto file = torchser::detail::open_tensor_file(path_of_file);
+      if (!file->note().empty()) {
+        std::cerr << "torchser: " << file->note() << "\n";
+      }
+      format = torchser::detail::format_name(file->format());
+      if (checkpoint.kind == torchser::detail::Checkpoint::Kind::kFile && file->metadata()) {
+        metadata = *file->metadata();
+      }
+      for (const auto& entry : file->entries()) {
+        rows.emplace_back(shown(checkpoint, path_of_file), entry);
+      }
+    }
+    if (checkpoint.kind == torchser::detail::Checkpoint::Kind::kSharded) {
+      format += " (sharded, " + std::to_string(checkpoint.files.size()) + " files)";
+    }
+  }
+  const std::uint64_t total = stored_bytes(rows);
   if (as_json) {
     json out;
     out["path"] = path.string();
-    out["format"] = info.format;
+    out["format"] = format;
     out["tensors"] = json::array();
-    for (const Row& row : info.tensors) {
-      out["tensors"].push_back({{"name", row.name}, {"dtype", row.dtype}, {"shape", row.shape}, {"bytes", row.bytes},
-                                {"file", row.file}});
+    for (const auto& [file, entry] : rows) {
+      out["tensors"].push_back({{"name", entry.name}, {"dtype", entry.dtype}, {"shape", entry.shape},
+                                {"bytes", entry.nbytes}, {"file", file}});
     }
     out["metadata"] = json::object();
-    for (const auto& [key, value] : info.metadata) {
+    for (const auto& [key, value] : metadata) {
       out["metadata"][key] = value;
     }
-    if (!info.entries.empty()) {
+    if (!archive_entries.empty()) {
       out["entries"] = json::object();
-      for (const auto& [name, length] : info.entries) {
+      for (const auto& [name, length] : archive_entries) {
         out["entries"][name] = length;
       }
     }
-    out["total_tensors"] = info.tensors.size();
+    out["total_tensors"] = rows.size();
     out["total_bytes"] = total;
+    if (interrupted) {
+      out["interrupted_save"] = *interrupted;
+    }
     std::cout << out.dump(2) << "\n";
     return 0;
   }
-  std::cout << path.string() << ": " << info.format << "\n";
-  for (const auto& [name, length] : info.entries) {
+  std::cout << path.string() << ": " << format << "\n";
+  if (interrupted) {
+    std::cout << "  INTERRUPTED SAVE: " << *interrupted << "\n";
+  }
+  for (const auto& [name, length] : archive_entries) {
     std::cout << "  entry " << name << "  " << human(length) << "\n";
   }
-  for (const Row& row : info.tensors) {
+  for (const auto& [file, entry] : rows) {
     std::string shape = "[";
-    for (std::size_t i = 0; i < row.shape.size(); ++i) {
-      shape += (i ? ", " : "") + std::to_string(row.shape[i]);
+    for (std::size_t i = 0; i < entry.shape.size(); ++i) {
+      shape += (i ? ", " : "") + std::to_string(entry.shape[i]);
     }
-    std::cout << "  " << row.name << "  " << row.dtype << "  " << shape << "]  " << human(row.bytes)
-              << (row.file.empty() ? "" : "  " + row.file) << "\n";
+    std::cout << "  " << entry.name << "  " << entry.dtype << "  " << shape << "]  " << human(entry.nbytes)
+              << (file.empty() ? "" : "  " + file) << "\n";
   }
-  for (const auto& [key, value] : info.metadata) {
+  for (const auto& [key, value] : metadata) {
     std::cout << "  metadata " << key << " = " << value << "\n";
   }
-  std::cout << info.tensors.size() << " tensors, " << human(total) << "\n";
+  std::cout << rows.size() << " tensors, " << human(total) << "\n";
   return 0;
-}
-
-// Every record's CRC-32 against the ZIP directory: torch.load and the
-// loaders map records without checking them, so a flipped byte in tensor
-// data would load silently. Always on: ISA-L hashes at ~24 GB/s here, well
-// above the disk, so it costs one read of the file.
-void verify_zip_crcs(const fs::path& file) {
-  const auto mapped = torchser::detail::MappedFile::map(torchser::detail::File::open_read(file));
-  std::vector<torchser::detail::ZipEntry> entries;
-  try {
-    entries = torchser::detail::read_zip_directory(mapped->data(), mapped->size());
-  } catch (const torchser::detail::ZipFormatError& e) {
-    throw torchser::UnpicklingError("Cannot read '" + file.string() + "': " + e.what());
-  }
-  for (const auto& entry : entries) {
-    if (entry.method != 0 || entry.is_directory()) {
-      continue; // compressed records are refused by torch_load itself
-    }
-    if (entry.data_offset + entry.compressed_size > mapped->size()) {
-      throw torchser::UnpicklingError("Record '" + entry.name + "' of '" + file.string() + "' runs past the file.");
-    }
-    const std::uint32_t crc =
-        torchser::detail::crc32(0, mapped->data() + entry.data_offset, static_cast<std::size_t>(entry.compressed_size));
-    if (crc != entry.crc32) {
-      char buffer[64];
-      std::snprintf(buffer, sizeof buffer, "CRC-32 %08x, the ZIP directory says %08x", crc, entry.crc32);
-      throw torchser::UnpicklingError("Record '" + entry.name + "' of '" + file.string() + "' is corrupt: " + buffer +
-                                      ".");
-    }
-  }
 }
 
 int cmd_verify(const fs::path& path) {
-  if (path.extension() == ".dduf") {
-    const auto entries = torchser::read_dduf_file(path);
-    for (const auto& item : entries) {
-      if (fs::path(item.key()).extension() == ".safetensors") {
-        torchser::SafeOpen(path, item.value().offset, item.value().length); // every rule of the format
-      }
-    }
-    std::cout << "OK: " << path.string() << " (DDUF, " << entries.size() << " entries)\n";
+  const torchser::detail::Checkpoint checkpoint = resolve(path);
+  if (checkpoint.kind == torchser::detail::Checkpoint::Kind::kDDUF) {
+    const auto entries = torchser::read_dduf_file(checkpoint.files.front()); // every rule of the archive
+    const auto tensors = dduf_tensors(entries);                             // and of its safetensors entries
+    std::cout << "OK: " << checkpoint.files.front().string() << " (DDUF, " << entries.size() << " entries, "
+              << tensors.size() << " tensors)\n";
     return 0;
   }
-  torchser::detail::IndexFile index;
-  const auto files = checkpoint_files(path, &index);
-  std::set<std::string> found;
-  std::map<std::string, std::set<std::string>> held; // shard file name → the tensors it holds
-  for (const fs::path& file : files) {
-    if (!fs::is_regular_file(file)) {
-      throw torchser::FileNotFoundError("Shard '" + file.string() + "' named by the index is missing.");
-    }
-    std::set<std::string>& names = held[file.filename().string()];
-    if (file.extension() == ".safetensors") {
-      // Named: tensors() refers into the reader, which must outlive the loop.
-      const torchser::SafeOpen reader(file);
-      for (const auto& info : reader.tensors()) {
-        names.insert(info.name);
-      }
-    } else {
-      verify_zip_crcs(file);
-      for (const auto& item : torchser::extract_state_dict(torchser::torch_load(file))) {
-        names.insert(item.key());
-      }
-    }
-    found.insert(names.begin(), names.end());
-  }
-  // The index and the shards agree exactly: a loader follows the index, so a
-  // tensor in another shard than it says, or one it does not list, is a
-  // checkpoint that loads wrong or not at all.
-  for (const auto& [shard, keys] : index.shards) {
-    for (const std::string& key : keys) {
-      if (held[shard].count(key) == 0) {
-        std::string elsewhere;
-        for (const auto& [other, names] : held) {
-          if (names.count(key) != 0) {
-            elsewhere = " (it is in '" + other + "')";
-          }
-        }
-        throw torchser::ValueError("The index names tensor '" + key + "' in '" + shard +
-                                   "', but that shard does not hold it" + elsewhere + ".");
-      }
+  if (checkpoint.is_directory) {
+    if (const auto interrupted = torchser::detail::interrupted_save(checkpoint.directory)) {
+      std::cout << "INTERRUPTED SAVE: " << *interrupted << "\n";
+      return 1;
     }
   }
-  if (!index.shards.empty()) {
-    for (const auto& [shard, names] : held) {
-      for (const std::string& name : names) {
-        if (index.keys.count(name) == 0) {
-          throw torchser::ValueError("Shard '" + shard + "' holds tensor '" + name +
-                                     "', which the index does not list: loaders following the index skip it.");
-        }
-      }
-    }
+  const torchser::detail::VerifyReport report = torchser::detail::verify_checkpoint(checkpoint);
+  for (const std::string& note : report.notes) {
+    std::cerr << "torchser: " << note << "\n";
   }
-  std::cout << "OK: " << path.string() << " (" << files.size() << " file" << (files.size() == 1 ? "" : "s") << ", "
-            << found.size() << " tensors)\n";
+  std::cout << "OK: " << path.string() << " (" << report.files << " file" << (report.files == 1 ? "" : "s") << ", "
+            << report.tensors << " tensors)\n";
   return 0;
 }
 
-int cmd_convert(const fs::path& src, const fs::path& dst, const std::string& to, const std::string& max_shard_size) {
-  const auto files = checkpoint_files(src);
+int cmd_recover(const fs::path& path) {
+  std::error_code ec;
+  if (!fs::is_directory(path, ec)) {
+    throw torchser::FileNotFoundError("No checkpoint directory at '" + path.string() + "'.");
+  }
+  const auto interrupted = torchser::detail::interrupted_save(path);
+  if (!interrupted) {
+    std::cout << "Nothing to recover in " << path.string() << "\n";
+    return 0;
+  }
+  if (!torchser::recover_interrupted_save(path)) {
+    throw torchser::OSError("Cannot recover '" + path.string() + "': " + *interrupted + ".");
+  }
+  std::cout << "Recovered " << path.string() << ": " << *interrupted << "\n";
+  return 0;
+}
+
+bool ends_with(const std::string& name, const std::string& suffix) {
+  return name.size() > suffix.size() && name.compare(name.size() - suffix.size(), std::string::npos, suffix) == 0;
+}
+
+int cmd_convert(const fs::path& src, const fs::path& dst, std::string to, const std::string& max_shard_size) {
+  const torchser::detail::Checkpoint checkpoint = resolve(src);
+  if (checkpoint.kind == torchser::detail::Checkpoint::Kind::kDDUF) {
+    throw torchser::ValueError("Cannot convert '" + checkpoint.files.front().string() +
+                               "': a DDUF archive holds a pipeline; unpack it and convert one model folder.");
+  }
+  // DST ending in a format's extension is a file; anything else a folder.
+  const std::string dst_name = dst.filename().string();
+  const bool to_file = ends_with(dst_name, ".safetensors") || ends_with(dst_name, ".bin");
+  if (to_file) {
+    const std::string implied = ends_with(dst_name, ".bin") ? "pickle" : "safetensors";
+    if (!to.empty() && to != implied) {
+      throw UsageError("--to " + to + " contradicts the destination '" + dst.string() + "'");
+    }
+    to = implied;
+  }
+  if (to.empty()) {
+    to = "safetensors";
+  }
+  const bool safe = to != "pickle";
+
+  // The source, on its mapped files: tensors are views, read as they are
+  // written and released after (resident memory stays near one tensor).
+  std::vector<std::unique_ptr<torchser::detail::TensorFile>> files;
+  std::map<std::string, const torchser::detail::TensorFile*> file_of;
   torchser::StateDict all;
-  for (const fs::path& file : files) {
-    for (const auto& item : torchser::load_state_dict_from_file(file, torchser::LoadOptions().mmap(true))) {
-      all.insert(item.key(), item.value());
+  std::vector<std::pair<std::string, std::string>> metadata = checkpoint.index.metadata;
+  for (const fs::path& path : checkpoint.files) {
+    files.push_back(torchser::detail::open_tensor_file(path));
+    const auto& file = *files.back();
+    if (!file.note().empty()) {
+      std::cerr << "torchser: " << file.note() << "\n";
+    }
+    if (checkpoint.kind == torchser::detail::Checkpoint::Kind::kFile && file.metadata()) {
+      metadata = *file.metadata();
+    }
+    for (const auto& entry : file.entries()) {
+      all.insert(entry.name, file.get(entry.name));
+      file_of[entry.name] = &file;
     }
   }
-  // Plain bytes ("1000000") as well as size strings ("2GB"), as the
-  // library's ShardSize takes both.
-  const bool digits = !max_shard_size.empty() &&
-                      std::all_of(max_shard_size.begin(), max_shard_size.end(), [](char c) { return c >= '0' && c <= '9'; });
-  const torchser::ShardSize shard_size =
-      digits ? torchser::ShardSize(std::stoll(max_shard_size)) : torchser::ShardSize(max_shard_size);
-  std::uint64_t total = 0;
-  for (const auto& item : all) {
-    total += static_cast<std::uint64_t>(item.value().nbytes());
+  // Metadata and alias records travel: safetensors keeps them as metadata
+  // (its writer records new aliases too); a torch.save file holds shared
+  // storage itself, so the aliases become names on the kept tensors again.
+  torchser::Metadata kept_metadata;
+  if (!safe) {
+    torchser::detail::retie_aliases(all, metadata);
   }
-  // A failed convert leaves no directory it created behind.
-  const bool created = !fs::exists(dst);
+  for (const auto& [key, value] : metadata) {
+    if (key == "format" || (!safe && all.contains(key) && all.contains(value))) {
+      continue;
+    }
+    kept_metadata.insert(key, value);
+  }
+
+  torchser::SaveOptions options;
+  options.safe_serialization(safe).metadata(kept_metadata);
+  fs::path directory = dst;
+  if (to_file) {
+    directory = dst.parent_path().empty() ? fs::path(".") : dst.parent_path();
+    options.filename_pattern(dst_name).max_shard_size(std::numeric_limits<std::int64_t>::max());
+  } else {
+    // Plain bytes ("1000000") as well as size strings ("2GB"), as the
+    // library's ShardSize takes both.
+    const bool digits = !max_shard_size.empty() && std::all_of(max_shard_size.begin(), max_shard_size.end(),
+                                                               [](char c) { return c >= '0' && c <= '9'; });
+    options.max_shard_size(digits ? torchser::ShardSize(std::stoll(max_shard_size))
+                                  : torchser::ShardSize(max_shard_size));
+  }
+  if (!safe && !checkpoint.files.empty() && to_file && !kept_metadata.empty()) {
+    std::cerr << "torchser: a single torch.save file has no metadata; not kept:";
+    for (const auto& item : kept_metadata) {
+      std::cerr << " " << item.key();
+    }
+    std::cerr << "\n";
+    options.metadata(torchser::Metadata());
+  }
+  std::uint64_t total = 0;
+  ProgressBar progress("convert", 0);
+  options.progress([&](const torchser::Progress& p) {
+    progress.set_total(p.bytes_total);
+    progress.step(p.file + ": " + p.tensor, p.bytes_done);
+    if (const auto it = file_of.find(p.tensor); it != file_of.end()) {
+      it->second->release(p.tensor);
+    }
+    total = p.bytes_total;
+  });
+  // A failed convert leaves no directory it created behind (and the save
+  // itself commits nothing unless it completes).
+  std::error_code ec;
+  const bool created = !to_file && !fs::exists(dst, ec);
   try {
-    fs::create_directories(dst);
-    Progress progress("convert", total);
-    torchser::save_torch_state_dict(
-        all, dst, torchser::SaveOptions().safe_serialization(to != "pickle").max_shard_size(shard_size));
-    progress.step(dst.string(), total);
+    if (!to_file) {
+      fs::create_directories(dst);
+    } else if (!fs::is_directory(directory, ec)) {
+      throw torchser::FileNotFoundError("Cannot write '" + dst.string() + "': no directory '" + directory.string() +
+                                        "'.");
+    }
+    torchser::save_torch_state_dict(all, directory, options);
   } catch (...) {
     if (created) {
-      std::error_code ignored;
-      fs::remove_all(dst, ignored);
+      fs::remove_all(dst, ec);
     }
     throw;
   }
+  progress.finish();
   std::cout << "Converted " << all.size() << " tensors (" << human(total) << ") from " << src.string() << " to "
-            << dst.string() << " as " << (to == "pickle" ? "pickle" : "safetensors") << "\n";
+            << dst.string() << " as " << to << "\n";
   return 0;
 }
 
@@ -484,7 +436,8 @@ int cmd_unpack(const fs::path& archive, const fs::path& folder) {
     total += item.value().length;
     refuse_symlinks(folder, item.key());
   }
-  Progress progress("unpack", total);
+  ProgressBar progress("unpack", total);
+  std::uint64_t done = 0;
   for (const auto& item : entries) {
     const fs::path target = folder / item.key();
     fs::create_directories(target.parent_path());
@@ -496,7 +449,8 @@ int cmd_unpack(const fs::path& archive, const fs::path& folder) {
     file.preallocate(bytes.size());
     file.write(bytes.view().data(), bytes.size());
     file.commit(/*durable=*/true);
-    progress.step(item.key(), item.value().length);
+    done += item.value().length;
+    progress.step(item.key(), done);
   }
   std::cout << "Unpacked " << entries.size() << " entries into " << folder.string() << "\n";
   return 0;
@@ -520,12 +474,13 @@ int main(int argc, char** argv) {
 
   std::string src;
   std::string dst;
-  std::string to = "safetensors";
+  std::string to;
   std::string max_shard_size = "5GB";
   auto* convert_cmd = app.add_subcommand("convert", "Convert a checkpoint between pickle .bin and safetensors");
   convert_cmd->add_option("SRC", src, "a file or a checkpoint directory")->required();
-  convert_cmd->add_option("DST", dst, "the output directory")->required();
-  convert_cmd->add_option("--to", to, "safetensors (default), or pickle (also: bin)")
+  convert_cmd->add_option("DST", dst, "the output: a file when it ends in .safetensors or .bin, else a folder")
+      ->required();
+  convert_cmd->add_option("--to", to, "safetensors (default), or pickle (also: bin); implied by a file DST")
       ->check(CLI::IsMember({"safetensors", "pickle", "bin"}));
   convert_cmd->add_option("--max-shard-size", max_shard_size, "largest shard, e.g. 2GB or 1000000 bytes (default 5GB)");
 
@@ -540,6 +495,10 @@ int main(int argc, char** argv) {
   unpack_cmd->add_option("IN", unpack_archive, "the .dduf file")->required();
   unpack_cmd->add_option("FOLDER", unpack_folder, "the folder to write")->required();
 
+  std::string recover_path;
+  auto* recover_cmd = app.add_subcommand("recover", "Complete or undo an interrupted save of a checkpoint folder");
+  recover_cmd->add_option("DIR", recover_path, "the checkpoint folder")->required();
+
   app.set_version_flag("--version", std::string("torchser ") + TORCHSER_VERSION + " (LibTorch " + TORCH_VERSION + ")");
   try {
     app.parse(argc, argv);
@@ -552,18 +511,24 @@ int main(int argc, char** argv) {
   }
   try {
     if (inspect_cmd->parsed()) {
-      return cmd_inspect(resolve_target(path), as_json);
+      return cmd_inspect(path, as_json);
     }
     if (verify_cmd->parsed()) {
-      return cmd_verify(resolve_target(verify_path));
+      return cmd_verify(verify_path);
     }
     if (convert_cmd->parsed()) {
       return cmd_convert(src, dst, to, max_shard_size);
+    }
+    if (recover_cmd->parsed()) {
+      return cmd_recover(recover_path);
     }
     if (pack_cmd->parsed()) {
       return cmd_pack(folder, archive);
     }
     return cmd_unpack(unpack_archive, unpack_folder);
+  } catch (const UsageError& e) {
+    std::cerr << "torchser: " << e.what() << "\n";
+    return 2; // a usage error found after parsing
   } catch (const std::exception& e) {
     std::cerr << "torchser: " << e.what() << "\n";
     return 1;

@@ -9,10 +9,11 @@
 #include <nlohmann/json.hpp>
 
 #include <torchser/load.h>
-#include <torchser/save.h>
 
 #include "torchser/detail/file.h"
-#include "torchser/detail/load_safetensors.h"
+#include "torchser/detail/load_file.h"
+#include "torchser/detail/shared_tensors.h"
+#include "torchser/detail/tensor_file.h"
 #include "torchser/detail/python_format.h"
 #include "torchser/detail/zip.h"
 
@@ -285,20 +286,11 @@ DDUFExportEntry DDUFExportEntry::from_state_dict(std::string filename, StateDict
   // As save_torch_state_dict writes a file: tied weights stored once, the
   // other names recorded as aliases (load_torch_model re-ties them).
   SafetensorsMetadata metadata{{"format", "pt"}};
-  std::set<std::string> dropped;
-  for (const auto& item : remove_duplicate_names(state_dict)) {
-    for (const std::string& alias : item.value()) {
-      metadata.emplace(alias, item.key());
-      dropped.insert(alias);
-    }
+  detail::DroppedAliases tied = detail::drop_aliases(state_dict);
+  for (const auto& [alias, kept] : tied.aliases) {
+    metadata.emplace(alias, kept);
   }
-  StateDict kept;
-  for (const auto& item : state_dict) {
-    if (dropped.count(item.key()) == 0) {
-      kept.insert(item.key(), item.value());
-    }
-  }
-  return from_producer(std::move(filename), [sd = std::move(kept), metadata](const ByteSink& sink) {
+  return from_producer(std::move(filename), [sd = std::move(tied.kept), metadata](const ByteSink& sink) {
     SafetensorsWriter(sd, metadata, /*force_contiguous=*/true).write(sink);
   });
 }
@@ -414,20 +406,18 @@ void export_folder_as_dduf(const std::filesystem::path& dduf_path, const std::fi
 // Loading from an entry
 
 StateDict load_state_dict_from_dduf_entry(const DDUFEntry& entry) {
-  const SafeOpen file(entry.dduf_path, entry.offset, entry.length);
-  StateDict out;
-  for (const auto& info : file.tensors()) {
-    out.insert(info.name, file.get_tensor(info.name));
-  }
-  return out;
+  return detail::read_all(*detail::open_tensor_file(entry.dduf_path, entry.offset, entry.length,
+                                                    entry.dduf_path.string() + ":" + entry.filename));
 }
 
 LoadResult load_torch_model_from_dduf_entry(
     torch::nn::Module& model,
     const DDUFEntry& entry,
     const LoadOptions& options) {
-  const SafeOpen file(entry.dduf_path, entry.offset, entry.length);
-  return detail::load_safetensors_into(model, file, entry.dduf_path.string() + ":" + entry.filename, options);
+  const auto file = detail::open_tensor_file(entry.dduf_path, entry.offset, entry.length,
+                                             entry.dduf_path.string() + ":" + entry.filename,
+                                             {options.backend(), std::nullopt});
+  return detail::load_tensor_file_into(model, *file, options);
 }
 
 } // namespace torchser

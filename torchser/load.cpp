@@ -1,43 +1,26 @@
 #include <torchser/load.h>
 
 #include <algorithm>
-#include <fstream>
 #include <functional>
 #include <map>
 #include <set>
-#include <sstream>
 #include <utility>
 
 #include <c10/util/Exception.h>
-#include <nlohmann/json.hpp>
 #include <torch/nn/module.h>
 
 #include <torchser/constants.h>
 #include <torchser/module.h>
-#include <torchser/pickle.h>
-#include <torchser/safetensors.h>
-#include <torchser/save.h>
 
-#include "torchser/detail/directory_lock.h"
-#include "torchser/detail/index_json.h"
-#include "torchser/detail/load_safetensors.h"
-#include "torchser/detail/python_format.h"
+#include "torchser/detail/checkpoint_dir.h"
+#include "torchser/detail/load_file.h"
+#include "torchser/detail/tensor_file.h"
 
 namespace torchser {
 namespace {
 
 bool has_suffix(const std::string& name, const std::string& suffix) {
   return name.size() >= suffix.size() && name.compare(name.size() - suffix.size(), std::string::npos, suffix) == 0;
-}
-
-// Python's PurePath(name).suffix.
-std::string path_suffix(const std::string& path) {
-  const std::string name = std::filesystem::path(path).filename().string();
-  const std::size_t dot = name.rfind('.');
-  if (dot == std::string::npos || dot == 0 || dot + 1 == name.size()) {
-    return "";
-  }
-  return name.substr(dot);
 }
 
 std::string torch_size(c10::IntArrayRef sizes) {
@@ -54,33 +37,6 @@ std::string quoted_list(const std::vector<std::string>& keys, const char* separa
     out += (i == 0 ? "\"" : std::string(separator) + "\"") + keys[i] + "\"";
   }
   return out;
-}
-
-// M-T9: a safetensors file with metadata must say format "pt" or "mlx".
-void check_format_metadata(const SafeOpen& file, const std::string& path) {
-  const auto& metadata = file.metadata();
-  if (!metadata.has_value()) {
-    return;
-  }
-  const auto format = metadata->find("format");
-  if (format == metadata->end() || (format->second != "pt" && format->second != "mlx")) {
-    throw OSError("The safetensors archive passed at " + path +
-                  " does not contain the valid metadata. Make sure you save your model with the "
-                  "`save_torch_model` method.");
-  }
-}
-
-// What a checkpoint holds for the module: shapes first (to validate), values
-// later (to copy), plus the aliases its metadata records.
-struct Source {
-  std::filesystem::path path;
-  bool safetensors;
-};
-
-// The tensors of a pickle shard, on CPU, on its mapped records (no copy).
-// (safetensors shards are read through SafeOpen, header first.)
-StateDict open_pickle(const std::filesystem::path& path, LoadBackend backend) {
-  return extract_state_dict(torch_load(path, TorchLoadOptions().mmap(backend == LoadBackend::kMmap)));
 }
 
 // Copies values into the module's tensors after everything was checked.
@@ -138,19 +94,22 @@ class ModuleLoader {
   std::vector<std::string> errors_;
 };
 
-// Copies every tensor of a safetensors file into the module (and into the
-// aliases re-tied to it), one at a time, dropping each tensor's mapped pages
-// once copied: resident memory grows by about one tensor, not one file.
-void copy_safetensors(const SafeOpen& file, ModuleLoader& loader, const std::map<std::string, std::string>& retied) {
-  for (const auto& info : file.tensors()) {
-    const at::Tensor value = file.get_tensor(info.name);
-    loader.copy(info.name, value);
-    for (const auto& [alias, kept] : retied) {
-      if (kept == info.name) {
-        loader.copy(alias, value);
-      }
+// Copies every tensor of a file into the module (and into the aliases
+// re-tied to it), one at a time, dropping each tensor's mapped pages once
+// copied: resident memory grows by about one tensor, not one file.
+void copy_file(const detail::TensorFile& file, ModuleLoader& loader, const std::map<std::string, std::string>& retied) {
+  std::multimap<std::string, std::string> aliases_of;
+  for (const auto& [alias, kept] : retied) {
+    aliases_of.emplace(kept, alias);
+  }
+  for (const detail::TensorEntry& entry : file.entries()) {
+    const at::Tensor value = file.get(entry.name);
+    loader.copy(entry.name, value);
+    const auto [first, last] = aliases_of.equal_range(entry.name);
+    for (auto it = first; it != last; ++it) {
+      loader.copy(it->second, value);
     }
-    file.release_pages(info.name);
+    file.release(entry.name);
   }
 }
 
@@ -223,36 +182,35 @@ LoadResult load_one_file(
   return result;
 }
 
-LoadResult load_single_file(torch::nn::Module& model, const std::filesystem::path& path, const LoadOptions& options) {
-  if (path.extension() == ".safetensors") {
-    return detail::load_safetensors_into(model, SafeOpen(path, SafeOpenOptions().backend(options.backend())),
-                                         path.string(), options);
-  }
-  const StateDict pickled =
-      load_state_dict_from_file(path, LoadOptions(options).map_location(std::nullopt).mmap(options.backend() == LoadBackend::kMmap));
-  std::map<std::string, std::vector<std::int64_t>> shapes;
-  for (const auto& item : pickled) {
-    shapes[item.key()] = item.value().sizes().vec();
-  }
-  ModuleLoader loader(model);
-  return load_one_file(loader, shapes, {}, options, [&](const std::map<std::string, std::string>& retied) {
-    for (const auto& item : pickled) {
-      loader.copy(item.key(), item.value());
-    }
-    for (const auto& [alias, kept] : retied) {
-      loader.copy(alias, pickled[kept]);
-    }
-  });
+detail::TensorFileOptions file_options(const LoadOptions& options) {
+  detail::TensorFileOptions out;
+  out.backend = options.backend();
+  return out;
 }
 
-LoadResult load_sharded(torch::nn::Module& model, const std::filesystem::path& directory,
-                        const std::string& pattern_text, const LoadOptions& options) {
-  const detail::FilenamePattern pattern(pattern_text);
-  const std::filesystem::path index_path = directory / (pattern.format("") + kIndexSuffix);
-  // Every shard name is checked before any file is opened.
-  const std::string expected_extension = path_suffix(pattern.format(""));
-  const detail::IndexFile index = detail::read_index(index_path, expected_extension);
-  const auto& shards = index.shards;
+void warn_note(const detail::TensorFile& file) {
+  if (!file.note().empty()) {
+    TORCH_WARN(file.note());
+  }
+}
+
+// One file (or DDUF entry) into the module: its header's keys and shapes are
+// checked first, then every tensor copied.
+LoadResult load_file_into(torch::nn::Module& model, const detail::TensorFile& file, const LoadOptions& options) {
+  warn_note(file);
+  file.check_format_metadata();
+  std::map<std::string, std::vector<std::int64_t>> shapes;
+  for (const detail::TensorEntry& entry : file.entries()) {
+    shapes[entry.name] = entry.shape;
+  }
+  ModuleLoader loader(model);
+  return load_one_file(loader, shapes, file.metadata().value_or(std::vector<std::pair<std::string, std::string>>{}),
+                       options, [&](const std::map<std::string, std::string>& retied) { copy_file(file, loader, retied); });
+}
+
+LoadResult load_sharded(torch::nn::Module& model, const detail::Checkpoint& checkpoint, const LoadOptions& options) {
+  // Every shard name was checked before any file is opened.
+  const detail::IndexFile& index = checkpoint.index;
   const auto& index_keys = index.keys;
   const auto& metadata = index.metadata;
   ModuleLoader loader(model);
@@ -268,27 +226,16 @@ LoadResult load_sharded(torch::nn::Module& model, const std::filesystem::path& d
     }
     throw RuntimeError(message);
   }
-  const bool safetensors = expected_extension == ".safetensors" || has_suffix(pattern_text, ".safetensors");
-  std::vector<Source> sources;
-  for (const auto& [shard, keys] : shards) {
-    const bool is_safetensors = has_suffix(shard, ".safetensors") || (safetensors && expected_extension.empty());
-    sources.push_back({directory / shard, is_safetensors});
-  }
   // Shapes first, from the headers (or the mapped pickles): nothing is copied
   // unless everything fits.
   std::map<std::string, std::vector<std::int64_t>> shapes;
-  for (const Source& source : sources) {
-    if (source.safetensors) {
-      const SafeOpen file(source.path, SafeOpenOptions().backend(options.backend()));
-      for (const auto& info : file.tensors()) {
-        shapes[info.name] = info.shape;
-        loader.check_shape(info.name, info.shape);
-      }
-    } else {
-      for (const auto& item : open_pickle(source.path, options.backend())) {
-        shapes[item.key()] = item.value().sizes().vec();
-        loader.check_shape(item.key(), item.value().sizes());
-      }
+  for (const std::filesystem::path& path : checkpoint.files) {
+    const auto file = detail::open_tensor_file(path, file_options(options));
+    warn_note(*file);
+    file->check_format_metadata();
+    for (const detail::TensorEntry& entry : file->entries()) {
+      shapes[entry.name] = entry.shape;
+      loader.check_shape(entry.name, entry.shape);
     }
   }
   std::map<std::string, std::string> retie;
@@ -300,20 +247,8 @@ LoadResult load_sharded(torch::nn::Module& model, const std::filesystem::path& d
   }
   loader.raise_if_errors();
   // Then one shard at a time.
-  for (const Source& source : sources) {
-    if (source.safetensors) {
-      copy_safetensors(SafeOpen(source.path, SafeOpenOptions().backend(options.backend())), loader, retie);
-      continue;
-    }
-    const StateDict shard = open_pickle(source.path, options.backend());
-    for (const auto& item : shard) {
-      loader.copy(item.key(), item.value());
-    }
-    for (const auto& [alias, kept] : retie) {
-      if (const at::Tensor* value = shard.find(kept)) {
-        loader.copy(alias, *value);
-      }
-    }
+  for (const std::filesystem::path& path : checkpoint.files) {
+    copy_file(*detail::open_tensor_file(path, file_options(options)), loader, retie);
   }
   LoadResult out = result;
   for (const auto& [alias, kept] : retied) {
@@ -325,49 +260,12 @@ LoadResult load_sharded(torch::nn::Module& model, const std::filesystem::path& d
   return out;
 }
 
-// The one regular file among `directory/*<extension>`, nullopt when there
-// is none; M-T4 when there are several.
-std::optional<std::filesystem::path> single_file(const std::filesystem::path& directory, const std::string& extension,
-                                                 const std::filesystem::path& shown) {
-  std::vector<std::filesystem::path> found;
-  for (const auto& entry : std::filesystem::directory_iterator(directory)) {
-    if (entry.path().extension() == extension) {
-      found.push_back(entry.path());
-    }
-  }
-  if (found.size() > 1) {
-    throw ValueError("Directory '" + shown.string() +
-                     "' does not contain a valid checkpoint. Expected either a sharded checkpoint with an index file, "
-                     "or a single model file.");
-  }
-  if (found.empty()) {
-    return std::nullopt;
-  }
-  return found.front();
-}
-
 } // namespace
 
 namespace detail {
 
-LoadResult load_safetensors_into(
-    torch::nn::Module& model,
-    const SafeOpen& file,
-    const std::string& display_path,
-    const LoadOptions& options) {
-  check_format_metadata(file, display_path);
-  std::vector<std::pair<std::string, std::string>> metadata;
-  if (const auto& header = file.metadata()) {
-    metadata.assign(header->begin(), header->end());
-  }
-  std::map<std::string, std::vector<std::int64_t>> shapes;
-  for (const auto& info : file.tensors()) {
-    shapes[info.name] = info.shape;
-  }
-  ModuleLoader loader(model);
-  return load_one_file(loader, shapes, metadata, options, [&](const std::map<std::string, std::string>& retied) {
-    copy_safetensors(file, loader, retied);
-  });
+LoadResult load_tensor_file_into(torch::nn::Module& model, const TensorFile& file, const LoadOptions& options) {
+  return load_file_into(model, file, options);
 }
 
 } // namespace detail
@@ -378,21 +276,16 @@ StateDict load_state_dict_from_file(const std::filesystem::path& path, const Loa
     throw FileNotFoundError("No checkpoint file found at '" + path.string() +
                             "'. Please verify the path is correct and the file has been properly downloaded.");
   }
-  c10::Device device = options.map_location().value_or(c10::Device(c10::kCPU));
-  if (path.extension() == ".safetensors") {
-    if (device.is_meta()) {
-      device = c10::Device(c10::kCPU); // the reference falls back to CPU too
-    }
-    const SafeOpen file(path, SafeOpenOptions().device(device).backend(options.backend()));
-    check_format_metadata(file, path.string());
-    StateDict out;
-    for (const auto& info : file.tensors()) {
-      out.insert(info.name, file.get_tensor(info.name));
-    }
-    return out;
-  }
-  return extract_state_dict(
-      torch_load(path, TorchLoadOptions().mmap(options.mmap()).map_location(options.map_location())));
+  detail::TensorFileOptions open = file_options(options);
+  open.device = options.map_location();
+  const auto file = detail::open_tensor_file(path, open);
+  warn_note(*file);
+  file->check_format_metadata();
+  return detail::read_all(*file);
+}
+
+LoadResult load_single_file(torch::nn::Module& model, const std::filesystem::path& path, const LoadOptions& options) {
+  return load_file_into(model, *detail::open_tensor_file(path, file_options(options)), options);
 }
 
 LoadResult load_torch_model(
@@ -403,53 +296,20 @@ LoadResult load_torch_model(
   if (!std::filesystem::exists(checkpoint_path, ec)) {
     throw ValueError("Checkpoint path " + checkpoint_path.string() + " does not exist");
   }
-  if (!std::filesystem::is_directory(checkpoint_path, ec)) {
-    return load_single_file(model, checkpoint_path, options);
+  std::optional<detail::DirectoryLock> lock;
+  if (std::filesystem::is_directory(checkpoint_path, ec)) {
+    // Held until the last tensor is copied: a concurrent save's commit is
+    // never seen halfway (see detail/checkpoint_dir.h).
+    lock.emplace(detail::lock_for_reading(checkpoint_path));
   }
-  // Held until the last tensor is copied: a concurrent save's commit is
-  // never seen halfway (see detail/directory_lock.h).
-  const detail::DirectoryLock lock = detail::lock_for_reading(checkpoint_path);
-  std::vector<std::string> patterns;
-  if (options.filename_pattern().has_value()) {
-    patterns.push_back(*options.filename_pattern());
-  } else {
-    patterns.push_back(kSafetensorsWeightsFilePattern);
-    if (!options.safe()) {
-      patterns.push_back(kPytorchWeightsFilePattern);
-    }
+  detail::ResolveOptions resolve;
+  resolve.filename_pattern = options.filename_pattern();
+  resolve.allow_pickle = !options.safe();
+  const detail::Checkpoint checkpoint = detail::resolve_checkpoint(checkpoint_path, resolve);
+  if (checkpoint.kind == detail::Checkpoint::Kind::kSharded) {
+    return load_sharded(model, checkpoint, options);
   }
-  for (const std::string& pattern : patterns) {
-    const auto index = checkpoint_path / (detail::FilenamePattern(pattern).format("") + kIndexSuffix);
-    if (std::filesystem::is_regular_file(index, ec)) {
-      return load_sharded(model, checkpoint_path, pattern, options);
-    }
-  }
-  std::vector<std::string> extensions = {".safetensors"};
-  if (!options.safe()) {
-    extensions.push_back(".bin");
-  }
-  for (const std::string& extension : extensions) {
-    if (const auto file = single_file(checkpoint_path, extension, checkpoint_path)) {
-      return load_single_file(model, *file, options);
-    }
-  }
-  // The reference's message, and where it would mislead (a pickle checkpoint
-  // under the default safe(true)), the way out.
-  std::string hint;
-  if (options.safe() && !options.filename_pattern().has_value()) {
-    const auto pickle_index =
-        checkpoint_path / (detail::FilenamePattern(kPytorchWeightsFilePattern).format("") + kIndexSuffix);
-    if (std::filesystem::is_regular_file(pickle_index, ec)) {
-      hint = " It holds a pickle checkpoint (" + pickle_index.filename().string() +
-             "): pass LoadOptions().safe(false) to load it (torchser's pickle reader never runs code from a file).";
-    } else if (single_file(checkpoint_path, ".bin", checkpoint_path)) {
-      hint = " It holds a pickle .bin file: pass LoadOptions().safe(false) to load it (torchser's pickle reader "
-             "never runs code from a file).";
-    }
-  }
-  throw ValueError("Directory '" + checkpoint_path.string() +
-                   "' does not contain a valid checkpoint. Expected either a sharded checkpoint with an index file, "
-                   "or a single model file." + hint);
+  return load_single_file(model, checkpoint.files.front(), options);
 }
 
 } // namespace torchser

@@ -1177,12 +1177,14 @@ class PickleWriter {
 
 namespace detail {
 
-void write_torch_save(const StateDict& state_dict, AtomicFile& file, const std::string& archive) {
+void write_torch_save(const StateDict& state_dict, AtomicFile& file, const std::string& archive,
+                      const RecordWritten& written) {
   // One record per storage, in first-use order; tensors keep their views.
   struct Record {
     at::Tensor storage; // 1-D uint8 view of the whole storage
     at::ScalarType dtype;
     std::int64_t numel;
+    std::vector<std::string> names; // the tensors on it
   };
   std::vector<Record> records;
   // Keyed by the storage itself, as torch.save keys by storage._cdata: two
@@ -1208,7 +1210,7 @@ void write_torch_save(const StateDict& state_dict, AtomicFile& file, const std::
       if (v3_dtype_name(t.scalar_type()) == nullptr) {
         storage_type_name(t.scalar_type()); // throws for dtypes torch.save cannot name
       }
-      records.push_back({at::Tensor(), t.scalar_type(), nbytes / element});
+      records.push_back({at::Tensor(), t.scalar_type(), nbytes / element, {}});
       records.back().storage = t; // any tensor on the storage; bytes are taken whole
     } else if (records[it->second].dtype != t.scalar_type()) {
       throw ValueError("Cannot save tensor '" + item.key() +
@@ -1216,6 +1218,7 @@ void write_torch_save(const StateDict& state_dict, AtomicFile& file, const std::
                        c10::toString(records[it->second].dtype) + " vs " + c10::toString(t.scalar_type()) +
                        "), which torch.save's typed storages cannot express.");
     }
+    records[it->second].names.push_back(item.key());
     const Record& r = records[it->second];
     // As PyTorch 2.x writes them: dtypes with a typed storage class through
     // _rebuild_tensor_v2; the others (float8, uint16..64, float4) through
@@ -1276,6 +1279,9 @@ void write_torch_save(const StateDict& state_dict, AtomicFile& file, const std::
           at::empty({0}, r.storage.options()).set_(storage, 0, {r.numel}, {1}).to(at::kCPU);
       sink(whole.data_ptr(), static_cast<std::size_t>(nbytes));
     });
+    if (written) {
+      written(r.names, nbytes);
+    }
   }
   zip.add(archive + "/version", "3\n");
   zip.finish();

@@ -223,7 +223,7 @@ SafetensorsWriter::SafetensorsWriter(
   }
 }
 
-void SafetensorsWriter::write(const ByteSink& sink) const {
+void SafetensorsWriter::write(const ByteSink& sink, const std::function<void(std::size_t)>& written) const {
   std::uint8_t prefix[8];
   std::uint64_t n = header_.size();
   for (std::uint8_t& byte : prefix) {
@@ -235,6 +235,9 @@ void SafetensorsWriter::write(const ByteSink& sink) const {
   for (std::size_t i = 0; i < ordered_.size(); ++i) {
     const std::uint64_t nbytes = infos_[i].end - infos_[i].begin;
     if (nbytes == 0) {
+      if (written) {
+        written(i);
+      }
       continue;
     }
     // One tensor at a time on the host, packed: peak memory stays one tensor.
@@ -248,6 +251,9 @@ void SafetensorsWriter::write(const ByteSink& sink) const {
       t = t.contiguous();
     }
     sink(t.data_ptr(), static_cast<std::size_t>(nbytes));
+    if (written) {
+      written(i);
+    }
   }
 }
 

@@ -153,8 +153,9 @@ class TORCHSER_API SafetensorsWriter {
   const std::vector<SafetensorsTensorInfo>& tensors() const noexcept {
     return infos_;
   }
-  /// Streams the whole file into `sink`.
-  void write(const ByteSink& sink) const;
+  /// Streams the whole file into `sink`; `written(i)`, when given, after the
+  /// data of tensors()[i] went through it (progress, releasing source pages).
+  void write(const ByteSink& sink, const std::function<void(std::size_t)>& written = {}) const;
 
  private:
   std::vector<at::Tensor> ordered_;

@@ -30,6 +30,8 @@
 
 #include <torchser/export.h>
 #include <torchser/ordered_map.h>
+#include <torchser/progress.h>
+#include <torchser/shared_tensors.h>
 #include <torchser/split.h>
 #include <torchser/state_dict.h>
 
@@ -38,10 +40,6 @@ class Module;
 } // namespace torch::nn
 
 namespace torchser {
-
-/// Metadata for the index (and the file, when there is one): string → string
-/// in insertion order, as Python writes the dict.
-using Metadata = OrderedMap<std::string>;
 
 /// Keyword arguments of `save_torch_state_dict`, with the Python defaults.
 struct TORCHSER_API SaveOptions {
@@ -62,6 +60,8 @@ struct TORCHSER_API SaveOptions {
   TORCH_ARG(std::vector<std::string>, shared_tensors_to_discard) = {};
   /// fsync files and the directory at the commit points. Default: true.
   TORCH_ARG(bool, durable) = true;
+  /// Called after each tensor is written (see progress.h). Default: none.
+  TORCH_ARG(ProgressCallback, progress);
 };
 
 /// `huggingface_hub.save_torch_state_dict`. The directory must exist.
@@ -84,13 +84,6 @@ TORCHSER_API void save_torch_model(
     const torch::nn::Module& model,
     const std::filesystem::path& save_directory,
     const SaveOptions& options = {});
-
-/// The result of shared-tensor handling (`_remove_duplicate_names`): for each
-/// kept name, the names dropped because they alias its storage, in group
-/// order, names sorted. Exposed for tests and tools.
-TORCHSER_API OrderedMap<std::vector<std::string>> remove_duplicate_names(
-    const StateDict& state_dict,
-    const std::vector<std::string>& discard_names = {});
 
 /// Completes or undoes an interrupted save in `directory` (see the file
 /// comment). Called by every save and load; harmless when there is nothing

@@ -13,7 +13,7 @@
 #include <vector>
 
 #include <torchser/export.h>
-#include <torchser/save.h>
+#include <torchser/state_dict.h>
 #include <torchser/split.h>
 
 namespace torchser::detail {

@@ -1,0 +1,226 @@
+#include "torchser/detail/tensor_file.h"
+
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstring>
+#include <map>
+#include <set>
+
+#include <torchser/errors.h>
+#include <torchser/pickle.h>
+#include <torchser/safetensors.h>
+#include <torchser/storage.h>
+
+#include "torchser/detail/file.h"
+#include "torchser/detail/zip.h"
+
+namespace torchser::detail {
+namespace fs = std::filesystem;
+
+const char* format_name(TensorFormat format) {
+  return format == TensorFormat::kSafetensors ? "safetensors" : "pickle";
+}
+
+TensorFile::~TensorFile() = default;
+
+void TensorFile::check_format_metadata() const {
+  if (format_ != TensorFormat::kSafetensors || !metadata_.has_value()) {
+    return;
+  }
+  for (const auto& [key, value] : *metadata_) {
+    if (key == "format") {
+      if (value == "pt" || value == "mlx") {
+        return;
+      }
+      break;
+    }
+  }
+  throw OSError("The safetensors archive passed at " + display_ +
+                " does not contain the valid metadata. Make sure you save your model with the `save_torch_model` "
+                "method.");
+}
+
+namespace {
+
+class SafetensorsFile final : public TensorFile {
+ public:
+  SafetensorsFile(SafeOpen file, std::string display, std::string note) : file_(std::move(file)) {
+    format_ = TensorFormat::kSafetensors;
+    display_ = std::move(display);
+    note_ = std::move(note);
+    entries_.reserve(file_.tensors().size());
+    for (const auto& info : file_.tensors()) {
+      entries_.push_back({info.name, safetensors_dtype_name(info.dtype), info.shape, info.end - info.begin, "",
+                          info.end - info.begin});
+    }
+    if (const auto& metadata = file_.metadata()) {
+      metadata_.emplace(metadata->begin(), metadata->end());
+    }
+  }
+  at::Tensor get(const std::string& name) const override {
+    return file_.get_tensor(name);
+  }
+  void release(const std::string& name) const override {
+    file_.release_pages(name);
+  }
+
+ private:
+  SafeOpen file_;
+};
+
+class PickleFile final : public TensorFile {
+ public:
+  PickleFile(StateDict tensors, std::string display, std::string note, bool mapped)
+      : tensors_(std::move(tensors)), mapped_(mapped) {
+    format_ = TensorFormat::kPickle;
+    display_ = std::move(display);
+    note_ = std::move(note);
+    entries_.reserve(tensors_.size());
+    for (const auto& item : tensors_) {
+      const at::Tensor& t = item.value();
+      const auto id = get_torch_storage_id(t);
+      entries_.push_back({item.key(), c10::toString(t.scalar_type()), t.sizes().vec(),
+                          static_cast<std::uint64_t>(t.nbytes()),
+                          id ? std::to_string(id->data_ptr) + ":" + std::to_string(id->nbytes) : "#" + item.key(),
+                          static_cast<std::uint64_t>(t.numel() == 0 ? 0 : t.storage().nbytes())});
+    }
+  }
+  at::Tensor get(const std::string& name) const override {
+    const at::Tensor* t = tensors_.find(name);
+    if (t == nullptr) {
+      throw KeyError("'" + display_ + "' holds no tensor '" + name + "'.");
+    }
+    return *t;
+  }
+  void release(const std::string& name) const override {
+    // The record's pages of the private file mapping: dropped, they are
+    // read from the file again if touched (as SafeOpen::release_pages).
+    const at::Tensor* t = tensors_.find(name);
+    if (!mapped_ || t == nullptr || t->numel() == 0 || !t->device().is_cpu()) {
+      return;
+    }
+    const auto page = static_cast<std::uintptr_t>(::sysconf(_SC_PAGESIZE));
+    const auto begin = reinterpret_cast<std::uintptr_t>(t->storage().data());
+    const std::uintptr_t first = (begin + page - 1) / page * page;
+    const std::uintptr_t last = (begin + t->storage().nbytes()) / page * page;
+    if (last > first) {
+      ::madvise(reinterpret_cast<void*>(first), last - first, MADV_DONTNEED);
+    }
+  }
+
+ private:
+  StateDict tensors_;
+  bool mapped_;
+};
+
+} // namespace
+
+TensorFormat sniff_format(const fs::path& path, std::string* note) {
+  const bool says_safetensors = path.extension() == ".safetensors";
+  unsigned char head[9] = {};
+  std::uint64_t size = 0;
+  {
+    const File file = File::open_read(path);
+    size = file.size();
+    if (size >= sizeof head) {
+      file.pread_exact(head, sizeof head, 0);
+    }
+  }
+  std::optional<TensorFormat> content;
+  if (size >= 4 && std::memcmp(head, "PK\x03\x04", 4) == 0) {
+    content = TensorFormat::kPickle;
+  } else if (size >= 9 && head[8] == '{') {
+    std::uint64_t header = 0;
+    for (int i = 7; i >= 0; --i) {
+      header = (header << 8) | head[i];
+    }
+    if (header >= 2 && header <= size - 8) {
+      content = TensorFormat::kSafetensors;
+    }
+  }
+  const TensorFormat by_name = says_safetensors ? TensorFormat::kSafetensors : TensorFormat::kPickle;
+  if (!content.has_value()) {
+    return by_name; // the format's own reader says what is wrong with it
+  }
+  if (*content != by_name && note != nullptr) {
+    *note = "'" + path.string() + "' is a " +
+            (*content == TensorFormat::kPickle ? std::string("torch.save ZIP archive") : std::string("safetensors file")) +
+            " despite its name; reading it as one";
+  }
+  return *content;
+}
+
+std::unique_ptr<TensorFile> open_tensor_file(const fs::path& path, const TensorFileOptions& options) {
+  std::string note;
+  const TensorFormat format = sniff_format(path, &note);
+  if (format == TensorFormat::kSafetensors) {
+    c10::Device device = options.device.value_or(c10::Device(c10::kCPU));
+    if (device.is_meta()) {
+      device = c10::Device(c10::kCPU); // the reference falls back to CPU too
+    }
+    return std::make_unique<SafetensorsFile>(SafeOpen(path, SafeOpenOptions().device(device).backend(options.backend)),
+                                             path.string(), std::move(note));
+  }
+  return std::make_unique<PickleFile>(
+      extract_state_dict(torch_load(
+          path, TorchLoadOptions().mmap(options.backend == LoadBackend::kMmap).map_location(options.device))),
+      path.string(), std::move(note), options.backend == LoadBackend::kMmap && !options.device.has_value());
+}
+
+std::unique_ptr<TensorFile> open_tensor_file(const fs::path& path, std::uint64_t offset, std::uint64_t length,
+                                             const std::string& display, const TensorFileOptions& options) {
+  const c10::Device device = options.device.value_or(c10::Device(c10::kCPU));
+  return std::make_unique<SafetensorsFile>(
+      SafeOpen(path, offset, length,
+               SafeOpenOptions().device(device.is_meta() ? c10::Device(c10::kCPU) : device).backend(options.backend)),
+      display, "");
+}
+
+namespace {
+
+void verify_zip_crcs(const fs::path& path) {
+  const auto mapped = MappedFile::map(File::open_read(path));
+  std::vector<ZipEntry> entries;
+  try {
+    entries = read_zip_directory(mapped->data(), mapped->size());
+  } catch (const ZipFormatError& e) {
+    throw UnpicklingError("Cannot read '" + path.string() + "': " + e.what());
+  }
+  for (const ZipEntry& entry : entries) {
+    if (entry.method != 0 || entry.is_directory()) {
+      continue; // compressed records are refused by torch_load itself
+    }
+    if (entry.data_offset + entry.compressed_size > mapped->size()) {
+      throw UnpicklingError("Record '" + entry.name + "' of '" + path.string() + "' runs past the file.");
+    }
+    const std::uint32_t crc =
+        crc32(0, mapped->data() + entry.data_offset, static_cast<std::size_t>(entry.compressed_size));
+    if (crc != entry.crc32) {
+      char buffer[64];
+      std::snprintf(buffer, sizeof buffer, "CRC-32 %08x, the ZIP directory says %08x", crc, entry.crc32);
+      throw UnpicklingError("Record '" + entry.name + "' of '" + path.string() + "' is corrupt: " + buffer + ".");
+    }
+  }
+}
+
+} // namespace
+
+std::unique_ptr<TensorFile> verify_tensor_file(const fs::path& path) {
+  if (sniff_format(path) == TensorFormat::kPickle) {
+    verify_zip_crcs(path);
+  }
+  return open_tensor_file(path); // the header, or the pickle: every rule of the format
+}
+
+StateDict read_all(const TensorFile& file) {
+  StateDict out;
+  out.reserve(file.entries().size());
+  for (const TensorEntry& entry : file.entries()) {
+    out.insert(entry.name, file.get(entry.name));
+  }
+  return out;
+}
+
+} // namespace torchser::detail
