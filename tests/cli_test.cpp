@@ -131,7 +131,7 @@ TEST(CliTest, VerifyRefusesAnIndexThatDisagreesWithItsShards) {
   index(R"({"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"})");
   const CliRun unlisted = cli("verify " + quoted(dir.path()));
   EXPECT_EQ(unlisted.status, 1) << unlisted.output;
-  EXPECT_THAT(unlisted.output, HasSubstr("holds tensor 'c', which the index does not list"));
+  EXPECT_THAT(unlisted.output, HasSubstr("holds tensor 'c', which the index model.safetensors.index.json does not list"));
 }
 
 // The layouts the library loads: a Hub folder with both formats (safetensors

@@ -38,6 +38,14 @@ inline std::string read_file(const std::filesystem::path& path) {
   return content.str();
 }
 
+inline void write_file(const std::filesystem::path& path, const std::string& content) {
+  std::ofstream out(path, std::ios::binary);
+  out << content;
+  if (!out) {
+    throw std::runtime_error("cannot write test file " + path.string());
+  }
+}
+
 /// `n` as 8 little-endian bytes (a safetensors header length).
 inline std::string le64(std::uint64_t n) {
   std::string out(8, '\0');

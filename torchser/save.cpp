@@ -9,6 +9,7 @@
 #include <thread>
 #include <vector>
 
+#include <torchser/errors.h>
 #include <torchser/module.h>
 #include <torchser/safetensors.h>
 
@@ -132,7 +133,14 @@ void save_torch_state_dict(
   const auto worker = [&] {
     for (std::size_t i = next++; i < shards.size(); i = next++) {
       try {
-        write_shard(i);
+        try {
+          write_shard(i);
+        } catch (const FileNotFoundError&) {
+          throw;
+        } catch (const OSError& e) {
+          // The file named may be in the staging directory: say which save.
+          throw OSError(std::string(e.what()) + " (saving into '" + save_directory.string() + "')");
+        }
       } catch (...) {
         failures[i] = std::current_exception();
         next = shards.size(); // stop handing out work

@@ -338,7 +338,61 @@ def dcp(directory, mode, world="2"):
                        start_method="spawn")
 
 
-COMMANDS = {"st-roundtrip": st_roundtrip, "pickle-roundtrip": pickle_roundtrip, "st-supported": st_supported, "hub-save": hub_save, "hub-load": hub_load,
+# --- crash safety ----------------------------------------------------------
+
+def kill_check(manifest_path):
+    """Reads every directory of the manifest as users of the Hub do, knowing
+    nothing of torchser: the index, then each shard it names through
+    torch.load(weights_only=True) or safetensors.safe_open, then
+    huggingface_hub.load_torch_model(strict=True). Tensor w{i} of generation g
+    holds g + i: every directory must be one generation, one the manifest
+    allows, with its config.json intact."""
+    import huggingface_hub
+    from safetensors import safe_open
+
+    with open(manifest_path) as f:
+        manifest = json.load(f)
+    out = {"checked": 0, "mixed": [], "bad": [], "generations": {}}
+    for item in manifest:
+        directory, fmt, allowed, count = item["dir"], item["format"], item["allowed"], item["tensors"]
+        try:
+            index_name = "model.safetensors.index.json" if fmt == "safetensors" else "pytorch_model.bin.index.json"
+            with open(os.path.join(directory, index_name)) as f:
+                weight_map = json.load(f)["weight_map"]
+            seen = {}
+            for shard in sorted(set(weight_map.values())):
+                path = os.path.join(directory, shard)
+                if fmt == "safetensors":
+                    with safe_open(path, framework="pt") as st:
+                        for name in st.keys():
+                            seen[name] = st.get_tensor(name)
+                else:
+                    seen.update(torch.load(path, weights_only=True))
+            if sorted(seen) != sorted(weight_map):
+                raise ValueError(f"the shards hold {sorted(seen)}, the index names {sorted(weight_map)}")
+            gens = {float(seen[f"w{i}"][0]) - i for i in range(count)}
+            module = torch.nn.Module()
+            for i in range(count):
+                module.register_parameter(f"w{i}", torch.nn.Parameter(torch.zeros_like(seen[f"w{i}"])))
+            huggingface_hub.load_torch_model(module, directory, strict=True, safe=(fmt == "safetensors"))
+            gens |= {float(getattr(module, f"w{i}")[0]) - i for i in range(count)}
+            with open(os.path.join(directory, "config.json")) as f:
+                if json.load(f) != {"model_type": "kill-test"}:
+                    raise ValueError("config.json changed")
+            if len(gens) != 1:
+                out["mixed"].append({"dir": directory, "generations": sorted(gens)})
+            elif gens.pop() not in allowed:
+                out["bad"].append({"dir": directory, "allowed": allowed})
+            else:
+                g = str(int(float(seen["w0"][0])))
+                out["generations"][g] = out["generations"].get(g, 0) + 1
+        except Exception as e:  # a directory no Hub reader can read is a failure too
+            out["bad"].append({"dir": directory, "error": f"{type(e).__name__}: {e}"})
+        out["checked"] += 1
+    emit(out)
+
+
+COMMANDS = {"kill-check": kill_check, "st-roundtrip": st_roundtrip, "pickle-roundtrip": pickle_roundtrip, "st-supported": st_supported, "hub-save": hub_save, "hub-load": hub_load,
             "hub-split": hub_split, "hub-dduf": hub_dduf, "tf-save": tf_save, "tf-load": tf_load, "dcp": dcp,
             "versions": lambda: emit(versions())}
 
