@@ -352,7 +352,7 @@ def kill_check(manifest_path):
 
     with open(manifest_path) as f:
         manifest = json.load(f)
-    out = {"checked": 0, "mixed": [], "bad": [], "generations": {}}
+    out = {"checked": 0, "mixed": [], "bad": [], "old": 0, "new": 0}
     for item in manifest:
         directory, fmt, allowed, count = item["dir"], item["format"], item["allowed"], item["tensors"]
         try:
@@ -381,11 +381,12 @@ def kill_check(manifest_path):
                     raise ValueError("config.json changed")
             if len(gens) != 1:
                 out["mixed"].append({"dir": directory, "generations": sorted(gens)})
-            elif gens.pop() not in allowed:
-                out["bad"].append({"dir": directory, "allowed": allowed})
             else:
-                g = str(int(float(seen["w0"][0])))
-                out["generations"][g] = out["generations"].get(g, 0) + 1
+                g = gens.pop()
+                if g not in allowed:
+                    out["bad"].append({"dir": directory, "allowed": allowed, "seen": g})
+                else:
+                    out["new" if g == allowed[-1] else "old"] += 1
         except Exception as e:  # a directory no Hub reader can read is a failure too
             out["bad"].append({"dir": directory, "error": f"{type(e).__name__}: {e}"})
         out["checked"] += 1
