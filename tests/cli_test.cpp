@@ -1,19 +1,27 @@
 // The torchser command-line tool, run as a user would.
 
+#include <sys/resource.h>
 #include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdlib>
 
 #include <cstdio>
 #include <fstream>
 
 #include <ATen/ops/arange.h>
+#include <ATen/ops/full.h>
 #include <nlohmann/json.hpp>
 
+#include <torchser/dduf.h>
 #include <torchser/load.h>
 #include <torchser/pickle.h>
 #include <torchser/safetensors.h>
 #include <torchser/save.h>
 
 #include "test_utils.h"
+#include "tied_net.h"
 
 namespace torchser {
 namespace {
@@ -330,6 +338,265 @@ TEST(CliTest, EveryCommandHasHelp) {
     EXPECT_THAT(help.output, HasSubstr("Usage")) << command;
   }
   EXPECT_NE(cli("frobnicate").status, 0);
+}
+
+// ---------------------------------------------------------------------------
+// Interrupted saves, convert, and the matrix of commands × inputs.
+
+TEST(CliTest, VerifyAndInspectReportAnInterruptedSaveUntilRecover) {
+  TempDir parent;
+  const auto dir = parent / "ckpt";
+  std::filesystem::create_directories(dir);
+  StateDict sd;
+  for (int i = 0; i < 4; ++i) {
+    sd.insert("w" + std::to_string(i), at::arange(i, i + 100, at::kFloat));
+  }
+  save_torch_state_dict(sd, dir, SaveOptions().max_shard_size(800));
+  std::filesystem::create_directories(parent / ".ckpt.torchser-save.Xy12Zw");
+  torchser::testing::write_file(parent / ".ckpt.torchser-save.Xy12Zw" / "model-00001-of-00002.safetensors", "new");
+  const CliRun verify = cli("verify " + quoted(dir));
+  EXPECT_EQ(verify.status, 1) << verify.output;
+  EXPECT_THAT(verify.output, HasSubstr("INTERRUPTED SAVE"));
+  EXPECT_THAT(verify.output, HasSubstr(".ckpt.torchser-save.Xy12Zw"));
+  const CliRun inspect = cli("inspect " + quoted(dir));
+  EXPECT_EQ(inspect.status, 0) << inspect.output;
+  EXPECT_THAT(inspect.output, HasSubstr("INTERRUPTED SAVE"));
+  const CliRun as_json = cli("inspect --json " + quoted(dir));
+  EXPECT_THAT(as_json.output, HasSubstr("\"interrupted_save\""));
+  // A journal left after the commit point: the folder is mixed until recovery.
+  torchser::testing::write_file(dir / ".torchser-commit.json", R"({"version":1,"renames":[],"remove":[]})");
+  EXPECT_THAT(cli("verify " + quoted(dir)).output, HasSubstr("after its commit point"));
+  const CliRun recover = cli("recover " + quoted(dir));
+  EXPECT_EQ(recover.status, 0) << recover.output;
+  EXPECT_THAT(recover.output, HasSubstr("Recovered"));
+  EXPECT_FALSE(std::filesystem::exists(parent / ".ckpt.torchser-save.Xy12Zw"));
+  EXPECT_FALSE(std::filesystem::exists(dir / ".torchser-commit.json"));
+  const CliRun again = cli("verify " + quoted(dir));
+  EXPECT_EQ(again.status, 0) << again.output;
+  EXPECT_THAT(cli("recover " + quoted(dir)).output, HasSubstr("Nothing to recover"));
+}
+
+TEST(CliTest, VerifyChecksTheIndexTotalSize) {
+  TempDir dir;
+  StateDict sd;
+  for (int i = 0; i < 4; ++i) {
+    sd.insert("w" + std::to_string(i), at::arange(i, i + 100, at::kFloat));
+  }
+  save_torch_state_dict(sd, dir.path(), SaveOptions().max_shard_size(800).safe_serialization(false));
+  auto index = nlohmann::json::parse(torchser::testing::read_file(dir / "pytorch_model.bin.index.json"));
+  EXPECT_EQ(index["metadata"]["total_size"], 1600);
+  index["metadata"]["total_size"] = 1200;
+  torchser::testing::write_file(dir / "pytorch_model.bin.index.json", index.dump());
+  const CliRun run = cli("verify " + quoted(dir.path()));
+  EXPECT_EQ(run.status, 1) << run.output;
+  EXPECT_THAT(run.output, HasSubstr("total_size 1200, but its shards hold 1600 bytes"));
+}
+
+// Tied weights and user metadata survive every direction of convert: strict
+// loads of the converted checkpoint succeed and the weights stay tied.
+TEST(CliTest, ConvertKeepsMetadataAndAliasRecords) {
+  TempDir dir;
+  torchser::testing::TiedNet net;
+  Metadata metadata;
+  metadata.insert("epoch", "3");
+  std::filesystem::create_directories(dir / "src");
+  save_torch_model(net, dir / "src", SaveOptions().max_shard_size(600).metadata(metadata));
+  ASSERT_TRUE(std::filesystem::exists(dir / "src/model.safetensors.index.json"));
+  struct Case {
+    std::string destination;
+    std::string extra;
+    bool safe;
+  };
+  for (const Case& c : {Case{"st-sharded", "--max-shard-size 500", true}, Case{"one.safetensors", "", true},
+                        Case{"bin-sharded", "--to bin --max-shard-size 500", false}, Case{"one.bin", "", false}}) {
+    const CliRun run = cli("convert " + quoted(dir / "src") + " " + quoted(dir / c.destination) + " " + c.extra);
+    ASSERT_EQ(run.status, 0) << c.destination << ": " << run.output;
+    torchser::testing::TiedNet loaded;
+    const auto target = dir / c.destination;
+    EXPECT_NO_THROW(load_torch_model(loaded, target, LoadOptions().strict(true).safe(c.safe))) << c.destination;
+    EXPECT_TRUE(loaded.head->weight.equal(net.head->weight)) << c.destination;
+    EXPECT_EQ(loaded.head->weight.data_ptr(), loaded.embed->weight.data_ptr()) << c.destination;
+    const CliRun inspect = cli("inspect " + quoted(target));
+    if (c.destination == "one.bin") {
+      EXPECT_THAT(run.output, HasSubstr("not kept: epoch")) << run.output; // torch.save has no metadata
+    } else {
+      EXPECT_THAT(inspect.output, HasSubstr("metadata epoch = 3")) << c.destination << ": " << inspect.output;
+    }
+  }
+  // And back: a .bin with shared storage becomes safetensors with an alias record.
+  const CliRun back = cli("convert " + quoted(dir / "one.bin") + " " + quoted(dir / "back.safetensors"));
+  ASSERT_EQ(back.status, 0) << back.output;
+  torchser::testing::TiedNet reloaded;
+  EXPECT_NO_THROW(load_torch_model(reloaded, dir / "back.safetensors", LoadOptions().strict(true)));
+  EXPECT_EQ(reloaded.head->weight.data_ptr(), reloaded.embed->weight.data_ptr());
+}
+
+TEST(CliTest, ConvertWritesAFileWhenTheDestinationHasAFormatExtension) {
+  TempDir dir;
+  StateDict sd;
+  sd.insert("w", at::arange(10, at::kFloat));
+  torch_save(sd, dir / "in.bin");
+  const CliRun run = cli("convert " + quoted(dir / "in.bin") + " " + quoted(dir / "out.safetensors"));
+  ASSERT_EQ(run.status, 0) << run.output;
+  EXPECT_TRUE(std::filesystem::is_regular_file(dir / "out.safetensors"));
+  EXPECT_TRUE(load_file(dir / "out.safetensors")["w"].equal(sd["w"]));
+  const CliRun contradiction = cli("convert " + quoted(dir / "in.bin") + " " + quoted(dir / "x.safetensors") +
+                                   " --to pickle");
+  EXPECT_EQ(contradiction.status, 2) << contradiction.output;
+  EXPECT_THAT(contradiction.output, HasSubstr("contradicts"));
+  const CliRun nowhere = cli("convert " + quoted(dir / "in.bin") + " " + quoted(dir / "no/such/out.bin"));
+  EXPECT_EQ(nowhere.status, 1) << nowhere.output;
+  EXPECT_FALSE(std::filesystem::exists(dir / "no"));
+  std::vector<std::string> names;
+  for (const auto& e : std::filesystem::directory_iterator(dir.path())) {
+    names.push_back(e.path().filename().string());
+  }
+  std::sort(names.begin(), names.end());
+  EXPECT_EQ(names, (std::vector<std::string>{"in.bin", "out.safetensors"}));
+}
+
+// The peak resident memory of `command` run by sh in a fresh child (the
+// child's RUSAGE_CHILDREN sees only this command), in KiB.
+long max_rss_kib(const std::string& command) {
+  int fds[2];
+  EXPECT_EQ(::pipe(fds), 0);
+  const pid_t child = ::fork();
+  if (child == 0) {
+    ::close(fds[0]);
+    const int rc = std::system((command + " >/dev/null 2>&1").c_str());
+    struct rusage usage {};
+    ::getrusage(RUSAGE_CHILDREN, &usage);
+    const long value = rc == 0 ? usage.ru_maxrss : -1;
+    (void)!::write(fds[1], &value, sizeof value);
+    ::_exit(0);
+  }
+  ::close(fds[1]);
+  long value = -1;
+  (void)!::read(fds[0], &value, sizeof value);
+  ::close(fds[0]);
+  ::waitpid(child, nullptr, 0);
+  return value;
+}
+
+// convert streams: each source tensor's pages are dropped once written, so
+// resident memory grows by about a tensor, not by the checkpoint.
+TEST(CliTest, ConvertStreamsWithResidentMemoryNearOneTensor) {
+  TempDir dir;
+  StateDict sd;
+  for (int i = 0; i < 32; ++i) {
+    sd.insert("w" + std::to_string(i), at::full({1 << 20}, static_cast<float>(i))); // 4 MiB each, 128 MiB
+  }
+  save_file(sd, dir / "big.safetensors", SafetensorsMetadata{{"format", "pt"}});
+  torch_save(sd, dir / "big.bin");
+  sd = StateDict();
+  const std::string cli_path = quoted(TORCHSER_CLI);
+  for (const char* source : {"big.safetensors", "big.bin"}) {
+    const long idle = max_rss_kib(cli_path + " inspect " + quoted(dir / source));
+    const std::string out = std::string(source) == "big.bin" ? "out.safetensors" : "out.bin";
+    const long converting =
+        max_rss_kib(cli_path + " convert " + quoted(dir / source) + " " + quoted(dir / out) + " --to " +
+                    (out == "out.bin" ? "bin" : "safetensors"));
+    ASSERT_GT(idle, 0) << source;
+    ASSERT_GT(converting, 0) << source;
+    std::cout << "[convert] " << source << ": peak RSS " << converting / 1024 << " MiB, inspect " << idle / 1024
+              << " MiB, checkpoint 128 MiB\n";
+    EXPECT_LT(converting - idle, 48 * 1024) << source << ": resident memory grew with the checkpoint";
+  }
+}
+
+// Every command on every kind of input, as a user types them (names with
+// spaces and non-ASCII characters), with the exit status and what it says.
+TEST(CliTest, EveryCommandOnEveryKindOfInput) {
+  TempDir root;
+  const auto base = root / "dir with spaces ünï";
+  std::filesystem::create_directories(base);
+  StateDict sd;
+  for (int i = 0; i < 4; ++i) {
+    sd.insert("layer " + std::to_string(i) + ".wéight", at::arange(i, i + 100, at::kFloat));
+  }
+  const auto make_dir = [&](const std::string& name) {
+    std::filesystem::create_directories(base / name);
+    return base / name;
+  };
+  save_file(sd, base / "single ü.safetensors", SafetensorsMetadata{{"format", "pt"}});
+  save_torch_state_dict(sd, make_dir("st sharded"), SaveOptions().max_shard_size(800));
+  torch_save(sd, base / "single ü.bin");
+  save_torch_state_dict(sd, make_dir("bin sharded"), SaveOptions().max_shard_size(800).safe_serialization(false));
+  save_torch_model(torchser::testing::TiedNet(), make_dir("tied"));
+  {
+    const auto both = make_dir("hub both");
+    save_file(sd, both / "model.safetensors", SafetensorsMetadata{{"format", "pt"}});
+    torch_save(sd, both / "pytorch_model.bin");
+  }
+  {
+    const auto folder = make_dir("pipeline");
+    std::filesystem::create_directories(folder / "unet");
+    torchser::testing::write_file(folder / "model_index.json", R"({"_class_name": "P", "unet": ["diffusers", "UNet"]})");
+    torchser::testing::write_file(folder / "unet" / "config.json", "{}");
+    save_file(sd, folder / "unet" / "model.safetensors");
+    export_folder_as_dduf(base / "pipe ü.dduf", folder);
+  }
+  {
+    const auto dir = make_dir("interrupted");
+    save_torch_state_dict(sd, dir, SaveOptions().max_shard_size(800));
+    torchser::testing::write_file(dir / ".torchser-commit.json", R"({"version":1,"renames":[],"remove":[]})");
+  }
+  {
+    const auto dir = make_dir("missing shard");
+    save_torch_state_dict(sd, dir, SaveOptions().max_shard_size(800));
+    std::filesystem::remove(dir / "model-00002-of-00002.safetensors");
+  }
+  {
+    const std::string bytes = torchser::testing::read_file(base / "single ü.safetensors");
+    torchser::testing::write_file(base / "truncated.safetensors", bytes.substr(0, bytes.size() - 7));
+  }
+  torch_save(sd, base / "wrong extension.safetensors");
+
+  struct Expect {
+    std::string input;
+    int inspect;
+    int verify;
+    int convert;
+    std::string says; // in what inspect prints, and in every failure
+  };
+  const std::vector<Expect> table = {
+      {"single ü.safetensors", 0, 0, 0, "layer 0.wéight"},
+      {"st sharded", 0, 0, 0, "layer 3.wéight"},
+      {"single ü.bin", 0, 0, 0, "layer 1.wéight"},
+      {"bin sharded", 0, 0, 0, "layer 2.wéight"},
+      {"tied", 0, 0, 0, ""},
+      {"hub both", 0, 0, 0, "using model.safetensors"},
+      {"pipe ü.dduf", 0, 0, 1, ""},
+      {"interrupted", 0, 1, 0, ""},
+      {"missing shard", 1, 1, 1, "model-00002-of-00002.safetensors"},
+      {"truncated.safetensors", 1, 1, 1, "truncated.safetensors"},
+      {"wrong extension.safetensors", 0, 0, 0, "despite its name"},
+  };
+  int n = 0;
+  for (const Expect& e : table) {
+    const auto input = base / e.input;
+    const std::vector<std::pair<std::string, int>> runs = {
+        {"inspect " + quoted(input), e.inspect},
+        {"inspect --json " + quoted(input), e.inspect},
+        {"verify " + quoted(input), e.verify},
+        {"convert " + quoted(input) + " " + quoted(root / ("out dir " + std::to_string(n))), e.convert},
+        {"convert " + quoted(input) + " " + quoted(root / ("out file " + std::to_string(n) + ".bin")), e.convert},
+    };
+    for (const auto& [arguments, status] : runs) {
+      const CliRun run = cli(arguments);
+      EXPECT_EQ(run.status, status) << arguments << ":\n" << run.output;
+      if (!e.says.empty() && (arguments.rfind("inspect", 0) == 0 || status != 0)) {
+        EXPECT_THAT(run.output, HasSubstr(e.says)) << arguments;
+      }
+      if (status != 0) {
+        EXPECT_FALSE(run.output.empty()) << arguments; // a failure always says why
+      }
+    }
+    if (e.input == "interrupted") { // convert read it as load_torch_model does: completed first
+      EXPECT_FALSE(std::filesystem::exists(input / ".torchser-commit.json"));
+    }
+    ++n;
+  }
 }
 
 } // namespace

@@ -283,6 +283,15 @@ bool ends_with(const std::string& name, const std::string& suffix) {
 }
 
 int cmd_convert(const fs::path& src, const fs::path& dst, std::string to, const std::string& max_shard_size) {
+  // Read as load_torch_model reads: under the directory's lock, after
+  // completing any interrupted save (a journal's folder mixes two saves).
+  std::error_code ec;
+  std::optional<torchser::detail::DirectoryLock> lock;
+  if (fs::is_directory(src, ec)) {
+    lock.emplace(torchser::detail::lock_for_reading(src));
+  } else if (ends_with(src.filename().string(), ".index.json")) {
+    lock.emplace(torchser::detail::lock_for_reading(src.parent_path().empty() ? fs::path(".") : src.parent_path()));
+  }
   const torchser::detail::Checkpoint checkpoint = resolve(src);
   if (checkpoint.kind == torchser::detail::Checkpoint::Kind::kDDUF) {
     throw torchser::ValueError("Cannot convert '" + checkpoint.files.front().string() +
@@ -371,7 +380,6 @@ int cmd_convert(const fs::path& src, const fs::path& dst, std::string to, const 
   });
   // A failed convert leaves no directory it created behind (and the save
   // itself commits nothing unless it completes).
-  std::error_code ec;
   const bool created = !to_file && !fs::exists(dst, ec);
   try {
     if (!to_file) {
