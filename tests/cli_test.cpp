@@ -12,6 +12,7 @@
 
 #include <ATen/ops/arange.h>
 #include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
 #include <nlohmann/json.hpp>
 
 #include <torchser/dduf.h>
@@ -92,7 +93,11 @@ TEST(CliTest, InspectListsTensorsMetadataAndTotals) {
   const auto sharded = nlohmann::json::parse(
       cli("inspect --json " + quoted(torchser::testing::fixtures_dir() / "reference/pickle/sharded")).output);
   EXPECT_EQ(sharded["total_tensors"], 7);
-  EXPECT_EQ(sharded["metadata"]["total_size"], "1568");
+  EXPECT_EQ(sharded["metadata"]["total_size"], 1568); // a number, as in the index
+  EXPECT_EQ(sharded["format"], "pickle");
+  EXPECT_EQ(sharded["sharded"], true);
+  EXPECT_EQ(sharded["files"], 3);
+  EXPECT_EQ(sharded["tensors"][0]["dtype"], "F32"); // one vocabulary for both formats
   const auto dduf = nlohmann::json::parse(
       cli("inspect --json " + quoted(torchser::testing::fixtures_dir() / "reference/dduf/tiny_pipeline.dduf")).output);
   EXPECT_EQ(dduf["entries"]["model_index.json"], 254);
@@ -597,6 +602,35 @@ TEST(CliTest, EveryCommandOnEveryKindOfInput) {
     }
     ++n;
   }
+}
+
+// A torch.save file holding more than one state dict: inspect says which it
+// shows and what it leaves out; convert refuses to drop tensors unasked.
+TEST(CliTest, ACheckpointWithSeveralStateDictsIsNeverCutSilently) {
+  if (!torchser::testing::python_has_torch()) {
+    GTEST_SKIP() << "the Python in use has no torch";
+  }
+  TempDir dir;
+  torchser::testing::write_file(dir / "make.py", "import torch, sys\nd = sys.argv[1]\n"
+                                "torch.save({'generator': {'g.w': torch.ones(2)}, 'discriminator': {'d.w': "
+                                "torch.zeros(3)}, 'step': 10}, d + '/gan.pt')\n"
+                                "torch.save({'model': {'w': torch.ones(2)}, 'epoch': 3}, d + '/train.pt')\n");
+  torchser::testing::run_python(quoted(dir / "make.py") + " " + quoted(dir.path()));
+  const CliRun inspect = cli("inspect " + quoted(dir / "gan.pt"));
+  EXPECT_EQ(inspect.status, 0) << inspect.output;
+  EXPECT_THAT(inspect.output, HasSubstr("state dict taken from key 'generator'; ignored: discriminator, step"));
+  const CliRun refused = cli("convert " + quoted(dir / "gan.pt") + " " + quoted(dir / "out"));
+  EXPECT_EQ(refused.status, 1) << refused.output;
+  EXPECT_THAT(refused.output, HasSubstr("--key"));
+  EXPECT_FALSE(std::filesystem::exists(dir / "out"));
+  const CliRun chosen = cli("convert " + quoted(dir / "gan.pt") + " " + quoted(dir / "d.safetensors") +
+                            " --key discriminator");
+  ASSERT_EQ(chosen.status, 0) << chosen.output;
+  EXPECT_TRUE(load_file(dir / "d.safetensors")["d.w"].equal(at::zeros({3})));
+  // The usual training checkpoint: the choice is unambiguous, and said.
+  const CliRun usual = cli("convert " + quoted(dir / "train.pt") + " " + quoted(dir / "t.safetensors"));
+  ASSERT_EQ(usual.status, 0) << usual.output;
+  EXPECT_THAT(usual.output, HasSubstr("state dict taken from key 'model'; ignored: epoch"));
 }
 
 } // namespace

@@ -59,8 +59,14 @@ TEST(DDUFEntryTest, FieldsReprTextAndMmap) {
 TEST(DDUFNameTest, ValidationTable) {
   // D-04…D-08 and §3.I
   for (const char* ok : {"dummy.txt", "dummy.json", "dummy.safetensors", "dummy.model", "json", ".json",
-                         "C:dummy.json", "../config.json", "a.b/config.json"}) {
+                         "a.b/config.json", "..x/config.json"}) {
     EXPECT_NO_THROW(detail::validate_dduf_entry_name(ok)) << ok;
+  }
+  // The reference's export accepts names its reader then refuses (and that
+  // would leave the folder when unpacked); torchser's export refuses them.
+  for (const char* escaping : {"../config.json", "C:dummy.json", "../x.json"}) {
+    EXPECT_THROW_CONTAINS(detail::validate_dduf_entry_name(escaping), DDUFInvalidEntryNameError,
+                         std::string("Entry names must stay inside the archive's folder")) << escaping;
   }
   EXPECT_EQ(detail::validate_dduf_entry_name("/model_index.json"), "model_index.json");
   EXPECT_EQ(detail::validate_dduf_entry_name("///x.json"), "x.json");

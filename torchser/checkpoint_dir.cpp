@@ -474,8 +474,9 @@ Plan read_journal(const fs::path& journal) {
     throw OSError("The save journal '" + journal.string() + "' left by an interrupted save is damaged (" + e.what() +
                   "); inspect the directory and remove the journal by hand.");
   }
+  // Names of files in this directory itself: inside it, and no deeper.
   const auto inside = [](const std::string& name) {
-    return !name.empty() && name != "." && name != ".." && name.find('/') == std::string::npos &&
+    return !name.empty() && name != "." && !escapes_directory(name) && name.find_first_of("/\\") == std::string::npos &&
            name.find('\0') == std::string::npos;
   };
   for (const auto& [from, to] : plan.renames) {

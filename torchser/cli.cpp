@@ -172,8 +172,10 @@ int cmd_inspect(const fs::path& path, bool as_json) {
     metadata.insert(metadata.end(), checkpoint.index.metadata.begin(), checkpoint.index.metadata.end());
     for (const fs::path& path_of_file : checkpoint.files) {
       const auto file = torchser::detail::open_tensor_file(path_of_file);
-      if (!file->note().empty()) {
-        std::cerr << "torchser: " << file->note() << "\n";
+      for (const std::string* said : {&file->note(), &file->selection()}) {
+        if (!said->empty()) {
+          std::cerr << "torchser: " << path_of_file.filename().string() << ": " << *said << "\n";
+        }
       }
       format = torchser::detail::format_name(file->format());
       if (checkpoint.kind == torchser::detail::Checkpoint::Kind::kFile && file->metadata()) {
@@ -183,15 +185,15 @@ int cmd_inspect(const fs::path& path, bool as_json) {
         rows.emplace_back(shown(checkpoint, path_of_file), entry);
       }
     }
-    if (checkpoint.kind == torchser::detail::Checkpoint::Kind::kSharded) {
-      format += " (sharded, " + std::to_string(checkpoint.files.size()) + " files)";
-    }
   }
+  const bool sharded = checkpoint.kind == torchser::detail::Checkpoint::Kind::kSharded;
   const std::uint64_t total = stored_bytes(rows);
   if (as_json) {
     json out;
     out["path"] = path.string();
     out["format"] = format;
+    out["sharded"] = sharded;
+    out["files"] = checkpoint.files.size();
     out["tensors"] = json::array();
     for (const auto& [file, entry] : rows) {
       out["tensors"].push_back({{"name", entry.name}, {"dtype", entry.dtype}, {"shape", entry.shape},
@@ -200,6 +202,9 @@ int cmd_inspect(const fs::path& path, bool as_json) {
     out["metadata"] = json::object();
     for (const auto& [key, value] : metadata) {
       out["metadata"][key] = value;
+    }
+    for (const auto& [key, text] : checkpoint.index.other_metadata) {
+      out["metadata"][key] = json::parse(text, nullptr, /*allow_exceptions=*/false); // numbers stay numbers
     }
     if (!archive_entries.empty()) {
       out["entries"] = json::object();
@@ -215,7 +220,8 @@ int cmd_inspect(const fs::path& path, bool as_json) {
     std::cout << out.dump(2) << "\n";
     return 0;
   }
-  std::cout << path.string() << ": " << format << "\n";
+  std::cout << path.string() << ": " << format
+            << (sharded ? " (sharded, " + std::to_string(checkpoint.files.size()) + " files)" : "") << "\n";
   if (interrupted) {
     std::cout << "  INTERRUPTED SAVE: " << *interrupted << "\n";
   }
@@ -282,7 +288,8 @@ bool ends_with(const std::string& name, const std::string& suffix) {
   return name.size() > suffix.size() && name.compare(name.size() - suffix.size(), std::string::npos, suffix) == 0;
 }
 
-int cmd_convert(const fs::path& src, const fs::path& dst, std::string to, const std::string& max_shard_size) {
+int cmd_convert(const fs::path& src, const fs::path& dst, std::string to, const std::string& max_shard_size,
+                const std::optional<std::string>& key) {
   // Read as load_torch_model reads: under the directory's lock, after
   // completing any interrupted save (a journal's folder mixes two saves).
   std::error_code ec;
@@ -318,11 +325,20 @@ int cmd_convert(const fs::path& src, const fs::path& dst, std::string to, const 
   std::map<std::string, const torchser::detail::TensorFile*> file_of;
   torchser::StateDict all;
   std::vector<std::pair<std::string, std::string>> metadata = checkpoint.index.metadata;
+  torchser::detail::TensorFileOptions open;
+  open.key = key;
   for (const fs::path& path : checkpoint.files) {
-    files.push_back(torchser::detail::open_tensor_file(path));
+    files.push_back(torchser::detail::open_tensor_file(path, open));
     const auto& file = *files.back();
     if (!file.note().empty()) {
       std::cerr << "torchser: " << file.note() << "\n";
+    }
+    if (file.ambiguous() && !key.has_value()) {
+      throw torchser::ValueError("Cannot convert '" + path.string() + "' unasked: " + file.selection() +
+                                 ". Name the state dict to convert with --key KEY.");
+    }
+    if (!file.selection().empty()) {
+      std::cerr << "torchser: " << path.filename().string() << ": " << file.selection() << "\n";
     }
     if (checkpoint.kind == torchser::detail::Checkpoint::Kind::kFile && file.metadata()) {
       metadata = *file.metadata();
@@ -490,6 +506,8 @@ int main(int argc, char** argv) {
       ->required();
   convert_cmd->add_option("--to", to, "safetensors (default), or pickle (also: bin); implied by a file DST")
       ->check(CLI::IsMember({"safetensors", "pickle", "bin"}));
+  std::string key;
+  convert_cmd->add_option("--key", key, "a torch.save file holding several state dicts: the top-level key to convert");
   convert_cmd->add_option("--max-shard-size", max_shard_size, "largest shard, e.g. 2GB or 1000000 bytes (default 5GB)");
 
   std::string folder;
@@ -525,7 +543,8 @@ int main(int argc, char** argv) {
       return cmd_verify(verify_path);
     }
     if (convert_cmd->parsed()) {
-      return cmd_convert(src, dst, to, max_shard_size);
+      return cmd_convert(src, dst, to, max_shard_size,
+                         key.empty() ? std::nullopt : std::optional<std::string>(key));
     }
     if (recover_cmd->parsed()) {
       return cmd_recover(recover_path);

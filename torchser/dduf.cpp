@@ -11,6 +11,7 @@
 #include <torchser/load.h>
 
 #include "torchser/detail/file.h"
+#include "torchser/detail/index_json.h"
 #include "torchser/detail/load_file.h"
 #include "torchser/detail/shared_tensors.h"
 #include "torchser/detail/tensor_file.h"
@@ -106,19 +107,11 @@ void check_safe_name(const std::string& name) {
   if (name.find('\0') != std::string::npos) {
     throw DDUFInvalidEntryNameError("Entry names must not contain NUL bytes. Got " + detail::python_repr(name) + ".");
   }
-  if (!name.empty() && name.front() == '/') {
-    throw DDUFInvalidEntryNameError("Entry names must be relative. Got " + name + ".");
-  }
-  std::size_t start = 0;
-  while (start <= name.size()) {
-    const std::size_t end = name.find('/', start);
-    if (name.compare(start, end == std::string::npos ? std::string::npos : end - start, "..") == 0) {
-      throw DDUFInvalidEntryNameError("Entry names must not contain '..' components. Got " + name + ".");
-    }
-    if (end == std::string::npos) {
-      break;
-    }
-    start = end + 1;
+  // The one rule of torchser for a name inside a folder (index shards, the
+  // save journal, DDUF entries on both sides): no root, drive or "..".
+  if (detail::escapes_directory(name)) {
+    throw DDUFInvalidEntryNameError("Entry names must stay inside the archive's folder (no root, drive or '..'). Got " +
+                                    name + ".");
   }
 }
 
@@ -153,7 +146,9 @@ nlohmann::json parse_model_index(const std::string& text) {
 namespace detail {
 
 std::string validate_dduf_entry_name(const std::string& entry_name) {
-  return std::string(validate_entry_name(entry_name));
+  const std::string stripped(validate_entry_name(entry_name));
+  check_safe_name(stripped); // what read_dduf_file would refuse is never written
+  return stripped;
 }
 
 } // namespace detail
@@ -414,9 +409,10 @@ LoadResult load_torch_model_from_dduf_entry(
     torch::nn::Module& model,
     const DDUFEntry& entry,
     const LoadOptions& options) {
+  detail::TensorFileOptions open;
+  open.backend = options.backend();
   const auto file = detail::open_tensor_file(entry.dduf_path, entry.offset, entry.length,
-                                             entry.dduf_path.string() + ":" + entry.filename,
-                                             {options.backend(), std::nullopt});
+                                             entry.dduf_path.string() + ":" + entry.filename, open);
   return detail::load_tensor_file_into(model, *file, options);
 }
 

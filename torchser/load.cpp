@@ -296,6 +296,11 @@ LoadResult load_torch_model(
   if (!std::filesystem::exists(checkpoint_path, ec)) {
     throw ValueError("Checkpoint path " + checkpoint_path.string() + " does not exist");
   }
+  if (options.map_location().has_value()) {
+    throw ValueError("LoadOptions::map_location applies to load_state_dict_from_file; load_torch_model copies into "
+                     "the module's own tensors, wherever they are (move the module with ->to(device) before or after "
+                     "loading).");
+  }
   std::optional<detail::DirectoryLock> lock;
   if (std::filesystem::is_directory(checkpoint_path, ec)) {
     // Held until the last tensor is copied: a concurrent save's commit is

@@ -3,6 +3,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <map>
@@ -12,6 +13,8 @@
 #include <torchser/pickle.h>
 #include <torchser/safetensors.h>
 #include <torchser/storage.h>
+
+#include <ATen/Context.h>
 
 #include "torchser/detail/file.h"
 #include "torchser/detail/zip.h"
@@ -44,6 +47,99 @@ void TensorFile::check_format_metadata() const {
 
 namespace {
 
+// One vocabulary for dtypes whatever the format: the safetensors codes
+// ("F32"), or LibTorch's name for the few it lacks (complex128).
+std::string dtype_code(at::ScalarType type) {
+  try {
+    return safetensors_dtype_name(to_safetensors_dtype(type));
+  } catch (const std::exception&) {
+    return c10::toString(type);
+  }
+}
+
+bool holds_tensors(const PickleValue& v) {
+  switch (v.kind()) {
+    case PickleValue::Kind::kTensor:
+      return true;
+    case PickleValue::Kind::kList:
+    case PickleValue::Kind::kTuple:
+      return std::any_of(v.items().begin(), v.items().end(), holds_tensors);
+    case PickleValue::Kind::kDict:
+      return std::any_of(v.dict_items().begin(), v.dict_items().end(),
+                         [](const auto& item) { return holds_tensors(item.second); });
+    default:
+      return false;
+  }
+}
+
+struct Selected {
+  StateDict tensors;
+  std::string selection;
+  bool ambiguous = false;
+};
+
+// extract_state_dict's choice (or `key`), said: which key, what was ignored.
+Selected select_state_dict(const PickleValue& checkpoint, const std::optional<std::string>& key,
+                           const std::string& display) {
+  Selected out;
+  const PickleValue* chosen = &checkpoint;
+  std::string chosen_key;
+  if (key.has_value()) {
+    chosen = checkpoint.kind() == PickleValue::Kind::kDict ? checkpoint.find(*key) : nullptr;
+    if (chosen == nullptr) {
+      throw KeyError("'" + display + "' has no key '" + *key + "' at its top level.");
+    }
+    chosen_key = *key;
+    out.tensors = extract_state_dict(*chosen);
+  } else {
+    out.tensors = extract_state_dict(checkpoint);
+    if (checkpoint.kind() == PickleValue::Kind::kDict && !out.tensors.is_empty()) {
+      // Which top-level value extract_state_dict took: the one holding the
+      // first tensor it returned.
+      const at::Tensor& first = out.tensors.begin()->value();
+      for (const auto& [k, v] : checkpoint.dict_items()) {
+        if (v.kind() == PickleValue::Kind::kTensor && v.to_tensor().is_same(first)) {
+          chosen_key.clear(); // the top level itself
+          break;
+        }
+        if (v.kind() == PickleValue::Kind::kDict && k.kind() == PickleValue::Kind::kString) {
+          for (const auto& [name, t] : v.dict_items()) {
+            if (t.kind() == PickleValue::Kind::kTensor && t.to_tensor().is_same(first)) {
+              chosen_key = k.to_string();
+              break;
+            }
+          }
+          if (!chosen_key.empty()) {
+            break;
+          }
+        }
+      }
+    }
+  }
+  if (chosen_key.empty() || checkpoint.kind() != PickleValue::Kind::kDict) {
+    return out;
+  }
+  std::string ignored;
+  std::string with_tensors;
+  for (const auto& [k, v] : checkpoint.dict_items()) {
+    const std::string name = k.kind() == PickleValue::Kind::kString ? k.to_string() : "<" + k.type_name() + ">";
+    if (name == chosen_key) {
+      continue;
+    }
+    ignored += (ignored.empty() ? "" : ", ") + name;
+    if (holds_tensors(v)) {
+      with_tensors += (with_tensors.empty() ? "" : ", ") + name;
+    }
+  }
+  out.selection = "state dict taken from key '" + chosen_key + "'" + (ignored.empty() ? "" : "; ignored: " + ignored);
+  out.ambiguous = !with_tensors.empty();
+  if (out.ambiguous) {
+    out.selection += " (" + with_tensors + " hold" + (with_tensors.find(',') == std::string::npos ? "s" : "") +
+                     " tensors too)";
+  }
+  return out;
+}
+
 class SafetensorsFile final : public TensorFile {
  public:
   SafetensorsFile(SafeOpen file, std::string display, std::string note) : file_(std::move(file)) {
@@ -72,8 +168,11 @@ class SafetensorsFile final : public TensorFile {
 
 class PickleFile final : public TensorFile {
  public:
-  PickleFile(StateDict tensors, std::string display, std::string note, bool mapped)
+  PickleFile(StateDict tensors, std::string display, std::string note, bool mapped, std::string selection,
+             bool ambiguous)
       : tensors_(std::move(tensors)), mapped_(mapped) {
+    selection_ = std::move(selection);
+    ambiguous_ = ambiguous;
     format_ = TensorFormat::kPickle;
     display_ = std::move(display);
     note_ = std::move(note);
@@ -81,7 +180,7 @@ class PickleFile final : public TensorFile {
     for (const auto& item : tensors_) {
       const at::Tensor& t = item.value();
       const auto id = get_torch_storage_id(t);
-      entries_.push_back({item.key(), c10::toString(t.scalar_type()), t.sizes().vec(),
+      entries_.push_back({item.key(), dtype_code(t.scalar_type()), t.sizes().vec(),
                           static_cast<std::uint64_t>(t.nbytes()),
                           id ? std::to_string(id->data_ptr) + ":" + std::to_string(id->nbytes) : "#" + item.key(),
                           static_cast<std::uint64_t>(t.numel() == 0 ? 0 : t.storage().nbytes())});
@@ -128,6 +227,9 @@ TensorFormat sniff_format(const fs::path& path, std::string* note) {
       file.pread_exact(head, sizeof head, 0);
     }
   }
+  if (size == 0) {
+    throw OSError("'" + path.string() + "' is empty (0 bytes): not a safetensors or torch.save file.");
+  }
   std::optional<TensorFormat> content;
   if (size >= 4 && std::memcmp(head, "PK\x03\x04", 4) == 0) {
     content = TensorFormat::kPickle;
@@ -163,10 +265,16 @@ std::unique_ptr<TensorFile> open_tensor_file(const fs::path& path, const TensorF
     return std::make_unique<SafetensorsFile>(SafeOpen(path, SafeOpenOptions().device(device).backend(options.backend)),
                                              path.string(), std::move(note));
   }
-  return std::make_unique<PickleFile>(
-      extract_state_dict(torch_load(
-          path, TorchLoadOptions().mmap(options.backend == LoadBackend::kMmap).map_location(options.device))),
-      path.string(), std::move(note), options.backend == LoadBackend::kMmap && !options.device.has_value());
+  if (options.device.has_value() && options.device->is_cuda() && !at::hasCUDA()) {
+    throw ValueError("Device " + options.device->str() + " was requested for '" + path.string() +
+                     "', but this LibTorch build has no CUDA support.");
+  }
+  Selected selected = select_state_dict(
+      torch_load(path, TorchLoadOptions().mmap(options.backend == LoadBackend::kMmap).map_location(options.device)),
+      options.key, path.string());
+  return std::make_unique<PickleFile>(std::move(selected.tensors), path.string(), std::move(note),
+                                      options.backend == LoadBackend::kMmap && !options.device.has_value(),
+                                      std::move(selected.selection), selected.ambiguous);
 }
 
 std::unique_ptr<TensorFile> open_tensor_file(const fs::path& path, std::uint64_t offset, std::uint64_t length,

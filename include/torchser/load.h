@@ -45,15 +45,25 @@ struct TORCHSER_API LoadOptions {
   /// Accepted for compatibility: torchser's pickle reader only ever loads
   /// tensors and plain containers (Python's weights_only=True allowlist).
   TORCH_ARG(bool, weights_only) = false;
-  /// Device of the returned tensors (load_state_dict_from_file). Unset: CPU.
+  /// Device of the returned tensors of load_state_dict_from_file (unset:
+  /// CPU). load_torch_model refuses it: it copies into the module's own
+  /// tensors, wherever they are.
   TORCH_ARG(std::optional<c10::Device>, map_location) = std::nullopt;
-  /// Pickle files (load_state_dict_from_file): tensors on the mapped file
-  /// instead of copies read with pread.
-  TORCH_ARG(bool, mmap) = false;
-  /// How load_torch_model reads checkpoint files, and load_state_dict_from_file
-  /// safetensors files: kMmap (fast, the files must not change meanwhile) or
-  /// kPread (for files another process may rewrite; see load_backend.h).
+  /// How files are read, for every format and both functions (the one I/O
+  /// knob): kMmap (the default: tensors of load_state_dict_from_file are
+  /// views of a copy-on-write mapping, and nothing is read until used; the
+  /// files must not be rewritten in place meanwhile) or kPread (copies read
+  /// with pread, for files another process may rewrite; see load_backend.h).
   TORCH_ARG(LoadBackend, backend) = LoadBackend::kMmap;
+  /// Python's `mmap=` spelling of the same knob: true is kMmap, false kPread.
+ public: // TORCH_ARG leaves the struct in private:
+  LoadOptions& mmap(bool on) {
+    backend_ = on ? LoadBackend::kMmap : LoadBackend::kPread;
+    return *this;
+  }
+  bool mmap() const {
+    return backend_ == LoadBackend::kMmap;
+  }
   /// Explicit file-name pattern in a directory.
   TORCH_ARG(std::optional<std::string>, filename_pattern) = std::nullopt;
 };

@@ -11,6 +11,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <initializer_list>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -166,6 +167,13 @@ class OrderedMap {
   ///@}
 
   OrderedMap() = default;
+  /// `Metadata{{"epoch", "3"}, {"lr", "0.1"}}`: the pairs in order (a
+  /// duplicate key is a ValueError, as for insert()).
+  OrderedMap(std::initializer_list<std::pair<std::string, V>> items) {
+    for (const auto& [key, value] : items) {
+      insert(key, value);
+    }
+  }
 
   /// Inserts `key` → `value` at the end. Throws ValueError when the key is
   /// already present (a Python dict would overwrite; torchser never builds a

@@ -7,13 +7,14 @@
 /// once.
 ///
 /// Deliberate differences from the reference (all safer):
-/// - Crash-safe: new files are written under temporary names and committed
-///   through a journal (`.torchser-commit.json`) before any old file is
-///   touched; an interrupted save is completed (or its temporary files
-///   removed) by the next save or load of the directory, so the directory
-///   always loads as the complete old or the complete new checkpoint. A save
+/// - Crash-safe for every reader: one new file is renamed over its name; a
+///   sharded checkpoint is built in a sibling directory and swapped in with
+///   one renameat2(RENAME_EXCHANGE), keeping the folder's other files (hard
+///   links), or, where a swap cannot work, committed through a journal
+///   (`.torchser-commit.json`) that the next save or load completes. A save
 ///   holds an exclusive flock on the directory and load_torch_model a shared
-///   one, so a concurrent load never sees the renames of a commit halfway.
+///   one, so a concurrent load never sees a commit halfway. (The README's
+///   "Crash-safe" table says which guarantee holds where.)
 /// - Stale files of the pattern are matched by whole name (`model.safetensors.bak`
 ///   survives), and the pattern is never read as a regex.
 /// - Inputs are never mutated; a user `format` other than "pt" is a ValueError;

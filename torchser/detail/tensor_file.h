@@ -48,6 +48,10 @@ struct TORCHSER_API TensorFileOptions {
   LoadBackend backend = LoadBackend::kMmap;
   /// Where tensors go (unset: CPU).
   std::optional<c10::Device> device;
+  /// torch.save files holding several dicts (`{"generator": …,
+  /// "discriminator": …}`): the key whose dict of tensors to take, instead
+  /// of extract_state_dict's choice.
+  std::optional<std::string> key;
 };
 
 class TORCHSER_API TensorFile {
@@ -64,6 +68,17 @@ class TORCHSER_API TensorFile {
   /// Set when the content contradicts the extension (what was read instead).
   const std::string& note() const {
     return note_;
+  }
+  /// torch.save files whose tensors sit inside a larger object: which dict
+  /// was taken and what was left out ("state dict taken from key 'model';
+  /// ignored: optimizer, epoch"); empty otherwise.
+  const std::string& selection() const {
+    return selection_;
+  }
+  /// Whether what was left out holds tensors too (a GAN's two models, a
+  /// tensor beside the dict): then taking one dict silently loses data.
+  bool ambiguous() const {
+    return ambiguous_;
   }
   /// Tensors in file order.
   const std::vector<TensorEntry>& entries() const {
@@ -88,6 +103,8 @@ class TORCHSER_API TensorFile {
   TensorFormat format_ = TensorFormat::kSafetensors;
   std::string display_;
   std::string note_;
+  std::string selection_;
+  bool ambiguous_ = false;
   std::vector<TensorEntry> entries_;
   std::optional<std::vector<std::pair<std::string, std::string>>> metadata_;
 };
