@@ -3,9 +3,9 @@
 // interrupted save leaves and how it is reported, and the format chosen by
 // content.
 
+#include <fcntl.h>
 #include <sys/file.h>
 #include <sys/stat.h>
-#include <fcntl.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -37,7 +37,8 @@ using torchser::testing::write_file;
 StateDict generation(int g, int n = 6) {
   StateDict sd;
   for (int i = 0; i < n; ++i) {
-    sd.insert("w" + std::to_string(i), at::full({1024}, static_cast<float>(g + i)));
+    sd.insert(
+        "w" + std::to_string(i), at::full({1024}, static_cast<float>(g + i)));
   }
   return sd;
 }
@@ -57,11 +58,14 @@ ino_t inode_of(const fs::path& path) {
   return st.st_ino;
 }
 
-TEST(CheckpointCommitTest, ASaveOfSeveralFilesSwapsInADirectoryThatKeepsTheFilesItDoesNotOwn) {
+TEST(
+    CheckpointCommitTest,
+    ASaveOfSeveralFilesSwapsInADirectoryThatKeepsTheFilesItDoesNotOwn) {
   TempDir parent;
   const fs::path dir = parent / "ckpt";
   fs::create_directories(dir);
-  save_torch_state_dict(generation(0), dir, SaveOptions().max_shard_size(8000)); // 6 shards
+  save_torch_state_dict(
+      generation(0), dir, SaveOptions().max_shard_size(8000)); // 6 shards
   write_file(dir / "config.json", "{}");
   write_file(dir / "model.safetensors.bak", "mine");
   ::chmod(dir.c_str(), 0750);
@@ -71,23 +75,38 @@ TEST(CheckpointCommitTest, ASaveOfSeveralFilesSwapsInADirectoryThatKeepsTheFiles
     detail::CheckpointCommit commit(dir, 2, /*durable=*/false);
     EXPECT_EQ(commit.mode(), detail::CheckpointCommit::Mode::kSwap);
   }
-  save_torch_state_dict(generation(100), dir, SaveOptions().max_shard_size(16000)); // 2 shards
-  EXPECT_NE(inode_of(dir), before);                     // a new directory
-  EXPECT_EQ(inode_of(dir / "config.json"), config);     // the same file, linked
-  EXPECT_EQ(torchser::testing::read_file(dir / "model.safetensors.bak"), "mine");
-  EXPECT_EQ(names_in(dir), (std::vector<std::string>{"config.json", "model-00001-of-00002.safetensors",
-                                                     "model-00002-of-00002.safetensors", "model.safetensors.bak",
-                                                     "model.safetensors.index.json"}));
-  EXPECT_EQ(names_in(parent.path()), std::vector<std::string>{"ckpt"}); // no staging directory left
+  save_torch_state_dict(
+      generation(100), dir, SaveOptions().max_shard_size(16000)); // 2 shards
+  EXPECT_NE(inode_of(dir), before);                 // a new directory
+  EXPECT_EQ(inode_of(dir / "config.json"), config); // the same file, linked
+  EXPECT_EQ(
+      torchser::testing::read_file(dir / "model.safetensors.bak"), "mine");
+  EXPECT_EQ(
+      names_in(dir),
+      (std::vector<std::string>{
+          "config.json",
+          "model-00001-of-00002.safetensors",
+          "model-00002-of-00002.safetensors",
+          "model.safetensors.bak",
+          "model.safetensors.index.json"}));
+  EXPECT_EQ(
+      names_in(parent.path()),
+      std::vector<std::string>{"ckpt"}); // no staging directory left
   struct stat st {};
   ASSERT_EQ(::stat(dir.c_str(), &st), 0);
   EXPECT_EQ(st.st_mode & 07777, 0750U);
-  EXPECT_EQ(load_file(dir / "model-00002-of-00002.safetensors")["w5"][0].item<float>(), 105.0F);
+  EXPECT_EQ(
+      load_file(dir / "model-00002-of-00002.safetensors")["w5"][0]
+          .item<float>(),
+      105.0F);
 }
 
-TEST(CheckpointCommitTest, OneNewFileIsRenamedIntoPlaceAndTheOldShardsGoIndexFirst) {
+TEST(
+    CheckpointCommitTest,
+    OneNewFileIsRenamedIntoPlaceAndTheOldShardsGoIndexFirst) {
   TempDir dir;
-  save_torch_state_dict(generation(0), dir.path(), SaveOptions().max_shard_size(8000));
+  save_torch_state_dict(
+      generation(0), dir.path(), SaveOptions().max_shard_size(8000));
   const ino_t before = inode_of(dir.path());
   {
     detail::CheckpointCommit commit(dir.path(), 1, /*durable=*/false);
@@ -95,13 +114,16 @@ TEST(CheckpointCommitTest, OneNewFileIsRenamedIntoPlaceAndTheOldShardsGoIndexFir
   }
   save_torch_state_dict(generation(7), dir.path());
   EXPECT_EQ(inode_of(dir.path()), before);
-  EXPECT_EQ(names_in(dir.path()), std::vector<std::string>{"model.safetensors"});
+  EXPECT_EQ(
+      names_in(dir.path()), std::vector<std::string>{"model.safetensors"});
 }
 
 TEST(CheckpointCommitTest, WhereASwapCannotWorkTheJournalCommits) {
   TempDir parent;
   const fs::path dir = parent / "pipeline";
-  fs::create_directories(dir / "text_encoder"); // a subdirectory cannot be linked into a new directory
+  fs::create_directories(
+      dir /
+      "text_encoder"); // a subdirectory cannot be linked into a new directory
   write_file(dir / "text_encoder" / "config.json", "{}");
   save_torch_state_dict(generation(0), dir, SaveOptions().max_shard_size(8000));
   {
@@ -109,13 +131,15 @@ TEST(CheckpointCommitTest, WhereASwapCannotWorkTheJournalCommits) {
     EXPECT_EQ(commit.mode(), detail::CheckpointCommit::Mode::kJournal);
   }
   const ino_t before = inode_of(dir);
-  save_torch_state_dict(generation(100), dir, SaveOptions().max_shard_size(8000));
+  save_torch_state_dict(
+      generation(100), dir, SaveOptions().max_shard_size(8000));
   EXPECT_EQ(inode_of(dir), before);
   EXPECT_TRUE(fs::exists(dir / "text_encoder" / "config.json"));
   EXPECT_EQ(names_in(parent.path()), std::vector<std::string>{"pipeline"});
   // The process's own working directory is never swapped away under it.
   TempDir other;
-  save_torch_state_dict(generation(0), other.path(), SaveOptions().max_shard_size(8000));
+  save_torch_state_dict(
+      generation(0), other.path(), SaveOptions().max_shard_size(8000));
   const fs::path cwd = fs::current_path();
   fs::current_path(other.path());
   {
@@ -124,18 +148,27 @@ TEST(CheckpointCommitTest, WhereASwapCannotWorkTheJournalCommits) {
   }
   save_torch_state_dict(generation(5), ".", SaveOptions().max_shard_size(8000));
   fs::current_path(cwd);
-  EXPECT_EQ(load_file(other / "model-00001-of-00006.safetensors")["w0"][0].item<float>(), 5.0F);
+  EXPECT_EQ(
+      load_file(other / "model-00001-of-00006.safetensors")["w0"][0]
+          .item<float>(),
+      5.0F);
 }
 
 TEST(CheckpointCommitTest, ASymlinkToTheCheckpointStaysALink) {
   TempDir parent;
   fs::create_directories(parent / "real");
   fs::create_directory_symlink("real", parent / "latest");
-  save_torch_state_dict(generation(0), parent / "latest", SaveOptions().max_shard_size(8000));
-  save_torch_state_dict(generation(9), parent / "latest", SaveOptions().max_shard_size(8000));
+  save_torch_state_dict(
+      generation(0), parent / "latest", SaveOptions().max_shard_size(8000));
+  save_torch_state_dict(
+      generation(9), parent / "latest", SaveOptions().max_shard_size(8000));
   EXPECT_TRUE(fs::is_symlink(parent / "latest"));
-  EXPECT_EQ(load_file(parent / "real" / "model-00001-of-00006.safetensors")["w0"][0].item<float>(), 9.0F);
-  EXPECT_EQ(names_in(parent.path()), (std::vector<std::string>{"latest", "real"}));
+  EXPECT_EQ(
+      load_file(parent / "real" / "model-00001-of-00006.safetensors")["w0"][0]
+          .item<float>(),
+      9.0F);
+  EXPECT_EQ(
+      names_in(parent.path()), (std::vector<std::string>{"latest", "real"}));
 }
 
 TEST(CheckpointCommitTest, AFailedSaveLeavesTheOldCheckpointAndNothingElse) {
@@ -145,16 +178,22 @@ TEST(CheckpointCommitTest, AFailedSaveLeavesTheOldCheckpointAndNothingElse) {
   save_torch_state_dict(generation(0), dir, SaveOptions().max_shard_size(8000));
   const auto before = names_in(dir);
   int calls = 0;
-  EXPECT_THROW(save_torch_state_dict(generation(1), dir,
-                                     SaveOptions().max_shard_size(8000).progress([&](const Progress&) {
-                                       if (++calls == 3) {
-                                         throw ValueError("stop");
-                                       }
-                                     })),
-               ValueError);
+  EXPECT_THROW(
+      save_torch_state_dict(
+          generation(1),
+          dir,
+          SaveOptions().max_shard_size(8000).progress([&](const Progress&) {
+            if (++calls == 3) {
+              throw ValueError("stop");
+            }
+          })),
+      ValueError);
   EXPECT_EQ(names_in(dir), before);
   EXPECT_EQ(names_in(parent.path()), std::vector<std::string>{"ckpt"});
-  EXPECT_EQ(load_file(dir / "model-00001-of-00006.safetensors")["w0"][0].item<float>(), 0.0F);
+  EXPECT_EQ(
+      load_file(dir / "model-00001-of-00006.safetensors")["w0"][0]
+          .item<float>(),
+      0.0F);
 }
 
 TEST(CheckpointCommitTest, ProgressIsReportedPerTensorUpToTheTotal) {
@@ -162,10 +201,13 @@ TEST(CheckpointCommitTest, ProgressIsReportedPerTensorUpToTheTotal) {
     TempDir dir;
     std::vector<Progress> seen;
     StateDict sd = generation(0);
-    sd.insert("tied", sd["w0"]); // a second name on a storage counts no bytes again
-    save_torch_state_dict(sd, dir.path(),
-                          SaveOptions().safe_serialization(safe).max_shard_size(8000).progress(
-                              [&](const Progress& p) { seen.push_back(p); }));
+    sd.insert(
+        "tied", sd["w0"]); // a second name on a storage counts no bytes again
+    save_torch_state_dict(
+        sd,
+        dir.path(),
+        SaveOptions().safe_serialization(safe).max_shard_size(8000).progress(
+            [&](const Progress& p) { seen.push_back(p); }));
     ASSERT_EQ(seen.size(), safe ? 6U : 7U);
     for (std::size_t i = 1; i < seen.size(); ++i) {
       EXPECT_GE(seen[i].bytes_done, seen[i - 1].bytes_done);
@@ -182,11 +224,13 @@ TEST(DirectoryLockTest, ALockFollowsThePathAcrossAnInodeChange) {
   TempDir parent;
   const fs::path dir = parent / "ckpt";
   fs::create_directories(dir);
-  auto first = std::make_unique<detail::DirectoryLock>(dir, detail::DirectoryLock::Mode::kExclusive, true);
+  auto first = std::make_unique<detail::DirectoryLock>(
+      dir, detail::DirectoryLock::Mode::kExclusive, true);
   ASSERT_TRUE(first->held());
   std::atomic<bool> granted{false};
   std::thread waiter([&] {
-    const detail::DirectoryLock second(dir, detail::DirectoryLock::Mode::kExclusive, true);
+    const detail::DirectoryLock second(
+        dir, detail::DirectoryLock::Mode::kExclusive, true);
     granted = second.held();
     while (granted) {
       std::this_thread::sleep_for(std::chrono::milliseconds(1));
@@ -201,8 +245,13 @@ TEST(DirectoryLockTest, ALockFollowsThePathAcrossAnInodeChange) {
     std::this_thread::sleep_for(std::chrono::milliseconds(1));
   }
   // It holds the new directory's lock, not the old one's.
-  EXPECT_FALSE(detail::DirectoryLock(dir, detail::DirectoryLock::Mode::kExclusive, false).held());
-  EXPECT_TRUE(detail::DirectoryLock(parent / "old", detail::DirectoryLock::Mode::kExclusive, false).held());
+  EXPECT_FALSE(
+      detail::DirectoryLock(dir, detail::DirectoryLock::Mode::kExclusive, false)
+          .held());
+  EXPECT_TRUE(
+      detail::DirectoryLock(
+          parent / "old", detail::DirectoryLock::Mode::kExclusive, false)
+          .held());
   granted = false;
   waiter.join();
 }
@@ -220,14 +269,18 @@ TEST(InterruptedSaveTest, LeftoversAreReportedUntilRecoveryRemovesThem) {
   EXPECT_THAT(*said, HasSubstr(".ckpt.torchser-save.AbC123"));
   EXPECT_THAT(*said, HasSubstr("previous checkpoint, whole"));
   // A journal save killed after its commit point.
-  write_file(dir / ".torchser-commit.json", R"({"version":1,"renames":[],"remove":[]})");
+  write_file(
+      dir / ".torchser-commit.json",
+      R"({"version":1,"renames":[],"remove":[]})");
   said = detail::interrupted_save(dir);
   ASSERT_TRUE(said.has_value());
   EXPECT_THAT(*said, HasSubstr("after its commit point"));
   // A save in progress holds the lock: said as such.
   {
-    const detail::DirectoryLock saving(dir, detail::DirectoryLock::Mode::kExclusive, true);
-    EXPECT_THAT(detail::interrupted_save(dir).value_or(""), HasSubstr("in progress"));
+    const detail::DirectoryLock saving(
+        dir, detail::DirectoryLock::Mode::kExclusive, true);
+    EXPECT_THAT(
+        detail::interrupted_save(dir).value_or(""), HasSubstr("in progress"));
   }
   EXPECT_TRUE(recover_interrupted_save(dir));
   EXPECT_EQ(detail::interrupted_save(dir), std::nullopt);
@@ -236,29 +289,41 @@ TEST(InterruptedSaveTest, LeftoversAreReportedUntilRecoveryRemovesThem) {
 
 TEST(InterruptedSaveTest, AJournalNamingAFileOutsideTheDirectoryIsRefused) {
   TempDir dir;
-  write_file(dir / ".torchser-commit.json", R"({"version":1,"renames":[],"remove":[".."]})");
+  write_file(
+      dir / ".torchser-commit.json",
+      R"({"version":1,"renames":[],"remove":[".."]})");
   EXPECT_THROW(recover_interrupted_save(dir.path()), OSError);
-  write_file(dir / ".torchser-commit.json", R"({"version":1,"renames":[["a","../b"]],"remove":[]})");
+  write_file(
+      dir / ".torchser-commit.json",
+      R"({"version":1,"renames":[["a","../b"]],"remove":[]})");
   EXPECT_THROW(recover_interrupted_save(dir.path()), OSError);
 }
 
 TEST(TensorFileTest, TheFormatIsChosenByContentWhereTheExtensionLies) {
   TempDir dir;
   const StateDict sd = generation(3, 2);
-  torch_save(sd, dir / "weights.safetensors");  // a torch.save file with the wrong name
-  save_file(sd, dir / "weights.bin", SafetensorsMetadata{{"format", "pt"}}); // and the reverse
+  torch_save(
+      sd, dir / "weights.safetensors"); // a torch.save file with the wrong name
+  save_file(
+      sd,
+      dir / "weights.bin",
+      SafetensorsMetadata{{"format", "pt"}}); // and the reverse
   for (const char* name : {"weights.safetensors", "weights.bin"}) {
     std::string note;
     const auto format = detail::sniff_format(dir / name, &note);
-    EXPECT_EQ(format, std::string(name) == "weights.bin" ? detail::TensorFormat::kSafetensors
-                                                         : detail::TensorFormat::kPickle);
+    EXPECT_EQ(
+        format,
+        std::string(name) == "weights.bin" ? detail::TensorFormat::kSafetensors
+                                           : detail::TensorFormat::kPickle);
     EXPECT_THAT(note, HasSubstr("despite its name")) << name;
     const StateDict loaded = load_state_dict_from_file(dir / name);
     EXPECT_TRUE(loaded["w1"].equal(sd["w1"])) << name;
   }
   std::string note;
   save_file(sd, dir / "right.safetensors");
-  EXPECT_EQ(detail::sniff_format(dir / "right.safetensors", &note), detail::TensorFormat::kSafetensors);
+  EXPECT_EQ(
+      detail::sniff_format(dir / "right.safetensors", &note),
+      detail::TensorFormat::kSafetensors);
   EXPECT_EQ(note, "");
 }
 
@@ -268,29 +333,42 @@ TEST(ResolveTest, OneSetOfRulesForEveryLayout) {
   cli.allow_pickle = true;
   cli.allow_dduf = true;
   // Both formats: safetensors first, and said.
-  save_file(generation(0, 1), dir / "model.safetensors", SafetensorsMetadata{{"format", "pt"}});
+  save_file(
+      generation(0, 1),
+      dir / "model.safetensors",
+      SafetensorsMetadata{{"format", "pt"}});
   torch_save(generation(0, 1), dir / "pytorch_model.bin");
   auto found = detail::resolve_checkpoint(dir.path(), cli);
   EXPECT_EQ(found.files, std::vector<fs::path>{dir / "model.safetensors"});
   EXPECT_THAT(found.note, HasSubstr("also holds pytorch_model.bin"));
   // An index path stands for its folder's sharded checkpoint.
   TempDir sharded;
-  save_torch_state_dict(generation(0), sharded.path(), SaveOptions().max_shard_size(8000));
-  found = detail::resolve_checkpoint(sharded / "model.safetensors.index.json", cli);
+  save_torch_state_dict(
+      generation(0), sharded.path(), SaveOptions().max_shard_size(8000));
+  found =
+      detail::resolve_checkpoint(sharded / "model.safetensors.index.json", cli);
   EXPECT_EQ(found.kind, detail::Checkpoint::Kind::kSharded);
   EXPECT_EQ(found.files.size(), 6U);
   // Another pattern's only index (diffusers' names) is a sharded checkpoint.
   TempDir diffusers;
-  save_torch_state_dict(generation(0), diffusers.path(),
-                        SaveOptions().max_shard_size(8000).filename_pattern(
-                            "diffusion_pytorch_model{suffix}.safetensors"));
-  found = detail::resolve_checkpoint(diffusers.path(), detail::ResolveOptions{});
+  save_torch_state_dict(
+      generation(0),
+      diffusers.path(),
+      SaveOptions().max_shard_size(8000).filename_pattern(
+          "diffusion_pytorch_model{suffix}.safetensors"));
+  found =
+      detail::resolve_checkpoint(diffusers.path(), detail::ResolveOptions{});
   EXPECT_EQ(found.kind, detail::Checkpoint::Kind::kSharded);
   // A DDUF archive is the CLI's, not a module load's.
   write_file(dir / "p.dduf", "");
-  EXPECT_THAT([&] { detail::resolve_checkpoint(dir / "p.dduf", detail::ResolveOptions{}); },
-              ::testing::ThrowsMessage<ValueError>(HasSubstr("load_torch_model(model, entry)")));
-  EXPECT_THROW(detail::resolve_checkpoint(dir / "missing", cli), FileNotFoundError);
+  EXPECT_THAT(
+      [&] {
+        detail::resolve_checkpoint(dir / "p.dduf", detail::ResolveOptions{});
+      },
+      ::testing::ThrowsMessage<ValueError>(
+          HasSubstr("load_torch_model(model, entry)")));
+  EXPECT_THROW(
+      detail::resolve_checkpoint(dir / "missing", cli), FileNotFoundError);
 }
 
 } // namespace

@@ -28,9 +28,10 @@ using torchser::testing::TempDir;
 
 const c10::Device kCuda("cuda:0");
 
-#define SKIP_WITHOUT_CUDA()                                                          \
-  if (!at::hasCUDA()) {                                                              \
-    GTEST_SKIP() << "no CUDA here: run tests/device/check.sh on a GPU machine";      \
+#define SKIP_WITHOUT_CUDA()                                            \
+  if (!at::hasCUDA()) {                                                \
+    GTEST_SKIP()                                                       \
+        << "no CUDA here: run tests/device/check.sh on a GPU machine"; \
   }
 
 StateDict sample() {
@@ -56,7 +57,11 @@ TEST(CudaTest, SafetensorsLoadOntoTheGpuWithBothBackends) {
   const StateDict sd = sample();
   save_file(sd, dir.path() / "m.safetensors");
   for (const auto backend : {LoadBackend::kMmap, LoadBackend::kPread}) {
-    expect_same_on_cuda(load_file(dir.path() / "m.safetensors", SafeOpenOptions().device(kCuda).backend(backend)), sd);
+    expect_same_on_cuda(
+        load_file(
+            dir.path() / "m.safetensors",
+            SafeOpenOptions().device(kCuda).backend(backend)),
+        sd);
   }
   SafeOpen f(dir.path() / "m.safetensors", SafeOpenOptions().device(kCuda));
   const at::Tensor rows = f.get_slice("a")({SliceIndex(2, 10)});
@@ -70,23 +75,33 @@ TEST(CudaTest, TorchLoadHonoursMapLocationCuda) {
   const StateDict sd = sample();
   torch_save(sd, dir.path() / "m.bin");
   for (const bool mmap : {true, false}) {
-    const auto value = torch_load(dir.path() / "m.bin", TorchLoadOptions().mmap(mmap).map_location(kCuda));
+    const auto value = torch_load(
+        dir.path() / "m.bin",
+        TorchLoadOptions().mmap(mmap).map_location(kCuda));
     expect_same_on_cuda(extract_state_dict(value), sd);
   }
-  expect_same_on_cuda(load_state_dict_from_file(dir.path() / "m.bin", LoadOptions().map_location(kCuda)), sd);
-  expect_same_on_cuda(load_state_dict_from_file(dir.path() / "m.bin", LoadOptions().map_location(kCuda).mmap(true)),
-                      sd);
+  expect_same_on_cuda(
+      load_state_dict_from_file(
+          dir.path() / "m.bin", LoadOptions().map_location(kCuda)),
+      sd);
+  expect_same_on_cuda(
+      load_state_dict_from_file(
+          dir.path() / "m.bin", LoadOptions().map_location(kCuda).mmap(true)),
+      sd);
 }
 
 struct Net : torch::nn::Module {
   explicit Net(bool on_gpu) {
     embed = register_module("embed", torch::nn::Embedding(50, 16));
-    head = register_module("head", torch::nn::Linear(torch::nn::LinearOptions(16, 50).bias(false)));
+    head = register_module(
+        "head",
+        torch::nn::Linear(torch::nn::LinearOptions(16, 50).bias(false)));
     norm = register_parameter("norm", at::rand({16}));
     if (on_gpu) {
       to(kCuda);
     }
-    head->weight.set_data(embed->weight); // tied after the move, as a language model head
+    head->weight.set_data(
+        embed->weight); // tied after the move, as a language model head
   }
   torch::nn::Embedding embed{nullptr};
   torch::nn::Linear head{nullptr};
@@ -98,15 +113,26 @@ TEST(CudaTest, AGpuModuleSavesAndLoadsShardedInBothFormats) {
   for (const bool safe : {true, false}) {
     TempDir dir;
     Net source(true);
-    save_torch_model(source, dir.path(), SaveOptions().max_shard_size(int64_t{2048}).safe_serialization(safe));
+    save_torch_model(
+        source,
+        dir.path(),
+        SaveOptions().max_shard_size(int64_t{2048}).safe_serialization(safe));
     for (const bool on_gpu : {true, false}) {
       Net target(on_gpu);
-      const auto result = load_torch_model(target, dir.path(), LoadOptions().strict(true).safe(safe));
-      EXPECT_TRUE(result.missing_keys.empty() && result.unexpected_keys.empty());
-      EXPECT_EQ(target.embed->weight.device().is_cuda(), on_gpu); // loaded in place, not moved
-      EXPECT_TRUE(at::equal(target.embed->weight.cpu(), source.embed->weight.cpu())) << safe << on_gpu;
+      const auto result = load_torch_model(
+          target, dir.path(), LoadOptions().strict(true).safe(safe));
+      EXPECT_TRUE(
+          result.missing_keys.empty() && result.unexpected_keys.empty());
+      EXPECT_EQ(
+          target.embed->weight.device().is_cuda(),
+          on_gpu); // loaded in place, not moved
+      EXPECT_TRUE(
+          at::equal(target.embed->weight.cpu(), source.embed->weight.cpu()))
+          << safe << on_gpu;
       EXPECT_TRUE(at::equal(target.norm.cpu(), source.norm.cpu()));
-      EXPECT_EQ(target.head->weight.data_ptr(), target.embed->weight.data_ptr()); // still tied
+      EXPECT_EQ(
+          target.head->weight.data_ptr(),
+          target.embed->weight.data_ptr()); // still tied
     }
   }
 }

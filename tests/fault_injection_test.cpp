@@ -48,7 +48,9 @@ constexpr int kTensors = 12;
 StateDict version(float v, std::int64_t elements = 4096) {
   StateDict sd;
   for (int i = 0; i < kTensors; ++i) {
-    sd.insert("w" + std::to_string(i), at::full({elements}, v + static_cast<float>(i)));
+    sd.insert(
+        "w" + std::to_string(i),
+        at::full({elements}, v + static_cast<float>(i)));
   }
   return sd;
 }
@@ -69,7 +71,8 @@ float loaded_version(const Twelve& model) {
     const at::Tensor& t = sd["w" + std::to_string(i)];
     const float want = base + static_cast<float>(i);
     if (t.min().item<float>() != want || t.max().item<float>() != want) {
-      ADD_FAILURE() << "tensor w" << i << " is not from version " << base << ": a mix of checkpoints";
+      ADD_FAILURE() << "tensor w" << i << " is not from version " << base
+                    << ": a mix of checkpoints";
     }
   }
   return base;
@@ -79,7 +82,8 @@ float loaded_version(const Twelve& model) {
 std::map<std::string, std::string> snapshot(const fs::path& dir) {
   std::map<std::string, std::string> files;
   for (const auto& entry : fs::directory_iterator(dir)) {
-    files[entry.path().filename().string()] = torchser::testing::read_file(entry.path());
+    files[entry.path().filename().string()] =
+        torchser::testing::read_file(entry.path());
   }
   return files;
 }
@@ -126,7 +130,8 @@ std::string in_child(const std::function<std::string()>& body) {
   int status = 0;
   ::waitpid(child, &status, 0);
   if (!WIFEXITED(status)) {
-    return "crashed (signal " + std::to_string(WTERMSIG(status)) + "): " + report;
+    return "crashed (signal " + std::to_string(WTERMSIG(status)) +
+           "): " + report;
   }
   return report;
 }
@@ -140,19 +145,33 @@ std::vector<Saver> savers() {
   return {
       {"sharded safetensors",
        [](const StateDict& sd, const fs::path& dir) {
-         save_torch_state_dict(sd, dir, SaveOptions().max_shard_size(int64_t{40000}));
+         save_torch_state_dict(
+             sd, dir, SaveOptions().max_shard_size(int64_t{40000}));
        }},
       {"sharded pickle",
        [](const StateDict& sd, const fs::path& dir) {
-         save_torch_state_dict(sd, dir, SaveOptions().max_shard_size(int64_t{40000}).safe_serialization(false));
+         save_torch_state_dict(
+             sd,
+             dir,
+             SaveOptions()
+                 .max_shard_size(int64_t{40000})
+                 .safe_serialization(false));
        }},
-      {"save_file", [](const StateDict& sd, const fs::path& dir) { save_file(sd, dir / "model.safetensors"); }},
-      {"torch_save", [](const StateDict& sd, const fs::path& dir) { torch_save(sd, dir / "model.bin"); }},
+      {"save_file",
+       [](const StateDict& sd, const fs::path& dir) {
+         save_file(sd, dir / "model.safetensors");
+       }},
+      {"torch_save",
+       [](const StateDict& sd, const fs::path& dir) {
+         torch_save(sd, dir / "model.bin");
+       }},
       {"export_entries_as_dduf",
        [](const StateDict& sd, const fs::path& dir) {
-         export_entries_as_dduf(dir / "pipe.dduf", {DDUFExportEntry::from_bytes("model_index.json", R"({"unet": 1})"),
-                                                    DDUFExportEntry::from_bytes("unet/config.json", "{}"),
-                                                    DDUFExportEntry::from_state_dict("unet/model.safetensors", sd)});
+         export_entries_as_dduf(
+             dir / "pipe.dduf",
+             {DDUFExportEntry::from_bytes("model_index.json", R"({"unet": 1})"),
+              DDUFExportEntry::from_bytes("unet/config.json", "{}"),
+              DDUFExportEntry::from_state_dict("unet/model.safetensors", sd)});
        }},
   };
 }
@@ -176,7 +195,8 @@ TEST(FaultInjectionTest, FileSizeLimitFailsCleanlyAndKeepsTheOldCheckpoint) {
     EXPECT_THAT(report, HasSubstr("typed: "));
     EXPECT_THAT(report, HasSubstr("File too large"));
     EXPECT_THAT(report, HasSubstr(dir.path().string())); // names the file
-    EXPECT_EQ(snapshot(dir.path()), before) << "the old checkpoint changed, or temporary files were left";
+    EXPECT_EQ(snapshot(dir.path()), before)
+        << "the old checkpoint changed, or temporary files were left";
   }
 }
 
@@ -216,7 +236,8 @@ TEST(FaultInjectionTest, FullFileSystemFailsCleanlyAndKeepsTheOldCheckpoint) {
       }
     });
     if (report.rfind("skip: ", 0) == 0) {
-      GTEST_SKIP() << "no private tmpfs here (" << report << "); FileSizeLimit covers write errors";
+      GTEST_SKIP() << "no private tmpfs here (" << report
+                   << "); FileSizeLimit covers write errors";
     }
     EXPECT_THAT(report, HasSubstr("typed: "));
     EXPECT_THAT(report, HasSubstr("No space left on device"));
@@ -230,12 +251,16 @@ TEST(FaultInjectionTest, ConcurrentLoadsNeverSeeAPartialCheckpoint) {
   for (const bool safe : {true, false}) {
     SCOPED_TRACE(safe ? "safetensors" : "pickle");
     TempDir dir;
-    const auto options = SaveOptions().max_shard_size(int64_t{40000}).safe_serialization(safe).durable(false);
+    const auto options = SaveOptions()
+                             .max_shard_size(int64_t{40000})
+                             .safe_serialization(safe)
+                             .durable(false);
     save_torch_state_dict(version(0), dir.path(), options);
     const pid_t saver = ::fork();
     if (saver == 0) {
       for (int v = 1;; ++v) {
-        save_torch_state_dict(version(static_cast<float>(v * 100)), dir.path(), options);
+        save_torch_state_dict(
+            version(static_cast<float>(v * 100)), dir.path(), options);
       }
     }
     std::set<float> seen;
@@ -244,9 +269,12 @@ TEST(FaultInjectionTest, ConcurrentLoadsNeverSeeAPartialCheckpoint) {
          std::chrono::steady_clock::now() - start < std::chrono::seconds(2);) {
       Twelve model;
       for (const auto backend : {LoadBackend::kMmap, LoadBackend::kPread}) {
-        const auto result =
-            load_torch_model(model, dir.path(), LoadOptions().strict(true).safe(safe).backend(backend));
-        ASSERT_TRUE(result.missing_keys.empty() && result.unexpected_keys.empty());
+        const auto result = load_torch_model(
+            model,
+            dir.path(),
+            LoadOptions().strict(true).safe(safe).backend(backend));
+        ASSERT_TRUE(
+            result.missing_keys.empty() && result.unexpected_keys.empty());
         seen.insert(loaded_version(model));
         ++loads;
       }
@@ -256,8 +284,8 @@ TEST(FaultInjectionTest, ConcurrentLoadsNeverSeeAPartialCheckpoint) {
     }
     ::kill(saver, SIGKILL);
     ::waitpid(saver, nullptr, 0);
-    std::cout << "[fault] " << (safe ? "safetensors" : "pickle") << ": " << loads << " loads saw " << seen.size()
-              << " versions\n";
+    std::cout << "[fault] " << (safe ? "safetensors" : "pickle") << ": "
+              << loads << " loads saw " << seen.size() << " versions\n";
     EXPECT_GT(seen.size(), 2u); // the loads really raced with the saves
   }
 }
@@ -268,7 +296,10 @@ TEST(FaultInjectionTest, PreadBackendTurnsAFileTruncatedUnderItIntoAnError) {
   save_file(version(1), st);
   const SafeOpen file(st, SafeOpenOptions().backend(LoadBackend::kPread));
   fs::resize_file(st, 1000); // rewritten in place by another tool
-  EXPECT_THROW_CONTAINS((void)file.get_tensor("w11"), OSError, "was it truncated while being read?");
+  EXPECT_THROW_CONTAINS(
+      (void)file.get_tensor("w11"),
+      OSError,
+      "was it truncated while being read?");
   EXPECT_THROW_CONTAINS((void)file.get_tensor("w11"), OSError, st.string());
 
   const fs::path bin = dir.path() / "model.bin";

@@ -28,11 +28,16 @@ std::vector<fs::path> seed_dirs(const std::string& target) {
   const fs::path fuzz = TORCHSER_FUZZ_DIR;
   const fs::path fixtures = torchser::testing::fixtures_dir();
   static const std::map<std::string, std::vector<fs::path>> seeds = {
-      {"safetensors_header", {fuzz / "corpus/safetensors", fixtures / "safetensors-official-2022"}},
-      {"safetensors_file", {fuzz / "corpus/safetensors", fixtures / "safetensors-official-2022"}},
+      {"safetensors_header",
+       {fuzz / "corpus/safetensors", fixtures / "safetensors-official-2022"}},
+      {"safetensors_file",
+       {fuzz / "corpus/safetensors", fixtures / "safetensors-official-2022"}},
       {"index_json", {fuzz / "corpus/index_json"}},
       {"dduf", {fixtures / "reference/dduf"}},
-      {"torch_load_file", {fixtures / "reference/pickle", fixtures / "reference/pickle/sharded", fixtures / "torch2"}},
+      {"torch_load_file",
+       {fixtures / "reference/pickle",
+        fixtures / "reference/pickle/sharded",
+        fixtures / "torch2"}},
       {"pickle_vm", {fuzz / "corpus/pickle_vm"}},
   };
   std::vector<fs::path> dirs = seeds.at(target);
@@ -49,12 +54,14 @@ TEST(FuzzRegressionTest, EverySavedCrashAndSeedRunsCleanThroughItsTarget) {
       }
       for (const auto& entry : fs::directory_iterator(dir)) {
         if (!entry.is_regular_file() ||
-            (entry.path().extension() == ".json" && target.name != std::string("index_json"))) {
+            (entry.path().extension() == ".json" &&
+             target.name != std::string("index_json"))) {
           continue;
         }
         SCOPED_TRACE(std::string(target.name) + " <- " + entry.path().string());
         const std::string bytes = torchser::testing::read_file(entry.path());
-        EXPECT_NO_THROW(target.run(reinterpret_cast<const std::uint8_t*>(bytes.data()), bytes.size()));
+        EXPECT_NO_THROW(target.run(
+            reinterpret_cast<const std::uint8_t*>(bytes.data()), bytes.size()));
         ++inputs;
       }
     }
@@ -64,13 +71,19 @@ TEST(FuzzRegressionTest, EverySavedCrashAndSeedRunsCleanThroughItsTarget) {
 
 // Makes the central directory claim `extra` more uncompressed bytes for the
 // entry whose name ends with `suffix` than the entry stores.
-void inflate_uncompressed_size(const fs::path& archive, const std::string& suffix, std::uint32_t extra) {
+void inflate_uncompressed_size(
+    const fs::path& archive, const std::string& suffix, std::uint32_t extra) {
   std::string bytes = torchser::testing::read_file(archive);
   bool patched = false;
-  for (std::size_t at = bytes.find("PK\x01\x02"); at != std::string::npos; at = bytes.find("PK\x01\x02", at + 4)) {
-    const auto u16 = [&](std::size_t o) { return static_cast<std::uint8_t>(bytes[o]) | static_cast<std::uint8_t>(bytes[o + 1]) << 8; };
+  for (std::size_t at = bytes.find("PK\x01\x02"); at != std::string::npos;
+       at = bytes.find("PK\x01\x02", at + 4)) {
+    const auto u16 = [&](std::size_t o) {
+      return static_cast<std::uint8_t>(bytes[o]) |
+             static_cast<std::uint8_t>(bytes[o + 1]) << 8;
+    };
     const std::string name = bytes.substr(at + 46, u16(at + 28));
-    if (name.size() >= suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0) {
+    if (name.size() >= suffix.size() &&
+        name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0) {
       std::uint32_t size = 0;
       std::memcpy(&size, &bytes[at + 24], 4);
       size += extra;
@@ -92,14 +105,19 @@ TEST(FuzzRegressionTest, StoredEntriesWhoseSizesDisagreeAreRejected) {
   sd.insert("w", at::arange(4, at::kFloat));
   torchser::torch_save(sd, dir.path() / "m.bin");
   inflate_uncompressed_size(dir.path() / "m.bin", "data.pkl", 1 << 24);
-  EXPECT_THROW_CONTAINS(torchser::torch_load(dir.path() / "m.bin"), torchser::UnpicklingError,
-                        "is stored, but its sizes disagree");
+  EXPECT_THROW_CONTAINS(
+      torchser::torch_load(dir.path() / "m.bin"),
+      torchser::UnpicklingError,
+      "is stored, but its sizes disagree");
 
-  torchser::export_entries_as_dduf(dir.path() / "p.dduf",
-                                   {torchser::DDUFExportEntry::from_bytes("model_index.json", "{}")});
+  torchser::export_entries_as_dduf(
+      dir.path() / "p.dduf",
+      {torchser::DDUFExportEntry::from_bytes("model_index.json", "{}")});
   inflate_uncompressed_size(dir.path() / "p.dduf", "model_index.json", 1 << 24);
-  EXPECT_THROW_CONTAINS(torchser::read_dduf_file(dir.path() / "p.dduf"), torchser::DDUFCorruptedFileError,
-                        "is stored, but its sizes disagree");
+  EXPECT_THROW_CONTAINS(
+      torchser::read_dduf_file(dir.path() / "p.dduf"),
+      torchser::DDUFCorruptedFileError,
+      "is stored, but its sizes disagree");
 }
 
 } // namespace

@@ -27,9 +27,13 @@ using torchser::testing::python_has_torch;
 
 // Runs tests/interop/SCRIPT ARGUMENT; parses the JSON on its last line
 // (torch may print warnings before it).
-json run_script(const std::string& script, const std::filesystem::path& argument, const std::string& extra = "") {
+json run_script(
+    const std::string& script,
+    const std::filesystem::path& argument,
+    const std::string& extra = "") {
   std::string out = torchser::testing::run_python(
-      (std::filesystem::path(TORCHSER_INTEROP_DIR) / script).string() + " '" + argument.string() + "' " + extra);
+      (std::filesystem::path(TORCHSER_INTEROP_DIR) / script).string() + " '" +
+      argument.string() + "' " + extra);
   while (!out.empty() && out.back() == '\n') {
     out.pop_back();
   }
@@ -37,13 +41,15 @@ json run_script(const std::string& script, const std::filesystem::path& argument
   return json::parse(out.substr(last == std::string::npos ? 0 : last + 1));
 }
 
-#define SKIP_WITHOUT_PYTHON_TORCH()                                                         \
-  if (!python_has_torch()) {                                                                \
-    GTEST_SKIP() << "python3 has no torch (apt-get install python3-torch to run)";          \
+#define SKIP_WITHOUT_PYTHON_TORCH()                                       \
+  if (!python_has_torch()) {                                              \
+    GTEST_SKIP()                                                          \
+        << "python3 has no torch (apt-get install python3-torch to run)"; \
   }
 
 double sum_of(const at::Tensor& t) {
-  return t.is_complex() ? t.abs().to(at::kDouble).sum().item<double>() : t.to(at::kDouble).sum().item<double>();
+  return t.is_complex() ? t.abs().to(at::kDouble).sum().item<double>()
+                        : t.to(at::kDouble).sum().item<double>();
 }
 
 StateDict interop_state_dict() {
@@ -65,23 +71,34 @@ TEST(InteropTest, PythonReadsTorchserCheckpoints) {
   for (const bool safe : {true, false}) {
     SCOPED_TRACE(safe ? "safetensors" : "pickle");
     torchser::testing::TempDir dir;
-    save_torch_state_dict(sd, dir.path(), SaveOptions().safe_serialization(safe).max_shard_size(400));
+    save_torch_state_dict(
+        sd,
+        dir.path(),
+        SaveOptions().safe_serialization(safe).max_shard_size(400));
     const json out = run_script("read_checkpoint.py", dir.path());
     std::cout << "[interop] read by " << out.at("tools").dump() << "\n";
     const json& tensors = out.at("tensors");
     for (const auto& item : sd) {
       if (safe && item.key() == "lm_head.weight") {
-        EXPECT_FALSE(tensors.contains(item.key())); // stored once, as embed.weight
+        EXPECT_FALSE(
+            tensors.contains(item.key())); // stored once, as embed.weight
         continue;
       }
       ASSERT_TRUE(tensors.contains(item.key())) << item.key();
       const json& t = tensors.at(item.key());
-      EXPECT_EQ(t.at("shape").get<std::vector<int64_t>>(), item.value().sizes().vec()) << item.key();
-      EXPECT_NEAR(t.at("sum").get<double>(), sum_of(item.value()), 1e-6 * (1 + std::abs(sum_of(item.value()))))
+      EXPECT_EQ(
+          t.at("shape").get<std::vector<int64_t>>(), item.value().sizes().vec())
+          << item.key();
+      EXPECT_NEAR(
+          t.at("sum").get<double>(),
+          sum_of(item.value()),
+          1e-6 * (1 + std::abs(sum_of(item.value()))))
           << item.key();
     }
     if (!safe) {
-      EXPECT_EQ(out.at("sharing"), json::parse(R"([["embed.weight", "lm_head.weight"]])"));
+      EXPECT_EQ(
+          out.at("sharing"),
+          json::parse(R"([["embed.weight", "lm_head.weight"]])"));
     }
   }
 }
@@ -93,11 +110,16 @@ TEST(InteropTest, TorchserLoadsAPythonShardedCheckpoint) {
   for (const bool safe : {false, true}) {
     SCOPED_TRACE(safe ? "safetensors" : "pickle");
     torchser::testing::TempDir dir;
-    const json out = run_script(std::string("write_checkpoint.py"), dir.path(), safe ? "safetensors" : "pickle");
-    std::cout << "[interop] written by " << out.at("tool").get<std::string>() << "\n";
+    const json out = run_script(
+        std::string("write_checkpoint.py"),
+        dir.path(),
+        safe ? "safetensors" : "pickle");
+    std::cout << "[interop] written by " << out.at("tool").get<std::string>()
+              << "\n";
     const json& written = out.at("tensors");
     TiedNet net;
-    const LoadResult result = load_torch_model(net, dir.path(), LoadOptions().safe(safe).strict(false));
+    const LoadResult result = load_torch_model(
+        net, dir.path(), LoadOptions().safe(safe).strict(false));
     EXPECT_TRUE(result.unexpected_keys.empty());
     if (safe) {
       // Python stores the tied pair once; the C++ module ties them itself.
@@ -112,8 +134,12 @@ TEST(InteropTest, TorchserLoadsAPythonShardedCheckpoint) {
     ASSERT_EQ(sd.size(), written.size());
     for (const auto& item : sd) {
       const json& want = written.at(item.key());
-      EXPECT_EQ(want.at("shape").get<std::vector<int64_t>>(), item.value().sizes().vec()) << item.key();
-      EXPECT_NEAR(want.at("sum").get<double>(), sum_of(item.value()), 1e-5) << item.key();
+      EXPECT_EQ(
+          want.at("shape").get<std::vector<int64_t>>(),
+          item.value().sizes().vec())
+          << item.key();
+      EXPECT_NEAR(want.at("sum").get<double>(), sum_of(item.value()), 1e-5)
+          << item.key();
     }
   }
 }

@@ -24,8 +24,8 @@
 #include <ATen/ops/randint.h>
 #include <ATen/ops/randn.h>
 #include <ATen/ops/zeros.h>
-#include <nlohmann/json.hpp>
 #include <torch/nn/module.h>
+#include <nlohmann/json.hpp>
 
 #include <torchser/dduf.h>
 #include <torchser/load.h>
@@ -58,19 +58,23 @@ std::string judge_script(const std::string& name) {
 bool python_judges_present() {
   static const bool present =
       std::system((torchser::testing::python_executable() +
-                   " -c 'import safetensors, huggingface_hub, transformers, torch.distributed.checkpoint'"
+                   " -c 'import safetensors, huggingface_hub, transformers, "
+                   "torch.distributed.checkpoint'"
                    " >/dev/null 2>&1")
                       .c_str()) == 0;
   return present;
 }
 
-#define REQUIRE_PYTHON_JUDGES()                                                                          \
-  if (!python_judges_present()) {                                                                        \
-    if (judges_required()) {                                                                             \
-      FAIL() << "TORCHSER_JUDGES=1 but " << torchser::testing::python_executable()                       \
-             << " lacks safetensors / huggingface_hub / transformers (tests/judges/setup.sh installs them)"; \
-    }                                                                                                    \
-    GTEST_SKIP() << "the Python judges are not installed (./test.sh --judges)";                          \
+#define REQUIRE_PYTHON_JUDGES()                                        \
+  if (!python_judges_present()) {                                      \
+    if (judges_required()) {                                           \
+      FAIL() << "TORCHSER_JUDGES=1 but "                               \
+             << torchser::testing::python_executable()                 \
+             << " lacks safetensors / huggingface_hub / transformers " \
+                "(tests/judges/setup.sh installs them)";               \
+    }                                                                  \
+    GTEST_SKIP()                                                       \
+        << "the Python judges are not installed (./test.sh --judges)"; \
   }
 
 std::string quote(const std::string& s) {
@@ -105,19 +109,24 @@ using torchser::testing::hex_of;
 
 json describe(const at::Tensor& t) {
   // complex128 has no safetensors code; judge.py calls it C128.
-  return {{"dtype", t.scalar_type() == at::kComplexDouble ? "C128"
-                                                            : safetensors_dtype_name(to_safetensors_dtype(t.scalar_type()))},
-          {"shape", t.sizes().vec()},
-          {"hex", hex_of(t)}};
+  return {
+      {"dtype",
+       t.scalar_type() == at::kComplexDouble
+           ? "C128"
+           : safetensors_dtype_name(to_safetensors_dtype(t.scalar_type()))},
+      {"shape", t.sizes().vec()},
+      {"hex", hex_of(t)}};
 }
 
 // EXPECTs that the judge saw exactly these names with these bytes.
-void expect_same_tensors(const json& seen, const StateDict& want, const std::string& who) {
+void expect_same_tensors(
+    const json& seen, const StateDict& want, const std::string& who) {
   std::set<std::string> names;
   for (const auto& item : want) {
     names.insert(item.key());
     ASSERT_TRUE(seen.contains(item.key())) << who << " lacks " << item.key();
-    EXPECT_EQ(seen.at(item.key()), describe(item.value())) << who << ": " << item.key();
+    EXPECT_EQ(seen.at(item.key()), describe(item.value()))
+        << who << ": " << item.key();
   }
   for (const auto& [name, _] : seen.items()) {
     EXPECT_TRUE(names.count(name)) << who << " has an extra tensor " << name;
@@ -125,7 +134,8 @@ void expect_same_tensors(const json& seen, const StateDict& want, const std::str
 }
 
 void print_tools(const json& out, const std::string& what) {
-  std::cout << "[judge] " << what << ": " << out.value("versions", json()).dump() << "\n";
+  std::cout << "[judge] " << what << ": "
+            << out.value("versions", json()).dump() << "\n";
 }
 
 // Every tensor of a checkpoint directory (index or single file), as torchser
@@ -151,7 +161,8 @@ StateDict load_directory(const fs::path& dir) {
 
 // Tensors of every dtype this build and the official package both know, with
 // random bytes (NaN payloads included: bytes are compared, not values).
-StateDict every_dtype_state_dict(const std::set<std::string>& codes, std::vector<std::string>& skipped) {
+StateDict every_dtype_state_dict(
+    const std::set<std::string>& codes, std::vector<std::string>& skipped) {
   StateDict sd;
   at::manual_seed(4);
   for (int d = 0; d <= static_cast<int>(SafetensorsDtype::kU64); ++d) {
@@ -164,11 +175,13 @@ StateDict every_dtype_state_dict(const std::set<std::string>& codes, std::vector
       continue; // not in this LibTorch
     }
     if (!codes.count(name)) {
-      skipped.push_back(name); // torchser and LibTorch have it, the Python package does not
+      skipped.push_back(
+          name); // torchser and LibTorch have it, the Python package does not
       continue;
     }
     const at::Tensor probe = at::empty({1}, at::TensorOptions().dtype(type));
-    const std::int64_t itemsize = static_cast<std::int64_t>(probe.element_size());
+    const std::int64_t itemsize =
+        static_cast<std::int64_t>(probe.element_size());
     const std::int64_t high = type == at::kBool ? 2 : 256;
     const auto bytes = [&](std::vector<std::int64_t> shape) {
       std::int64_t n = 1;
@@ -182,7 +195,8 @@ StateDict every_dtype_state_dict(const std::set<std::string>& codes, std::vector
     };
     sd.insert("t_" + name, bytes({5, 3}));
     sd.insert("scalar_" + name, bytes({}).reshape({}));
-    sd.insert("empty_" + name, at::empty({0, 3}, at::TensorOptions().dtype(type)));
+    sd.insert(
+        "empty_" + name, at::empty({0, 3}, at::TensorOptions().dtype(type)));
   }
   return sd;
 }
@@ -193,12 +207,13 @@ TEST(JudgeTest, SafetensorsReadsEveryDtypeTorchserWritesAndWritesTheSameBytes) {
   const auto codes = supported.at("codes").get<std::set<std::string>>();
   std::vector<std::string> skipped;
   const StateDict sd = every_dtype_state_dict(codes, skipped);
-  std::cout << "[judge] dtypes compared: " << sd.size() / 3 << "; torchser-only here: " << json(skipped).dump()
-            << "\n";
+  std::cout << "[judge] dtypes compared: " << sd.size() / 3
+            << "; torchser-only here: " << json(skipped).dump() << "\n";
   ASSERT_GE(sd.size(), 3u * 11u); // the dtypes of LibTorch 1.13 at least
 
   for (const bool several_metadata_keys : {false, true}) {
-    SCOPED_TRACE(several_metadata_keys ? "three metadata keys" : "one metadata key");
+    SCOPED_TRACE(
+        several_metadata_keys ? "three metadata keys" : "one metadata key");
     TempDir dir;
     SafetensorsMetadata metadata{{"format", "pt"}};
     if (several_metadata_keys) {
@@ -206,7 +221,10 @@ TEST(JudgeTest, SafetensorsReadsEveryDtypeTorchserWritesAndWritesTheSameBytes) {
       metadata["alpha"] = "first \"quoted\" ünicode";
     }
     save_file(sd, dir / "torchser.safetensors", metadata);
-    const json out = judge({"st-roundtrip", (dir / "torchser.safetensors").string(), (dir / "official.safetensors").string()});
+    const json out = judge(
+        {"st-roundtrip",
+         (dir / "torchser.safetensors").string(),
+         (dir / "official.safetensors").string()});
     print_tools(out, "safetensors.torch.load_file / safe_open / save_file");
 
     // The official reader sees every tensor, byte for byte, and the metadata.
@@ -215,38 +233,50 @@ TEST(JudgeTest, SafetensorsReadsEveryDtypeTorchserWritesAndWritesTheSameBytes) {
     for (const auto& item : sd) {
       const at::Tensor& t = item.value();
       if (t.dim() >= 1 && t.size(0) >= 3) {
-        EXPECT_EQ(out.at("slices").at(item.key()), describe(t.slice(0, 1, 3))) << item.key();
-        EXPECT_EQ(out.at("slices").at(item.key() + "[:, 1:]"), describe(t.slice(1, 1))) << item.key();
+        EXPECT_EQ(out.at("slices").at(item.key()), describe(t.slice(0, 1, 3)))
+            << item.key();
+        EXPECT_EQ(
+            out.at("slices").at(item.key() + "[:, 1:]"),
+            describe(t.slice(1, 1)))
+            << item.key();
       }
     }
 
     // The official writer's file of the same tensors: the same bytes (with
     // several metadata keys, the same header as JSON: the official writer
     // orders metadata by its hash map).
-    const std::string ours = torchser::testing::read_file(dir / "torchser.safetensors");
-    const std::string theirs = torchser::testing::read_file(dir / "official.safetensors");
+    const std::string ours =
+        torchser::testing::read_file(dir / "torchser.safetensors");
+    const std::string theirs =
+        torchser::testing::read_file(dir / "official.safetensors");
     if (!several_metadata_keys) {
-      EXPECT_TRUE(ours == theirs) << "torchser's file differs from safetensors.torch.save_file's";
+      EXPECT_TRUE(ours == theirs)
+          << "torchser's file differs from safetensors.torch.save_file's";
     } else {
       const auto header_of = [](const std::string& file) {
         std::uint64_t n = 0;
         for (int i = 7; i >= 0; --i) {
-          n = (n << 8) | static_cast<unsigned char>(file.at(static_cast<std::size_t>(i)));
+          n = (n << 8) |
+              static_cast<unsigned char>(file.at(static_cast<std::size_t>(i)));
         }
         return static_cast<std::size_t>(n);
       };
       ASSERT_EQ(ours.size(), theirs.size());
       ASSERT_EQ(header_of(ours), header_of(theirs));
       const std::size_t data_start = 8 + header_of(ours);
-      EXPECT_TRUE(ours.substr(data_start) == theirs.substr(data_start)) << "tensor data differs";
-      EXPECT_EQ(json::parse(ours.substr(8, header_of(ours))), json::parse(theirs.substr(8, header_of(theirs))));
+      EXPECT_TRUE(ours.substr(data_start) == theirs.substr(data_start))
+          << "tensor data differs";
+      EXPECT_EQ(
+          json::parse(ours.substr(8, header_of(ours))),
+          json::parse(theirs.substr(8, header_of(theirs))));
     }
 
     // And torchser reads the official file back to the same tensors.
     const StateDict back = load_file(dir / "official.safetensors");
     ASSERT_EQ(back.size(), sd.size());
     for (const auto& item : sd) {
-      EXPECT_EQ(describe(back[item.key()]), describe(item.value())) << item.key();
+      EXPECT_EQ(describe(back[item.key()]), describe(item.value()))
+          << item.key();
     }
   }
 }
@@ -270,7 +300,10 @@ TEST(JudgeTest, TorchLoadReadsEveryDtypeTorchserPicklesAndBack) {
   sd.insert("view_of_t_F32", sd["t_F32"].slice(0, 1, 3));
   TempDir dir;
   torch_save(sd, dir / "torchser.bin");
-  const json out = judge({"pickle-roundtrip", (dir / "torchser.bin").string(), (dir / "python.bin").string()});
+  const json out = judge(
+      {"pickle-roundtrip",
+       (dir / "torchser.bin").string(),
+       (dir / "python.bin").string()});
   print_tools(out, "torch.load(weights_only=True) / torch.save");
   std::cout << "[judge] dtypes pickled: " << (sd.size() - 2) / 3 + 1 << "\n";
   expect_same_tensors(out.at("tensors"), sd, "torch.load");
@@ -279,7 +312,9 @@ TEST(JudgeTest, TorchLoadReadsEveryDtypeTorchserPicklesAndBack) {
   for (const auto& item : sd) {
     EXPECT_EQ(describe(back[item.key()]), describe(item.value())) << item.key();
   }
-  EXPECT_EQ(back["view_of_t_F32"].data_ptr(), static_cast<char*>(back["t_F32"].data_ptr()) + 3 * 4);
+  EXPECT_EQ(
+      back["view_of_t_F32"].data_ptr(),
+      static_cast<char*>(back["t_F32"].data_ptr()) + 3 * 4);
 }
 
 // --- huggingface_hub -----------------------------------------------------
@@ -302,19 +337,33 @@ TEST(JudgeTest, HuggingfaceHubLoadsTorchserCheckpoints) {
   }
   ASSERT_EQ(net.head->weight.data_ptr(), net.embed->weight.data_ptr());
   for (const bool safe : {true, false}) {
-    for (const std::int64_t shard : {std::int64_t{400}, std::int64_t{1} << 30}) {
-      SCOPED_TRACE(std::string(safe ? "safetensors" : "pickle") + (shard == 400 ? ", sharded" : ", one file"));
+    for (const std::int64_t shard :
+         {std::int64_t{400}, std::int64_t{1} << 30}) {
+      SCOPED_TRACE(
+          std::string(safe ? "safetensors" : "pickle") +
+          (shard == 400 ? ", sharded" : ", one file"));
       TempDir dir;
-      save_torch_model(net, dir.path(), SaveOptions().safe_serialization(safe).max_shard_size(shard));
+      save_torch_model(
+          net,
+          dir.path(),
+          SaveOptions().safe_serialization(safe).max_shard_size(shard));
       // huggingface_hub's strict load refuses tied safetensors checkpoints,
       // its own included (the tied name is stored once, and it checks names
       // before the module re-ties them): non-strict there, as its users do.
-      const json out = judge({"hub-load", dir.path().string(), safe ? "safetensors" : "pickle",
-                              safe ? "non-strict" : "strict"});
+      const json out = judge(
+          {"hub-load",
+           dir.path().string(),
+           safe ? "safetensors" : "pickle",
+           safe ? "non-strict" : "strict"});
       print_tools(out, "huggingface_hub.load_torch_model");
-      expect_same_tensors(out.at("tensors"), state_dict(net), "huggingface_hub.load_torch_model");
+      expect_same_tensors(
+          out.at("tensors"),
+          state_dict(net),
+          "huggingface_hub.load_torch_model");
       EXPECT_TRUE(out.at("tied").get<bool>());
-      EXPECT_EQ(out.at("missing"), safe ? json::array({"head.weight"}) : json::array());
+      EXPECT_EQ(
+          out.at("missing"),
+          safe ? json::array({"head.weight"}) : json::array());
       EXPECT_EQ(out.at("unexpected"), json::array());
     }
   }
@@ -324,19 +373,33 @@ TEST(JudgeTest, TorchserLoadsHuggingfaceHubCheckpointsStrictly) {
   REQUIRE_PYTHON_JUDGES();
   for (const bool safe : {true, false}) {
     for (const std::string shard : {"400", "1000000000"}) {
-      SCOPED_TRACE(std::string(safe ? "safetensors" : "pickle") + (shard == "400" ? ", sharded" : ", one file"));
+      SCOPED_TRACE(
+          std::string(safe ? "safetensors" : "pickle") +
+          (shard == "400" ? ", sharded" : ", one file"));
       TempDir dir;
-      const json out = judge({"hub-save", dir.path().string(), safe ? "safetensors" : "pickle", shard});
+      const json out = judge(
+          {"hub-save",
+           dir.path().string(),
+           safe ? "safetensors" : "pickle",
+           shard});
       print_tools(out, "huggingface_hub.save_torch_model");
-      const bool sharded = std::any_of(out.at("files").begin(), out.at("files").end(),
-                                       [](const json& f) { return f.get<std::string>().find(".index.json") != std::string::npos; });
+      const bool sharded = std::any_of(
+          out.at("files").begin(), out.at("files").end(), [](const json& f) {
+            return f.get<std::string>().find(".index.json") !=
+                   std::string::npos;
+          });
       EXPECT_EQ(sharded, shard == "400") << out.at("files").dump();
       TiedNet net;
-      const LoadResult result = load_torch_model(net, dir.path(), LoadOptions().safe(safe).strict(true));
+      const LoadResult result = load_torch_model(
+          net, dir.path(), LoadOptions().safe(safe).strict(true));
       EXPECT_TRUE(result.missing_keys.empty());
       EXPECT_TRUE(result.unexpected_keys.empty());
-      expect_same_tensors(out.at("tensors"), state_dict(net), "torchser (reading huggingface_hub's files)");
-      EXPECT_EQ(net.head->weight.data_ptr(), net.embed->weight.data_ptr()) << "the tie was lost";
+      expect_same_tensors(
+          out.at("tensors"),
+          state_dict(net),
+          "torchser (reading huggingface_hub's files)");
+      EXPECT_EQ(net.head->weight.data_ptr(), net.embed->weight.data_ptr())
+          << "the tie was lost";
     }
   }
 }
@@ -346,10 +409,17 @@ TEST(JudgeTest, TorchserLoadsHuggingfaceHubCheckpointsStrictly) {
 TEST(JudgeTest, SplitPlansMatchHuggingfaceHubOnRandomStateDicts) {
   REQUIRE_PYTHON_JUDGES();
   std::mt19937 rng(12);
-  const auto pick = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); };
+  const auto pick = [&](int lo, int hi) {
+    return std::uniform_int_distribution<int>(lo, hi)(rng);
+  };
   const std::vector<std::pair<std::string, at::ScalarType>> dtypes = {
-      {"F32", at::kFloat}, {"F16", at::kHalf}, {"BF16", at::kBFloat16}, {"I64", at::kLong},
-      {"U8", at::kByte},   {"BOOL", at::kBool}, {"F64", at::kDouble}};
+      {"F32", at::kFloat},
+      {"F16", at::kHalf},
+      {"BF16", at::kBFloat16},
+      {"I64", at::kLong},
+      {"U8", at::kByte},
+      {"BOOL", at::kBool},
+      {"F64", at::kDouble}};
   json cases = json::array();
   std::vector<StateDict> dicts;
   std::vector<SplitOptions> options;
@@ -360,11 +430,14 @@ TEST(JudgeTest, SplitPlansMatchHuggingfaceHubOnRandomStateDicts) {
     std::vector<std::pair<std::string, at::Tensor>> items;
     const int n_storages = pick(1, 12);
     for (int s = 0; s < n_storages; ++s) {
-      const auto& [code, type] = dtypes[pick(0, static_cast<int>(dtypes.size()) - 1)];
+      const auto& [code, type] =
+          dtypes[pick(0, static_cast<int>(dtypes.size()) - 1)];
       const int numel = pick(1, 600);
       storages.push_back({{"dtype", code}, {"numel", numel}});
       bases.push_back(at::zeros({numel}, at::TensorOptions().dtype(type)));
-      const int views = pick(0, 4) == 0 ? pick(2, 3) : 1; // a quarter of the storages are shared
+      const int views = pick(0, 4) == 0
+                            ? pick(2, 3)
+                            : 1; // a quarter of the storages are shared
       for (int v = 0; v < views; ++v) {
         const int offset = v == 0 ? 0 : pick(0, numel - 1);
         const int length = v == 0 ? numel : pick(1, numel - offset);
@@ -372,10 +445,16 @@ TEST(JudgeTest, SplitPlansMatchHuggingfaceHubOnRandomStateDicts) {
         if (length % 2 == 0 && pick(0, 1)) {
           shape = {2, length / 2};
         }
-        const std::string name = "layers." + std::to_string(pick(0, 99)) + "." + std::to_string(s) + "_" +
-                                 std::to_string(v) + (pick(0, 1) ? ".weight" : ".bias");
-        tensors.push_back({{"name", name}, {"storage", s}, {"offset", offset}, {"shape", shape}});
-        items.emplace_back(name, bases.back().narrow(0, offset, length).view(shape));
+        const std::string name = "layers." + std::to_string(pick(0, 99)) + "." +
+                                 std::to_string(s) + "_" + std::to_string(v) +
+                                 (pick(0, 1) ? ".weight" : ".bias");
+        tensors.push_back(
+            {{"name", name},
+             {"storage", s},
+             {"offset", offset},
+             {"shape", shape}});
+        items.emplace_back(
+            name, bases.back().narrow(0, offset, length).view(shape));
       }
     }
     // Names in a random order: the plan follows the state dict's order.
@@ -391,12 +470,16 @@ TEST(JudgeTest, SplitPlansMatchHuggingfaceHubOnRandomStateDicts) {
       sd.insert(items[i].first, items[i].second);
     }
     const std::vector<std::string> sizes = {"100", "700", "2000", "5KB", "1MB"};
-    const std::string size = sizes[static_cast<std::size_t>(pick(0, static_cast<int>(sizes.size()) - 1))];
+    const std::string size = sizes[static_cast<std::size_t>(
+        pick(0, static_cast<int>(sizes.size()) - 1))];
     const bool pickle_pattern = pick(0, 3) == 0;
     json spec = {{"storages", storages}, {"tensors", shuffled}};
-    spec["max_shard_size"] = size.find('B') == std::string::npos ? json(std::stoll(size)) : json(size);
+    spec["max_shard_size"] = size.find('B') == std::string::npos
+                                 ? json(std::stoll(size))
+                                 : json(size);
     SplitOptions opt = SplitOptions().max_shard_size(
-        size.find('B') == std::string::npos ? ShardSize(std::stoll(size)) : ShardSize(size));
+        size.find('B') == std::string::npos ? ShardSize(std::stoll(size))
+                                            : ShardSize(size));
     if (pickle_pattern) {
       spec["filename_pattern"] = "pytorch_model{suffix}.bin";
       opt.filename_pattern("pytorch_model{suffix}.bin");
@@ -406,15 +489,17 @@ TEST(JudgeTest, SplitPlansMatchHuggingfaceHubOnRandomStateDicts) {
     options.push_back(opt);
   }
   TempDir dir;
-  {
-    std::ofstream(dir / "cases.json") << cases.dump();
-  }
+  { std::ofstream(dir / "cases.json") << cases.dump(); }
   const json out = judge({"hub-split", (dir / "cases.json").string()});
-  print_tools(out, "huggingface_hub.split_torch_state_dict_into_shards, 300 random state dicts");
+  print_tools(
+      out,
+      "huggingface_hub.split_torch_state_dict_into_shards, 300 random state "
+      "dicts");
   ASSERT_EQ(out.at("plans").size(), dicts.size());
   int sharded = 0;
   for (std::size_t c = 0; c < dicts.size(); ++c) {
-    const StateDictSplit split = split_torch_state_dict_into_shards(dicts[c], options[c]);
+    const StateDictSplit split =
+        split_torch_state_dict_into_shards(dicts[c], options[c]);
     json files = json::array();
     for (const auto& item : split.filename_to_tensors) {
       files.push_back({item.key(), item.value()});
@@ -424,10 +509,15 @@ TEST(JudgeTest, SplitPlansMatchHuggingfaceHubOnRandomStateDicts) {
       names.push_back({item.key(), item.value()});
     }
     const json& want = out.at("plans")[c];
-    EXPECT_EQ(files, want.at("filename_to_tensors")) << "case " << c << ": " << cases[c].dump();
+    EXPECT_EQ(files, want.at("filename_to_tensors"))
+        << "case " << c << ": " << cases[c].dump();
     EXPECT_EQ(names, want.at("tensor_to_filename")) << "case " << c;
-    EXPECT_EQ(split.is_sharded, want.at("is_sharded").get<bool>()) << "case " << c;
-    EXPECT_EQ(split.metadata.total_size, want.at("metadata").at("total_size").get<std::int64_t>()) << "case " << c;
+    EXPECT_EQ(split.is_sharded, want.at("is_sharded").get<bool>())
+        << "case " << c;
+    EXPECT_EQ(
+        split.metadata.total_size,
+        want.at("metadata").at("total_size").get<std::int64_t>())
+        << "case " << c;
     sharded += split.is_sharded ? 1 : 0;
   }
   EXPECT_GT(sharded, 50); // the cases exercise sharding, not only single files
@@ -442,13 +532,19 @@ std::vector<DDUFExportEntry> pipeline_entries(StateDict& unet) {
   unet.insert("conv.bias", at::rand({4}).to(at::kBFloat16));
   std::vector<DDUFExportEntry> entries;
   entries.push_back(DDUFExportEntry::from_bytes(
-      "model_index.json", R"({"_class_name": "Pipeline", "scheduler": ["diffusers", "DDIMScheduler"],)"
-                          R"( "tokenizer": ["transformers", "Tok"], "unet": ["diffusers", "UNet"]})"));
-  entries.push_back(DDUFExportEntry::from_bytes("scheduler/scheduler_config.json", R"({"steps": 10})"));
-  entries.push_back(DDUFExportEntry::from_bytes("tokenizer/tokenizer_config.json", R"({"lower": true})"));
-  entries.push_back(DDUFExportEntry::from_bytes("tokenizer/vocab.txt", "a\nb\nc\n"));
-  entries.push_back(DDUFExportEntry::from_state_dict("unet/diffusion_pytorch_model.safetensors", unet));
-  entries.push_back(DDUFExportEntry::from_bytes("unet/config.json", R"({"layers": 1})"));
+      "model_index.json",
+      R"({"_class_name": "Pipeline", "scheduler": ["diffusers", "DDIMScheduler"],)"
+      R"( "tokenizer": ["transformers", "Tok"], "unet": ["diffusers", "UNet"]})"));
+  entries.push_back(DDUFExportEntry::from_bytes(
+      "scheduler/scheduler_config.json", R"({"steps": 10})"));
+  entries.push_back(DDUFExportEntry::from_bytes(
+      "tokenizer/tokenizer_config.json", R"({"lower": true})"));
+  entries.push_back(
+      DDUFExportEntry::from_bytes("tokenizer/vocab.txt", "a\nb\nc\n"));
+  entries.push_back(DDUFExportEntry::from_state_dict(
+      "unet/diffusion_pytorch_model.safetensors", unet));
+  entries.push_back(
+      DDUFExportEntry::from_bytes("unet/config.json", R"({"layers": 1})"));
   return entries;
 }
 
@@ -463,14 +559,21 @@ TEST(JudgeTest, HuggingfaceHubReadsTorchserDdufArchives) {
   ASSERT_EQ(out.at("entries").size(), ours.size());
   for (const auto& item : ours) {
     const json& e = out.at("entries").at(item.key());
-    EXPECT_EQ(e.at("offset").get<std::uint64_t>(), item.value().offset) << item.key();
-    EXPECT_EQ(e.at("length").get<std::uint64_t>(), item.value().length) << item.key();
+    EXPECT_EQ(e.at("offset").get<std::uint64_t>(), item.value().offset)
+        << item.key();
+    EXPECT_EQ(e.at("length").get<std::uint64_t>(), item.value().length)
+        << item.key();
     if (e.contains("text")) {
-      EXPECT_EQ(e.at("text").get<std::string>(), item.value().read_text()) << item.key();
+      EXPECT_EQ(e.at("text").get<std::string>(), item.value().read_text())
+          << item.key();
     }
   }
-  expect_same_tensors(out.at("entries").at("unet/diffusion_pytorch_model.safetensors").at("tensors"), unet,
-                      "huggingface_hub.read_dduf_file + safetensors.torch.load");
+  expect_same_tensors(
+      out.at("entries")
+          .at("unet/diffusion_pytorch_model.safetensors")
+          .at("tensors"),
+      unet,
+      "huggingface_hub.read_dduf_file + safetensors.torch.load");
 }
 
 std::string node_modules() {
@@ -480,12 +583,14 @@ std::string node_modules() {
 
 // Runs check_dduf.mjs on an archive: {"entries": [...]} or {"error": "..."}.
 json npm_check_dduf(const fs::path& archive) {
-  const std::string command = "TORCHSER_NODE_MODULES=" + quote(node_modules()) + " node " +
-                              quote(judge_script("check_dduf.mjs")) + " " + quote(archive.string()) + " 2>&1";
+  const std::string command = "TORCHSER_NODE_MODULES=" + quote(node_modules()) +
+                              " node " + quote(judge_script("check_dduf.mjs")) +
+                              " " + quote(archive.string()) + " 2>&1";
   FILE* pipe = ::popen(command.c_str(), "r");
   std::string out;
   char buffer[4096];
-  while (pipe != nullptr && std::fgets(buffer, sizeof buffer, pipe) != nullptr) {
+  while (pipe != nullptr &&
+         std::fgets(buffer, sizeof buffer, pipe) != nullptr) {
     out += buffer;
   }
   const int status = pipe == nullptr ? -1 : ::pclose(pipe);
@@ -499,28 +604,32 @@ json npm_check_dduf(const fs::path& archive) {
 }
 
 TEST(JudgeTest, NpmDdufCheckerAcceptsTorchserArchives) {
-  if (node_modules().empty() || !fs::exists(fs::path(node_modules()) / "@huggingface" / "dduf")) {
+  if (node_modules().empty() ||
+      !fs::exists(fs::path(node_modules()) / "@huggingface" / "dduf")) {
     if (judges_required()) {
-      FAIL() << "TORCHSER_JUDGES=1 but TORCHSER_NODE_MODULES has no @huggingface/dduf (tests/judges/setup.sh)";
+      FAIL() << "TORCHSER_JUDGES=1 but TORCHSER_NODE_MODULES has no "
+                "@huggingface/dduf (tests/judges/setup.sh)";
     }
     GTEST_SKIP() << "@huggingface/dduf is not installed (./test.sh --judges)";
   }
   TempDir dir;
   StateDict unet;
   export_entries_as_dduf(dir / "pipeline.dduf", pipeline_entries(unet));
-  // A large archive too: its directory lies past the checker's last-100 kB window
-  // only if torchser misplaces it.
+  // A large archive too: its directory lies past the checker's last-100 kB
+  // window only if torchser misplaces it.
   StateDict big;
   big.insert("w", at::zeros({300000}));
-  export_entries_as_dduf(dir / "big.dduf", {DDUFExportEntry::from_bytes("model_index.json", R"({"unet": []})"),
-                                            DDUFExportEntry::from_bytes("unet/config.json", "{}"),
-                                            DDUFExportEntry::from_state_dict("unet/model.safetensors", big)});
+  export_entries_as_dduf(
+      dir / "big.dduf",
+      {DDUFExportEntry::from_bytes("model_index.json", R"({"unet": []})"),
+       DDUFExportEntry::from_bytes("unet/config.json", "{}"),
+       DDUFExportEntry::from_state_dict("unet/model.safetensors", big)});
   for (const auto& name : {"pipeline.dduf", "big.dduf"}) {
     SCOPED_TRACE(name);
     const json out = npm_check_dduf(dir / name);
     ASSERT_TRUE(out.contains("entries")) << out.dump();
-    std::cout << "[judge] @huggingface/dduf " << out.value("version", "?") << " checkDDUF: "
-              << out.at("entries").size() << " entries\n";
+    std::cout << "[judge] @huggingface/dduf " << out.value("version", "?")
+              << " checkDDUF: " << out.at("entries").size() << " entries\n";
     const auto ours = read_dduf_file(dir / name);
     std::set<std::string> files;
     for (const auto& e : out.at("entries")) {
@@ -548,19 +657,26 @@ TEST(JudgeTest, DdufReadersDisagreeOnModelAndGgufEntries) {
     GTEST_SKIP() << "the judges are not installed (./test.sh --judges)";
   }
   TempDir dir;
-  export_entries_as_dduf(dir / "spm.dduf", {DDUFExportEntry::from_bytes("model_index.json", R"({"tokenizer": []})"),
-                                            DDUFExportEntry::from_bytes("tokenizer/tokenizer_config.json", "{}"),
-                                            DDUFExportEntry::from_bytes("tokenizer/spiece.model", "spm")});
+  export_entries_as_dduf(
+      dir / "spm.dduf",
+      {DDUFExportEntry::from_bytes("model_index.json", R"({"tokenizer": []})"),
+       DDUFExportEntry::from_bytes("tokenizer/tokenizer_config.json", "{}"),
+       DDUFExportEntry::from_bytes("tokenizer/spiece.model", "spm")});
   const json hub = judge({"hub-dduf", (dir / "spm.dduf").string()});
   EXPECT_TRUE(hub.at("entries").contains("tokenizer/spiece.model"));
   const json npm = npm_check_dduf(dir / "spm.dduf");
   ASSERT_TRUE(npm.contains("error")) << npm.dump();
-  EXPECT_THAT(npm.at("error").get<std::string>(), ::testing::HasSubstr(".gguf or .json extension"));
+  EXPECT_THAT(
+      npm.at("error").get<std::string>(),
+      ::testing::HasSubstr(".gguf or .json extension"));
   EXPECT_THROW_CONTAINS(
-      export_entries_as_dduf(dir / "gguf.dduf", {DDUFExportEntry::from_bytes("model_index.json", R"({"llm": []})"),
-                                                 DDUFExportEntry::from_bytes("llm/config.json", "{}"),
-                                                 DDUFExportEntry::from_bytes("llm/model.gguf", "GGUF")}),
-      DDUFError, "llm/model.gguf");
+      export_entries_as_dduf(
+          dir / "gguf.dduf",
+          {DDUFExportEntry::from_bytes("model_index.json", R"({"llm": []})"),
+           DDUFExportEntry::from_bytes("llm/config.json", "{}"),
+           DDUFExportEntry::from_bytes("llm/model.gguf", "GGUF")}),
+      DDUFError,
+      "llm/model.gguf");
 }
 
 // --- transformers --------------------------------------------------------
@@ -576,10 +692,12 @@ void transformers_roundtrip(const std::string& arch) {
   fs::create_directories(original);
   const json saved = judge({"tf-save", original.string(), arch, "20KB"});
   print_tools(saved, "transformers " + arch + " save_pretrained");
-  EXPECT_TRUE(fs::exists(original / "model.safetensors.index.json")) << "not sharded: " << saved.at("files").dump();
+  EXPECT_TRUE(fs::exists(original / "model.safetensors.index.json"))
+      << "not sharded: " << saved.at("files").dump();
 
   // The command-line tool accepts transformers' folder as it is.
-  const std::string verify = std::string(TORCHSER_CLI) + " verify " + quote(original.string()) + " >/dev/null 2>&1";
+  const std::string verify = std::string(TORCHSER_CLI) + " verify " +
+                             quote(original.string()) + " >/dev/null 2>&1";
   EXPECT_EQ(std::system(verify.c_str()), 0) << verify;
 
   const StateDict sd = load_directory(original);
@@ -591,10 +709,12 @@ void transformers_roundtrip(const std::string& arch) {
       fs::copy_file(original / name, resaved / name);
     }
   }
-  const std::string verify_ours = std::string(TORCHSER_CLI) + " verify " + quote(resaved.string()) + " >/dev/null 2>&1";
+  const std::string verify_ours = std::string(TORCHSER_CLI) + " verify " +
+                                  quote(resaved.string()) + " >/dev/null 2>&1";
   EXPECT_EQ(std::system(verify_ours.c_str()), 0) << verify_ours;
   const json loaded = judge({"tf-load", resaved.string(), arch});
-  EXPECT_EQ(loaded.at("logits"), saved.at("logits")) << "logits differ after torchser re-saved " << arch;
+  EXPECT_EQ(loaded.at("logits"), saved.at("logits"))
+      << "logits differ after torchser re-saved " << arch;
   EXPECT_EQ(loaded.at("missing"), json::array());
   EXPECT_EQ(loaded.at("unexpected"), json::array());
   EXPECT_EQ(loaded.at("mismatched"), json::array());
@@ -632,11 +752,13 @@ TEST(JudgeTest, TransformersQwen2FromTorchserResaveGivesIdenticalLogits) {
 // (sharded/, with DCP_SHARDING_INFO offsets) and their consolidation.
 TEST(JudgeTest, TorchserLoadsTheDcpConsolidatedFixture) {
   const fs::path fixture = fs::path(TORCHSER_FIXTURES_DIR) / "dcp" / "world2";
-  const json expected = json::parse(torchser::testing::read_file(fixture / "expected.json"));
+  const json expected =
+      json::parse(torchser::testing::read_file(fixture / "expected.json"));
   const StateDict sd = load_directory(fixture);
   ASSERT_EQ(sd.size(), expected.at("tensors").size());
   for (const auto& item : sd) {
-    EXPECT_EQ(describe(item.value()), expected.at("tensors").at(item.key())) << item.key();
+    EXPECT_EQ(describe(item.value()), expected.at("tensors").at(item.key()))
+        << item.key();
   }
 }
 
@@ -655,19 +777,25 @@ TEST(JudgeTest, DcpShardedFixtureTilesTheFullTensors) {
     const json info = json::parse(shard.metadata()->at("DCP_SHARDING_INFO"));
     for (const auto& name : shard.keys()) {
       const at::Tensor piece = shard.get_tensor(name);
-      const auto offsets = info.at(name).at("saved_offsets").get<std::vector<std::int64_t>>();
+      const auto offsets =
+          info.at(name).at("saved_offsets").get<std::vector<std::int64_t>>();
       ASSERT_EQ(offsets.size(), static_cast<std::size_t>(piece.dim())) << name;
       at::Tensor region = full[name];
       for (std::size_t d = 0; d < offsets.size(); ++d) {
-        region = region.narrow(static_cast<std::int64_t>(d), offsets[d], piece.size(static_cast<std::int64_t>(d)));
+        region = region.narrow(
+            static_cast<std::int64_t>(d),
+            offsets[d],
+            piece.size(static_cast<std::int64_t>(d)));
       }
-      EXPECT_EQ(hex_of(piece), hex_of(region)) << e.path().filename() << ": " << name;
+      EXPECT_EQ(hex_of(piece), hex_of(region))
+          << e.path().filename() << ": " << name;
       covered[name] += piece.numel();
     }
   }
   EXPECT_EQ(files, 4);
   for (const auto& item : full) {
-    EXPECT_EQ(covered[item.key()], item.value().numel()) << item.key() << " is not tiled by the shards";
+    EXPECT_EQ(covered[item.key()], item.value().numel())
+        << item.key() << " is not tiled by the shards";
   }
 }
 
@@ -676,7 +804,9 @@ TEST(JudgeTest, DcpHuggingFaceStorageWriterAndReaderAgreeWithTorchser) {
   TempDir dir;
   // 2 ranks write DTensor shards and consolidate them; torchser loads that.
   const json written = judge({"dcp", (dir / "dcp").string(), "write", "2"});
-  print_tools(written, "torch.distributed.checkpoint HuggingFaceStorageWriter, 2 Gloo ranks");
+  print_tools(
+      written,
+      "torch.distributed.checkpoint HuggingFaceStorageWriter, 2 Gloo ranks");
   const StateDict consolidated = load_directory(dir / "dcp");
   const json& full = written.at("tensors");
   ASSERT_EQ(consolidated.size(), full.size());
@@ -686,13 +816,18 @@ TEST(JudgeTest, DcpHuggingFaceStorageWriterAndReaderAgreeWithTorchser) {
   // The same full tensors saved by torchser (sharded) are read by
   // HuggingFaceStorageReader into each rank's DTensor shards.
   fs::create_directories(dir / "torchser");
-  save_torch_state_dict(consolidated, dir / "torchser", SaveOptions().max_shard_size(200));
+  save_torch_state_dict(
+      consolidated, dir / "torchser", SaveOptions().max_shard_size(200));
   ASSERT_TRUE(fs::exists(dir / "torchser" / "model.safetensors.index.json"));
   const json read = judge({"dcp", (dir / "torchser").string(), "read", "2"});
-  print_tools(read, "torch.distributed.checkpoint HuggingFaceStorageReader, 2 Gloo ranks");
+  print_tools(
+      read,
+      "torch.distributed.checkpoint HuggingFaceStorageReader, 2 Gloo ranks");
   EXPECT_EQ(read.at("tensors"), full);
   // Rank 0's shard of a row split is the first rows.
-  EXPECT_EQ(read.at("local").at("embed.weight"), describe(consolidated["embed.weight"].slice(0, 0, 5)));
+  EXPECT_EQ(
+      read.at("local").at("embed.weight"),
+      describe(consolidated["embed.weight"].slice(0, 0, 5)));
 }
 
 // ---------------------------------------------------------------------------
@@ -709,7 +844,9 @@ TEST(JudgeTest, AKilledSaveIsWholeForReadersThatDoNotKnowTorchser) {
   const auto make = [](int generation) {
     StateDict sd;
     for (int i = 0; i < kTensors; ++i) {
-      sd.insert("w" + std::to_string(i), at::full({4096}, static_cast<float>(generation + i)));
+      sd.insert(
+          "w" + std::to_string(i),
+          at::full({4096}, static_cast<float>(generation + i)));
     }
     return sd;
   };
@@ -720,8 +857,10 @@ TEST(JudgeTest, AKilledSaveIsWholeForReadersThatDoNotKnowTorchser) {
     const std::string format = safe ? "safetensors" : "pickle";
     const fs::path dir = work / ("ckpt-" + format);
     fs::create_directories(dir);
-    torchser::testing::write_file(dir / "config.json", R"({"model_type": "kill-test"})");
-    const SaveOptions options = SaveOptions().safe_serialization(safe).max_shard_size(40000);
+    torchser::testing::write_file(
+        dir / "config.json", R"({"model_type": "kill-test"})");
+    const SaveOptions options =
+        SaveOptions().safe_serialization(safe).max_shard_size(40000);
     save_torch_state_dict(make(0), dir, options);
     std::mt19937 rng(safe ? 11 : 12);
     int current = 0;
@@ -738,11 +877,18 @@ TEST(JudgeTest, AKilledSaveIsWholeForReadersThatDoNotKnowTorchser) {
       int status = 0;
       ::waitpid(child, &status, 0);
       killed[format] += WIFSIGNALED(status) ? 1 : 0;
-      const fs::path snapshot = work / "snapshots" / (format + "-" + std::to_string(round));
+      const fs::path snapshot =
+          work / "snapshots" / (format + "-" + std::to_string(round));
       fs::create_directories(snapshot.parent_path());
-      fs::copy(dir, snapshot, fs::copy_options::recursive | fs::copy_options::copy_symlinks);
-      manifest.push_back({{"dir", snapshot.string()}, {"format", format}, {"allowed", {current, next}},
-                          {"tensors", kTensors}});
+      fs::copy(
+          dir,
+          snapshot,
+          fs::copy_options::recursive | fs::copy_options::copy_symlinks);
+      manifest.push_back(
+          {{"dir", snapshot.string()},
+           {"format", format},
+           {"allowed", {current, next}},
+           {"tensors", kTensors}});
       // What the next round starts from (this load also completes the save).
       struct Twelve : torch::nn::Module {
         Twelve() {
@@ -752,7 +898,8 @@ TEST(JudgeTest, AKilledSaveIsWholeForReadersThatDoNotKnowTorchser) {
         }
       } model;
       load_torch_model(model, dir, LoadOptions().safe(safe).strict(true));
-      current = static_cast<int>(model.named_parameters()["w0"][0].item<float>());
+      current =
+          static_cast<int>(model.named_parameters()["w0"][0].item<float>());
     }
   }
   torchser::testing::write_file(work / "manifest.json", manifest.dump());
@@ -760,9 +907,11 @@ TEST(JudgeTest, AKilledSaveIsWholeForReadersThatDoNotKnowTorchser) {
   EXPECT_EQ(out.value("checked", 0), 2 * kRounds);
   EXPECT_EQ(out.value("mixed", json::array()), json::array()) << out.dump(1);
   EXPECT_EQ(out.value("bad", json::array()), json::array()) << out.dump(1);
-  std::cout << "[crash] killed midway: safetensors " << killed["safetensors"] << ", pickle " << killed["pickle"]
-            << " of " << kRounds << "; Python saw the old checkpoint " << out.value("old", 0) << " times, the new "
-            << out.value("new", 0) << " times, a mix " << out.value("mixed", json::array()).size() << " times\n";
+  std::cout << "[crash] killed midway: safetensors " << killed["safetensors"]
+            << ", pickle " << killed["pickle"] << " of " << kRounds
+            << "; Python saw the old checkpoint " << out.value("old", 0)
+            << " times, the new " << out.value("new", 0) << " times, a mix "
+            << out.value("mixed", json::array()).size() << " times\n";
   EXPECT_GT(killed["safetensors"], 0);
   EXPECT_GT(killed["pickle"], 0);
 }

@@ -51,7 +51,8 @@ std::string header_of(const std::string& bytes) {
 
 TEST(SafetensorsWriterTest, GoldenSerialization) {
   // test_serialization: {"attn.0": F32 [1,2,3] = 0..5}, N = 64, no padding.
-  const auto bytes = save(one("attn.0", at::arange(6, at::kFloat).view({1, 2, 3})));
+  const auto bytes =
+      save(one("attn.0", at::arange(6, at::kFloat).view({1, 2, 3})));
   const std::string header =
       R"({"attn.0":{"dtype":"F32","shape":[1,2,3],"data_offsets":[0,24]}})";
   ASSERT_EQ(header.size(), 64U);
@@ -64,7 +65,8 @@ TEST(SafetensorsWriterTest, GoldenForcedAlignment) {
   const std::string header =
       R"({"attn0":{"dtype":"F32","shape":[1,1,2,3],"data_offsets":[0,24]}})";
   ASSERT_EQ(header.size(), 65U);
-  EXPECT_EQ(bytes, le64(72) + header + std::string(7, ' ') + std::string(24, '\0'));
+  EXPECT_EQ(
+      bytes, le64(72) + header + std::string(7, ' ') + std::string(24, '\0'));
 }
 
 TEST(SafetensorsWriterTest, GoldenEmpty) {
@@ -73,7 +75,8 @@ TEST(SafetensorsWriterTest, GoldenEmpty) {
   // With metadata {"framework": "pt"}: N = 40.
   EXPECT_EQ(
       save(StateDict(), SafetensorsMetadata{{"framework", "pt"}}),
-      le64(40) + R"({"__metadata__":{"framework":"pt"}})" + std::string(5, ' '));
+      le64(40) + R"({"__metadata__":{"framework":"pt"}})" +
+          std::string(5, ' '));
 }
 
 TEST(SafetensorsWriterTest, EmptyMetadataWithoutTensorsIsValidJson) {
@@ -85,17 +88,21 @@ TEST(SafetensorsWriterTest, EmptyMetadataWithoutTensorsIsValidJson) {
 
 TEST(SafetensorsWriterTest, AbsentAndEmptyMetadataAreDistinct) {
   const auto t = at::zeros({1}, at::kByte);
-  EXPECT_EQ(header_of(save(one("a", t))), R"({"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}})");
+  EXPECT_EQ(
+      header_of(save(one("a", t))),
+      R"({"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}})");
   EXPECT_EQ(
       header_of(save(one("a", t), SafetensorsMetadata{})),
       R"({"__metadata__":{},"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}})");
 }
 
 TEST(SafetensorsWriterTest, MetadataKeysAreSortedByteWise) {
-  const SafetensorsMetadata metadata = {{"format", "pt"}, {"b", "2"}, {"a", "1"}, {"\xc3\xa9", "e"}, {"Z", "z"}};
+  const SafetensorsMetadata metadata = {
+      {"format", "pt"}, {"b", "2"}, {"a", "1"}, {"\xc3\xa9", "e"}, {"Z", "z"}};
   EXPECT_THAT(
       header_of(save(StateDict(), metadata)),
-      StartsWith(R"({"__metadata__":{"Z":"z","a":"1","b":"2","format":"pt","é":"e"}})"));
+      StartsWith(
+          R"({"__metadata__":{"Z":"z","a":"1","b":"2","format":"pt","é":"e"}})"));
 }
 
 TEST(SafetensorsWriterTest, SortsByDtypeRankThenNameBytes) {
@@ -120,16 +127,27 @@ TEST(SafetensorsWriterTest, SortsByDtypeRankThenNameBytes) {
   EXPECT_EQ(
       order,
       (std::vector<std::string>{
-          "k:I64", "\xc3\xa9:F64", "j:C64", "a:F32", "b:F32", "c:BF16", "d:F16",
-          "e:I16", "Z:I8", "z:U8", "g:BOOL"}));
+          "k:I64",
+          "\xc3\xa9:F64",
+          "j:C64",
+          "a:F32",
+          "b:F32",
+          "c:BF16",
+          "d:F16",
+          "e:I16",
+          "Z:I8",
+          "z:U8",
+          "g:BOOL"}));
   // Offsets are cumulative with no padding.
   EXPECT_EQ(writer.tensors()[1].begin, 8U);
-  EXPECT_EQ(writer.tensors().back().end, 8U + 8 + 8 + 4 + 4 + 2 + 2 + 2 + 1 + 1 + 1);
+  EXPECT_EQ(
+      writer.tensors().back().end, 8U + 8 + 8 + 4 + 4 + 2 + 2 + 2 + 1 + 1 + 1);
 }
 
 TEST(SafetensorsWriterTest, SameDtypeNamesSortByteWise) {
   StateDict sd;
-  for (const char* name : {"\xc3\xa9", "b", "aa", "a.2", "a.10", "a", "_", "B", "A", "1"}) {
+  for (const char* name :
+       {"\xc3\xa9", "b", "aa", "a.2", "a.10", "a", "_", "B", "A", "1"}) {
     sd.insert(name, at::zeros({1}, at::kFloat));
   }
   const SafetensorsWriter writer(sd);
@@ -139,19 +157,25 @@ TEST(SafetensorsWriterTest, SameDtypeNamesSortByteWise) {
   }
   EXPECT_EQ(
       order,
-      (std::vector<std::string>{"1", "A", "B", "_", "a", "a.10", "a.2", "aa", "b", "\xc3\xa9"}));
+      (std::vector<std::string>{
+          "1", "A", "B", "_", "a", "a.10", "a.2", "aa", "b", "\xc3\xa9"}));
 }
 
 TEST(SafetensorsWriterTest, EscapesLikeSerdeJson) {
-  const std::string name = std::string("q\"b\\s/\b\f\n\r\t") + std::string(1, '\0') +
-      "\x0b\x1b\x1f\x7f<>&'\xc3\xa9\xe2\x80\xa8";
+  const std::string name = std::string("q\"b\\s/\b\f\n\r\t") +
+                           std::string(1, '\0') +
+                           "\x0b\x1b\x1f\x7f<>&'\xc3\xa9\xe2\x80\xa8";
   const auto header = header_of(save(one(name, at::zeros({0}, at::kByte))));
   EXPECT_EQ(
       header,
-      "{\"q\\\"b\\\\s/\\b\\f\\n\\r\\t\\u0000\\u000b\\u001b\\u001f\x7f<>&'\xc3\xa9\xe2\x80\xa8\":"
+      "{\"q\\\"b\\\\s/"
+      "\\b\\f\\n\\r\\t\\u0000\\u000b\\u001b\\u001f\x7f<>&'"
+      "\xc3\xa9\xe2\x80\xa8\":"
       "{\"dtype\":\"U8\",\"shape\":[0],\"data_offsets\":[0,0]}}");
   // And it reads back to the same name.
-  EXPECT_EQ(load(save(one(name, at::zeros({0}, at::kByte)))).keys(), std::vector<std::string>{name});
+  EXPECT_EQ(
+      load(save(one(name, at::zeros({0}, at::kByte)))).keys(),
+      std::vector<std::string>{name});
 }
 
 TEST(SafetensorsWriterTest, ScalarsAndEmptyTensors) {
@@ -165,7 +189,8 @@ TEST(SafetensorsWriterTest, ScalarsAndEmptyTensors) {
 
 TEST(SafetensorsWriterTest, TensorNamedMetadataIsRejected) {
   EXPECT_THROW_CONTAINS(
-      save(one("__metadata__", at::zeros({1}))), ValueError,
+      save(one("__metadata__", at::zeros({1}))),
+      ValueError,
       "A tensor cannot be named `__metadata__`");
 }
 
@@ -179,32 +204,44 @@ TEST(SafetensorsWriterTest, DuplicateNamesCannotReachTheWriter) {
 TEST(SafetensorsWriterTest, NonContiguousTensorIsRejectedUnlessForced) {
   const auto t = at::arange(6, at::kFloat).view({2, 3}).t();
   EXPECT_THROW_MESSAGE(
-      save(one("w", t)), ValueError,
+      save(one("w", t)),
+      ValueError,
       "You are trying to save a non contiguous tensor: `w` which is not "
       "allowed. It either means you are trying to save tensors which are "
       "reference of each other in which case it's recommended to save only "
       "the full tensors, and reslice at load time, or simply call "
       "`.contiguous()` on your tensor to pack it before saving.");
-  const auto loaded = load(save(one("w", t), std::nullopt, /*force_contiguous=*/true));
+  const auto loaded =
+      load(save(one("w", t), std::nullopt, /*force_contiguous=*/true));
   EXPECT_TRUE(loaded["w"].equal(t));
 }
 
 TEST(SafetensorsWriterTest, SparseUndefinedMetaAndUnknownDtypesAreRejected) {
-  const auto sparse = at::_sparse_coo_tensor_unsafe(at::zeros({1, 1}, at::kLong), at::ones({1}), {3});
-  EXPECT_THROW_CONTAINS(save(one("sp", sparse)), ValueError, "You are trying to save a sparse tensors: `sp`");
-  EXPECT_THROW_CONTAINS(save(one("u", at::Tensor())), ValueError, "Tensor 'u' is undefined");
+  const auto sparse = at::_sparse_coo_tensor_unsafe(
+      at::zeros({1, 1}, at::kLong), at::ones({1}), {3});
   EXPECT_THROW_CONTAINS(
-      save(one("m", at::empty({2}, at::TensorOptions().device(at::kMeta)))), ValueError,
+      save(one("sp", sparse)),
+      ValueError,
+      "You are trying to save a sparse tensors: `sp`");
+  EXPECT_THROW_CONTAINS(
+      save(one("u", at::Tensor())), ValueError, "Tensor 'u' is undefined");
+  EXPECT_THROW_CONTAINS(
+      save(one("m", at::empty({2}, at::TensorOptions().device(at::kMeta)))),
+      ValueError,
       "Tensor 'm' is on the meta device");
   EXPECT_THROW_CONTAINS(
-      save(one("c", at::zeros({2}, at::kComplexDouble))), ValueError,
-      "Tensor 'c': Unknown dtype ComplexDouble: safetensors has no code for it.");
+      save(one("c", at::zeros({2}, at::kComplexDouble))),
+      ValueError,
+      "Tensor 'c': Unknown dtype ComplexDouble: safetensors has no code for "
+      "it.");
 }
 
 TEST(SafetensorsWriterTest, InvalidUtf8NamesAndMetadataAreRejected) {
-  EXPECT_THROW_CONTAINS(save(one("bad\xff", at::zeros({1}))), ValueError, "is not valid UTF-8");
   EXPECT_THROW_CONTAINS(
-      save(StateDict(), SafetensorsMetadata{{"k", "\xc3"}}), ValueError,
+      save(one("bad\xff", at::zeros({1}))), ValueError, "is not valid UTF-8");
+  EXPECT_THROW_CONTAINS(
+      save(StateDict(), SafetensorsMetadata{{"k", "\xc3"}}),
+      ValueError,
       "Metadata value '\\xc3' is not valid UTF-8");
 }
 
@@ -212,7 +249,8 @@ TEST(SafetensorsWriterTest, HeaderOver100MBIsRejected) {
   const std::string huge(100'000'001, 'x');
   EXPECT_THAT(
       [&] { SafetensorsWriter(one(huge, at::zeros({1}))); },
-      ::testing::ThrowsMessage<SafetensorError>(HasSubstr("Error while serializing: header too large")));
+      ::testing::ThrowsMessage<SafetensorError>(
+          HasSubstr("Error while serializing: header too large")));
 }
 
 TEST(SafetensorsWriterTest, StreamsInFileOrderWithDeclaredSize) {
@@ -229,7 +267,8 @@ TEST(SafetensorsWriterTest, StreamsInFileOrderWithDeclaredSize) {
   EXPECT_EQ(streamed.size(), writer.size());
   EXPECT_EQ(streamed, save(sd, SafetensorsMetadata{{"format", "pt"}}));
   // prefix, header, then one chunk per tensor (I64 before U8).
-  EXPECT_EQ(chunks, (std::vector<std::size_t>{8, writer.header().size(), 32, 3}));
+  EXPECT_EQ(
+      chunks, (std::vector<std::size_t>{8, writer.header().size(), 32, 3}));
 }
 
 TEST(SafetensorsWriterTest, SaveFileReplacesAtomically) {
@@ -238,7 +277,8 @@ TEST(SafetensorsWriterTest, SaveFileReplacesAtomically) {
   save_file(one("a", at::ones({4})), path);
   // A tensor mapping the old file keeps its data after the file is replaced.
   const auto old = load_file(path);
-  save_file(one("a", at::zeros({4})), path, SafetensorsMetadata{{"format", "pt"}});
+  save_file(
+      one("a", at::zeros({4})), path, SafetensorsMetadata{{"format", "pt"}});
   EXPECT_TRUE(old["a"].equal(at::ones({4})));
   EXPECT_TRUE(load_file(path)["a"].equal(at::zeros({4})));
   // No temporary file is left behind.
@@ -252,8 +292,10 @@ TEST(SafetensorsWriterTest, SaveFileReplacesAtomically) {
 TEST(SafetensorsWriterTest, SaveFileIntoMissingDirectoryIsAnOSError) {
   torchser::testing::TempDir dir;
   EXPECT_THROW_CONTAINS(
-      save_file(one("a", at::ones({1})), dir / "missing/model.safetensors"), FileNotFoundError,
-      "Cannot create a temporary file for '" + (dir / "missing/model.safetensors").string() + "'");
+      save_file(one("a", at::ones({1})), dir / "missing/model.safetensors"),
+      FileNotFoundError,
+      "Cannot create a temporary file for '" +
+          (dir / "missing/model.safetensors").string() + "'");
 }
 
 TEST(SafetensorsWriterTest, UncommittedAtomicFileLeavesNothing) {

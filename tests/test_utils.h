@@ -14,9 +14,9 @@
 #include <vector>
 
 #include <ATen/ops/tensor.h>
-#include <zip.h>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <zip.h>
 
 #include <torchser/state_dict.h>
 
@@ -38,7 +38,8 @@ inline std::string read_file(const std::filesystem::path& path) {
   return content.str();
 }
 
-inline void write_file(const std::filesystem::path& path, const std::string& content) {
+inline void write_file(
+    const std::filesystem::path& path, const std::string& content) {
   std::ofstream out(path, std::ios::binary);
   out << content;
   if (!out) {
@@ -112,17 +113,21 @@ inline std::string python_executable() {
 /// Whether python_executable() can import torch (the interoperability tests
 /// skip themselves otherwise).
 inline bool python_has_torch() {
-  static const bool has = std::system((python_executable() + " -c 'import torch' >/dev/null 2>&1").c_str()) == 0;
+  static const bool has =
+      std::system((python_executable() + " -c 'import torch' >/dev/null 2>&1")
+                      .c_str()) == 0;
   return has;
 }
 
 /// Runs `python_executable() ARGUMENTS`; returns stdout and stderr together and
 /// records a test failure when it exits non-zero.
 inline std::string run_python(const std::string& arguments) {
-  FILE* pipe = ::popen((python_executable() + " " + arguments + " 2>&1").c_str(), "r");
+  FILE* pipe =
+      ::popen((python_executable() + " " + arguments + " 2>&1").c_str(), "r");
   std::string out;
   char buffer[4096];
-  while (pipe != nullptr && std::fgets(buffer, sizeof buffer, pipe) != nullptr) {
+  while (pipe != nullptr &&
+         std::fgets(buffer, sizeof buffer, pipe) != nullptr) {
     out += buffer;
   }
   const int status = pipe == nullptr ? -1 : ::pclose(pipe);
@@ -133,12 +138,14 @@ inline std::string run_python(const std::string& arguments) {
 /// Every entry of a ZIP archive as libzip reads it (name → bytes, in
 /// archive order), checking each entry's CRC: an independent reader for the
 /// archives torchser writes. Records a test failure when libzip refuses.
-inline std::vector<std::pair<std::string, std::string>> libzip_read_all(const std::filesystem::path& path) {
+inline std::vector<std::pair<std::string, std::string>> libzip_read_all(
+    const std::filesystem::path& path) {
   std::vector<std::pair<std::string, std::string>> out;
   int error = 0;
   zip_t* archive = ::zip_open(path.c_str(), ZIP_RDONLY | ZIP_CHECKCONS, &error);
   if (archive == nullptr) {
-    ADD_FAILURE() << "libzip cannot open " << path << " (error " << error << ")";
+    ADD_FAILURE() << "libzip cannot open " << path << " (error " << error
+                  << ")";
     return out;
   }
   const zip_int64_t count = ::zip_get_num_entries(archive, 0);
@@ -146,13 +153,18 @@ inline std::vector<std::pair<std::string, std::string>> libzip_read_all(const st
     zip_stat_t stat;
     ::zip_stat_index(archive, static_cast<zip_uint64_t>(i), 0, &stat);
     std::string bytes(static_cast<std::size_t>(stat.size), '\0');
-    zip_file_t* file = ::zip_fopen_index(archive, static_cast<zip_uint64_t>(i), 0);
-    const zip_int64_t got = file == nullptr ? -1 : ::zip_fread(file, bytes.data(), bytes.size());
+    zip_file_t* file =
+        ::zip_fopen_index(archive, static_cast<zip_uint64_t>(i), 0);
+    const zip_int64_t got =
+        file == nullptr ? -1 : ::zip_fread(file, bytes.data(), bytes.size());
     // Reading to the end makes libzip compare the CRC.
     char extra = 0;
-    const zip_int64_t tail = file == nullptr ? -1 : ::zip_fread(file, &extra, 1);
-    if (file == nullptr || got != static_cast<zip_int64_t>(bytes.size()) || tail != 0) {
-      ADD_FAILURE() << "libzip cannot read entry " << stat.name << " of " << path;
+    const zip_int64_t tail =
+        file == nullptr ? -1 : ::zip_fread(file, &extra, 1);
+    if (file == nullptr || got != static_cast<zip_int64_t>(bytes.size()) ||
+        tail != 0) {
+      ADD_FAILURE() << "libzip cannot read entry " << stat.name << " of "
+                    << path;
     }
     if (file != nullptr) {
       ::zip_fclose(file);
@@ -168,7 +180,11 @@ inline std::vector<std::pair<std::string, std::string>> libzip_read_all(const st
 inline StateDict fx_torch_state_dict() {
   StateDict sd;
   const std::pair<const char*, std::int64_t> values[] = {
-      {"layer_1", 4}, {"layer_2", 10}, {"layer_3", 30}, {"layer_4", 2}, {"layer_5", 2}};
+      {"layer_1", 4},
+      {"layer_2", 10},
+      {"layer_3", 30},
+      {"layer_4", 2},
+      {"layer_5", 2}};
   for (const auto& [name, v] : values) {
     sd.insert(name, at::tensor({v}, at::kLong));
   }

@@ -15,9 +15,13 @@ namespace torchser::testing {
 struct TiedNet : torch::nn::Module {
   TiedNet() {
     embed = register_module("embed", torch::nn::Embedding(16, 8));
-    blocks = register_module("blocks", torch::nn::ModuleList(torch::nn::Linear(8, 8), torch::nn::Linear(8, 8)));
+    blocks = register_module(
+        "blocks",
+        torch::nn::ModuleList(
+            torch::nn::Linear(8, 8), torch::nn::Linear(8, 8)));
     norm = register_module("norm", torch::nn::BatchNorm1d(8));
-    head = register_module("head", torch::nn::Linear(torch::nn::LinearOptions(8, 16).bias(false)));
+    head = register_module(
+        "head", torch::nn::Linear(torch::nn::LinearOptions(8, 16).bias(false)));
     head->weight.set_data(embed->weight); // tied: one storage
   }
   torch::nn::Embedding embed{nullptr};

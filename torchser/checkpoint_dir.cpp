@@ -35,11 +35,14 @@ constexpr const char* kJournalName = ".torchser-commit.json";
 constexpr const char* kStagingInfix = ".torchser-save.";
 
 bool has_suffix(const std::string& name, const std::string& suffix) {
-  return name.size() >= suffix.size() && name.compare(name.size() - suffix.size(), std::string::npos, suffix) == 0;
+  return name.size() >= suffix.size() &&
+         name.compare(name.size() - suffix.size(), std::string::npos, suffix) ==
+             0;
 }
 
 bool is_index_name(const std::string& name) {
-  return name.size() > std::strlen(kIndexSuffix) && has_suffix(name, kIndexSuffix);
+  return name.size() > std::strlen(kIndexSuffix) &&
+         has_suffix(name, kIndexSuffix);
 }
 
 // Python's PurePath(name).suffix.
@@ -55,7 +58,8 @@ std::string path_suffix(const std::string& name) {
 // Resolution
 
 const char* const kNoCheckpoint =
-    "' does not contain a valid checkpoint. Expected either a sharded checkpoint with an index file, or a single "
+    "' does not contain a valid checkpoint. Expected either a sharded "
+    "checkpoint with an index file, or a single "
     "model file.";
 
 struct Listing {
@@ -86,7 +90,8 @@ Listing list_directory(const fs::path& directory) {
       out.archives.push_back(entry.path());
     }
   }
-  for (auto* list : {&out.safetensors, &out.pickles, &out.archives, &out.indexes}) {
+  for (auto* list :
+       {&out.safetensors, &out.pickles, &out.archives, &out.indexes}) {
     std::sort(list->begin(), list->end());
   }
   return out;
@@ -99,7 +104,9 @@ Checkpoint sharded(const fs::path& index_path) {
   out.directory = index_path.parent_path();
   const std::string name = index_path.filename().string();
   // "<pattern>.index.json": every shard carries the pattern's extension.
-  out.index = read_index(index_path, path_suffix(name.substr(0, name.size() - std::strlen(kIndexSuffix))));
+  out.index = read_index(
+      index_path,
+      path_suffix(name.substr(0, name.size() - std::strlen(kIndexSuffix))));
   for (const auto& [shard, keys] : out.index.shards) {
     out.files.push_back(out.directory / shard);
   }
@@ -108,10 +115,13 @@ Checkpoint sharded(const fs::path& index_path) {
 
 } // namespace
 
-Checkpoint resolve_checkpoint(const fs::path& target, const ResolveOptions& options) {
+Checkpoint resolve_checkpoint(
+    const fs::path& target, const ResolveOptions& options) {
   std::error_code ec;
   if (!fs::exists(target, ec)) {
-    throw FileNotFoundError("No checkpoint found at '" + target.string() + "': no such file or directory.");
+    throw FileNotFoundError(
+        "No checkpoint found at '" + target.string() +
+        "': no such file or directory.");
   }
   if (!fs::is_directory(target, ec)) {
     const std::string name = target.filename().string();
@@ -123,9 +133,11 @@ Checkpoint resolve_checkpoint(const fs::path& target, const ResolveOptions& opti
     out.files = {target};
     if (target.extension() == ".dduf") {
       if (!options.allow_dduf) {
-        throw ValueError("'" + target.string() +
-                         "' is a DDUF archive, which holds several models: open it with read_dduf_file and load "
-                         "one entry with load_torch_model(model, entry).");
+        throw ValueError(
+            "'" + target.string() +
+            "' is a DDUF archive, which holds several models: open it with "
+            "read_dduf_file and load "
+            "one entry with load_torch_model(model, entry).");
       }
       out.kind = Checkpoint::Kind::kDDUF;
     }
@@ -143,7 +155,8 @@ Checkpoint resolve_checkpoint(const fs::path& target, const ResolveOptions& opti
     }
   }
   for (const std::string& pattern : patterns) {
-    const fs::path index = directory / (FilenamePattern(pattern).format("") + kIndexSuffix);
+    const fs::path index =
+        directory / (FilenamePattern(pattern).format("") + kIndexSuffix);
     if (fs::is_regular_file(index, ec)) {
       Checkpoint out = sharded(index);
       out.is_directory = true;
@@ -156,14 +169,16 @@ Checkpoint resolve_checkpoint(const fs::path& target, const ResolveOptions& opti
   // would give up; its shards are as good as any.
   if (!options.filename_pattern.has_value() && files.indexes.size() == 1) {
     const std::string name = files.indexes.front().filename().string();
-    const std::string ext = path_suffix(name.substr(0, name.size() - std::strlen(kIndexSuffix)));
+    const std::string ext =
+        path_suffix(name.substr(0, name.size() - std::strlen(kIndexSuffix)));
     if (ext == ".safetensors" || (ext == ".bin" && options.allow_pickle)) {
       Checkpoint out = sharded(files.indexes.front());
       out.is_directory = true;
       return out;
     }
   }
-  const auto single = [&](const std::vector<fs::path>& found) -> std::optional<Checkpoint> {
+  const auto single =
+      [&](const std::vector<fs::path>& found) -> std::optional<Checkpoint> {
     if (found.size() > 1) {
       throw ValueError("Directory '" + directory.string() + kNoCheckpoint);
     }
@@ -178,8 +193,10 @@ Checkpoint resolve_checkpoint(const fs::path& target, const ResolveOptions& opti
   };
   if (auto out = single(files.safetensors)) {
     if (!files.pickles.empty()) {
-      out->note = "using " + files.safetensors.front().filename().string() + "; '" + directory.string() +
-                  "' also holds " + files.pickles.front().filename().string() + " (safetensors first, as load_torch_model)";
+      out->note = "using " + files.safetensors.front().filename().string() +
+                  "; '" + directory.string() + "' also holds " +
+                  files.pickles.front().filename().string() +
+                  " (safetensors first, as load_torch_model)";
     }
     return *out;
   }
@@ -188,7 +205,8 @@ Checkpoint resolve_checkpoint(const fs::path& target, const ResolveOptions& opti
       return *out;
     }
   }
-  if (options.allow_dduf && files.safetensors.empty() && files.pickles.empty() && files.archives.size() == 1) {
+  if (options.allow_dduf && files.safetensors.empty() &&
+      files.pickles.empty() && files.archives.size() == 1) {
     Checkpoint out;
     out.kind = Checkpoint::Kind::kDDUF;
     out.directory = directory;
@@ -199,31 +217,41 @@ Checkpoint resolve_checkpoint(const fs::path& target, const ResolveOptions& opti
   // when pickles are not allowed), the way out.
   std::string hint;
   if (!options.allow_pickle && !options.filename_pattern.has_value()) {
-    const fs::path pickle_index = directory / (FilenamePattern(kPytorchWeightsFilePattern).format("") + kIndexSuffix);
+    const fs::path pickle_index =
+        directory /
+        (FilenamePattern(kPytorchWeightsFilePattern).format("") + kIndexSuffix);
     if (fs::is_regular_file(pickle_index, ec)) {
-      hint = " It holds a pickle checkpoint (" + pickle_index.filename().string() +
-             "): pass LoadOptions().safe(false) to load it (torchser's pickle reader never runs code from a file).";
+      hint = " It holds a pickle checkpoint (" +
+             pickle_index.filename().string() +
+             "): pass LoadOptions().safe(false) to load it (torchser's pickle "
+             "reader never runs code from a file).";
     } else if (files.pickles.size() == 1) {
-      hint = " It holds a pickle .bin file: pass LoadOptions().safe(false) to load it (torchser's pickle reader "
-             "never runs code from a file).";
+      hint =
+          " It holds a pickle .bin file: pass LoadOptions().safe(false) to "
+          "load it (torchser's pickle reader "
+          "never runs code from a file).";
     }
   }
   if (options.allow_dduf && files.archives.size() > 1) {
-    hint = " It holds " + std::to_string(files.archives.size()) + " .dduf archives: name the one to use.";
+    hint = " It holds " + std::to_string(files.archives.size()) +
+           " .dduf archives: name the one to use.";
   }
   throw ValueError("Directory '" + directory.string() + kNoCheckpoint + hint);
 }
 
 VerifyReport verify_checkpoint(const Checkpoint& checkpoint) {
   VerifyReport report;
-  std::map<std::string, std::set<std::string>> held; // shard name → the tensors it holds
+  std::map<std::string, std::set<std::string>>
+      held; // shard name → the tensors it holds
   std::uint64_t data_bytes = 0;
   bool pickle = false;
   std::error_code ec;
   for (const fs::path& path : checkpoint.files) {
-    if (checkpoint.kind == Checkpoint::Kind::kSharded && !fs::is_regular_file(path, ec)) {
-      throw FileNotFoundError("Shard '" + path.string() + "' named by the index " +
-                              checkpoint.index_path.filename().string() + " is missing.");
+    if (checkpoint.kind == Checkpoint::Kind::kSharded &&
+        !fs::is_regular_file(path, ec)) {
+      throw FileNotFoundError(
+          "Shard '" + path.string() + "' named by the index " +
+          checkpoint.index_path.filename().string() + " is missing.");
     }
     const auto file = verify_tensor_file(path);
     if (!file->note().empty()) {
@@ -259,16 +287,19 @@ VerifyReport verify_checkpoint(const Checkpoint& checkpoint) {
             elsewhere = " (it is in '" + other + "')";
           }
         }
-        throw ValueError("The index " + index + " names tensor '" + key + "' in '" + shard +
-                         "', but that shard does not hold it" + elsewhere + ".");
+        throw ValueError(
+            "The index " + index + " names tensor '" + key + "' in '" + shard +
+            "', but that shard does not hold it" + elsewhere + ".");
       }
     }
   }
   for (const auto& [shard, names] : held) {
     for (const std::string& name : names) {
       if (checkpoint.index.keys.count(name) == 0) {
-        throw ValueError("Shard '" + shard + "' holds tensor '" + name + "', which the index " + index +
-                         " does not list: loaders following the index skip it.");
+        throw ValueError(
+            "Shard '" + shard + "' holds tensor '" + name +
+            "', which the index " + index +
+            " does not list: loaders following the index skip it.");
       }
     }
   }
@@ -279,20 +310,27 @@ VerifyReport verify_checkpoint(const Checkpoint& checkpoint) {
     if (key != "total_size") {
       continue;
     }
-    const auto value = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+    const auto value =
+        nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
     if (!value.is_number_integer() && !value.is_number_unsigned()) {
-      throw ValueError("The index " + index + " says total_size " + text + ", which is not a whole number of bytes.");
+      throw ValueError(
+          "The index " + index + " says total_size " + text +
+          ", which is not a whole number of bytes.");
     }
     const auto total = value.get<std::int64_t>();
     const auto bytes = static_cast<std::int64_t>(data_bytes);
     if (total < bytes || (pickle && total != bytes)) {
-      throw ValueError("The index " + index + " says total_size " + std::to_string(total) + ", but its shards hold " +
-                       std::to_string(bytes) + " bytes of tensor data: the index belongs to another checkpoint.");
+      throw ValueError(
+          "The index " + index + " says total_size " + std::to_string(total) +
+          ", but its shards hold " + std::to_string(bytes) +
+          " bytes of tensor data: the index belongs to another checkpoint.");
     }
     if (total > bytes) {
-      report.notes.push_back("the index " + index + " says total_size " + std::to_string(total) + ", " +
-                             std::to_string(total - bytes) +
-                             " bytes more than its shards hold (tensors saved as views of larger storages)");
+      report.notes.push_back(
+          "the index " + index + " says total_size " + std::to_string(total) +
+          ", " + std::to_string(total - bytes) +
+          " bytes more than its shards hold (tensors saved as views of larger "
+          "storages)");
     }
   }
   return report;
@@ -306,8 +344,8 @@ namespace {
 bool same_inode(int fd, const fs::path& path) {
   struct stat opened {};
   struct stat named {};
-  return ::fstat(fd, &opened) == 0 && ::stat(path.c_str(), &named) == 0 && opened.st_dev == named.st_dev &&
-         opened.st_ino == named.st_ino;
+  return ::fstat(fd, &opened) == 0 && ::stat(path.c_str(), &named) == 0 &&
+         opened.st_dev == named.st_dev && opened.st_ino == named.st_ino;
 }
 
 int flock_retrying(int fd, int operation) {
@@ -328,9 +366,11 @@ namespace {
 // directory cannot be opened) and whether the lock is held.
 std::pair<int, bool> acquire(const fs::path& directory, int operation) {
   for (;;) {
-    const int fd = ::open(directory.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    const int fd =
+        ::open(directory.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (fd < 0) {
-      return {-1, false}; // an unreadable directory: nothing to lock, nothing to recover
+      return {-1, false}; // an unreadable directory: nothing to lock, nothing
+                          // to recover
     }
     const bool held = flock_retrying(fd, operation) == 0;
     if (!held || same_inode(fd, directory)) {
@@ -342,8 +382,11 @@ std::pair<int, bool> acquire(const fs::path& directory, int operation) {
 
 } // namespace
 
-DirectoryLock::DirectoryLock(const fs::path& directory, Mode mode, bool wait) : path_(directory) {
-  std::tie(fd_, held_) = acquire(directory, (mode == Mode::kExclusive ? LOCK_EX : LOCK_SH) | (wait ? 0 : LOCK_NB));
+DirectoryLock::DirectoryLock(const fs::path& directory, Mode mode, bool wait)
+    : path_(directory) {
+  std::tie(fd_, held_) = acquire(
+      directory,
+      (mode == Mode::kExclusive ? LOCK_EX : LOCK_SH) | (wait ? 0 : LOCK_NB));
 }
 
 DirectoryLock::~DirectoryLock() {
@@ -353,7 +396,9 @@ DirectoryLock::~DirectoryLock() {
 }
 
 DirectoryLock::DirectoryLock(DirectoryLock&& other) noexcept
-    : path_(std::move(other.path_)), fd_(std::exchange(other.fd_, -1)), held_(std::exchange(other.held_, false)) {}
+    : path_(std::move(other.path_)),
+      fd_(std::exchange(other.fd_, -1)),
+      held_(std::exchange(other.held_, false)) {}
 
 void DirectoryLock::downgrade() {
   if (!held_) {
@@ -373,8 +418,9 @@ void DirectoryLock::downgrade() {
 namespace {
 
 struct Plan {
-  std::vector<std::pair<std::string, std::string>> renames; // temporary → final, names in the directory
-  std::vector<std::string> removals;                         // stale files, index files first
+  std::vector<std::pair<std::string, std::string>>
+      renames; // temporary → final, names in the directory
+  std::vector<std::string> removals; // stale files, index files first
 };
 
 // Temporary files of saves in `directory` (AtomicFile's names).
@@ -382,7 +428,9 @@ std::vector<fs::path> temporary_files(const fs::path& directory) {
   std::vector<fs::path> found;
   std::error_code ec;
   for (const auto& entry : fs::directory_iterator(directory, ec)) {
-    if (entry.path().filename().string().find(kTemporaryInfix) != std::string::npos && entry.is_regular_file(ec)) {
+    if (entry.path().filename().string().find(kTemporaryInfix) !=
+            std::string::npos &&
+        entry.is_regular_file(ec)) {
       found.push_back(entry.path());
     }
   }
@@ -412,7 +460,8 @@ std::vector<fs::path> staging_directories(const fs::path& directory) {
   std::error_code ec;
   for (const auto& entry : fs::directory_iterator(parent, ec)) {
     const std::string entry_name = entry.path().filename().string();
-    if (entry_name.size() == prefix.size() + 6 && entry_name.compare(0, prefix.size(), prefix) == 0 &&
+    if (entry_name.size() == prefix.size() + 6 &&
+        entry_name.compare(0, prefix.size(), prefix) == 0 &&
         entry.is_directory(ec) && !entry.is_symlink(ec)) {
       found.push_back(entry.path());
     }
@@ -441,7 +490,10 @@ void apply_plan(const fs::path& directory, const Plan& plan, bool durable) {
     if (fs::exists(directory / from, ec)) {
       fs::rename(directory / from, directory / to, ec);
       if (ec) {
-        throw_os_error("Cannot rename '" + (directory / from).string() + "' to", directory / to, ec.value());
+        throw_os_error(
+            "Cannot rename '" + (directory / from).string() + "' to",
+            directory / to,
+            ec.value());
       }
     }
   }
@@ -467,26 +519,34 @@ Plan read_journal(const fs::path& journal) {
     std::ifstream in(journal);
     const auto j = nlohmann::json::parse(in);
     for (const auto& pair : j.at("renames")) {
-      plan.renames.emplace_back(pair.at(0).get<std::string>(), pair.at(1).get<std::string>());
+      plan.renames.emplace_back(
+          pair.at(0).get<std::string>(), pair.at(1).get<std::string>());
     }
     plan.removals = j.at("remove").get<std::vector<std::string>>();
   } catch (const nlohmann::json::exception& e) {
-    throw OSError("The save journal '" + journal.string() + "' left by an interrupted save is damaged (" + e.what() +
-                  "); inspect the directory and remove the journal by hand.");
+    throw OSError(
+        "The save journal '" + journal.string() +
+        "' left by an interrupted save is damaged (" + e.what() +
+        "); inspect the directory and remove the journal by hand.");
   }
   // Names of files in this directory itself: inside it, and no deeper.
   const auto inside = [](const std::string& name) {
-    return !name.empty() && name != "." && !escapes_directory(name) && name.find_first_of("/\\") == std::string::npos &&
+    return !name.empty() && name != "." && !escapes_directory(name) &&
+           name.find_first_of("/\\") == std::string::npos &&
            name.find('\0') == std::string::npos;
   };
   for (const auto& [from, to] : plan.renames) {
     if (!inside(from) || !inside(to)) {
-      throw OSError("The save journal '" + journal.string() + "' names a file outside its directory.");
+      throw OSError(
+          "The save journal '" + journal.string() +
+          "' names a file outside its directory.");
     }
   }
   for (const std::string& name : plan.removals) {
     if (!inside(name)) {
-      throw OSError("The save journal '" + journal.string() + "' names a file outside its directory.");
+      throw OSError(
+          "The save journal '" + journal.string() +
+          "' names a file outside its directory.");
     }
   }
   return plan;
@@ -499,7 +559,10 @@ bool recover_locked(const fs::path& directory) {
   bool changed = false;
   const fs::path journal = directory / kJournalName;
   if (fs::is_regular_file(journal, ec)) {
-    apply_plan(directory, read_journal(journal), /*durable=*/true); // committed: roll forward
+    apply_plan(
+        directory,
+        read_journal(journal),
+        /*durable=*/true); // committed: roll forward
     changed = true;
   }
   for (const fs::path& path : temporary_files(directory)) {
@@ -517,7 +580,8 @@ bool recover_locked(const fs::path& directory) {
 }
 
 DirectoryLock lock_for_reading(const fs::path& directory) {
-  DirectoryLock exclusive(directory, DirectoryLock::Mode::kExclusive, /*wait=*/false);
+  DirectoryLock exclusive(
+      directory, DirectoryLock::Mode::kExclusive, /*wait=*/false);
   if (exclusive.held()) { // no save in progress, no other reader
     recover_locked(directory);
     exclusive.downgrade();
@@ -526,12 +590,15 @@ DirectoryLock lock_for_reading(const fs::path& directory) {
   // A save in progress (wait for its commit) or other readers (no wait).
   DirectoryLock shared(directory, DirectoryLock::Mode::kShared, /*wait=*/true);
   std::error_code ec;
-  if (!fs::exists(directory / kJournalName, ec) && temporary_files(directory).empty()) {
+  if (!fs::exists(directory / kJournalName, ec) &&
+      temporary_files(directory).empty()) {
     return shared; // staging directories beside it do not change what it holds
   }
-  // A saver died after its commit point: finish it once the other readers are done.
+  // A saver died after its commit point: finish it once the other readers are
+  // done.
   { const DirectoryLock release = std::move(shared); }
-  DirectoryLock recovering(directory, DirectoryLock::Mode::kExclusive, /*wait=*/true);
+  DirectoryLock recovering(
+      directory, DirectoryLock::Mode::kExclusive, /*wait=*/true);
   if (recovering.held()) {
     recover_locked(directory);
   }
@@ -545,17 +612,23 @@ std::optional<std::string> interrupted_save(const fs::path& directory) {
     return std::nullopt;
   }
   // Readers share the lock; only a save (or a recovery) holds it alone.
-  const bool in_progress = !DirectoryLock(directory, DirectoryLock::Mode::kShared, /*wait=*/false).held();
+  const bool in_progress =
+      !DirectoryLock(directory, DirectoryLock::Mode::kShared, /*wait=*/false)
+           .held();
   const fs::path journal = directory / kJournalName;
   const auto temporaries = temporary_files(directory);
   const auto staging = staging_directories(directory);
-  if (in_progress && (fs::exists(journal, ec) || !temporaries.empty() || !staging.empty())) {
-    return "a save into '" + directory.string() + "' is in progress (another process holds its lock)";
+  if (in_progress &&
+      (fs::exists(journal, ec) || !temporaries.empty() || !staging.empty())) {
+    return "a save into '" + directory.string() +
+           "' is in progress (another process holds its lock)";
   }
   if (fs::exists(journal, ec)) {
-    return "a save into '" + directory.string() + "' was interrupted after its commit point: " +
+    return "a save into '" + directory.string() +
+           "' was interrupted after its commit point: " +
            journal.filename().string() +
-           " is there, and until torchser completes the save (any torchser save or load of the directory, or "
+           " is there, and until torchser completes the save (any torchser "
+           "save or load of the directory, or "
            "`torchser recover`) the folder mixes old and new files";
   }
   std::vector<std::string> left;
@@ -572,8 +645,10 @@ std::optional<std::string> interrupted_save(const fs::path& directory) {
   for (const std::string& name : left) {
     list += (list.empty() ? "'" : ", '") + name + "'";
   }
-  return "a save into '" + directory.string() + "' was interrupted before its commit point and left " + list +
-         "; the folder holds the previous checkpoint, whole (any torchser save or load of the directory, or "
+  return "a save into '" + directory.string() +
+         "' was interrupted before its commit point and left " + list +
+         "; the folder holds the previous checkpoint, whole (any torchser save "
+         "or load of the directory, or "
          "`torchser recover`, removes the leftovers)";
 }
 
@@ -618,14 +693,17 @@ bool matches_pattern(const FilenamePattern& pattern, std::string name) {
 
 } // namespace
 
-std::vector<std::string> stale_files(const fs::path& directory, const FilenamePattern& pattern,
-                                     const std::vector<std::string>& keep) {
+std::vector<std::string> stale_files(
+    const fs::path& directory,
+    const FilenamePattern& pattern,
+    const std::vector<std::string>& keep) {
   const std::set<std::string> kept(keep.begin(), keep.end());
   std::vector<std::string> stale;
   std::error_code ec;
   for (const auto& entry : fs::directory_iterator(directory)) {
     const std::string name = entry.path().filename().string();
-    if (kept.count(name) == 0 && entry.is_regular_file(ec) && matches_pattern(pattern, name)) {
+    if (kept.count(name) == 0 && entry.is_regular_file(ec) &&
+        matches_pattern(pattern, name)) {
       stale.push_back(name);
     }
   }
@@ -642,15 +720,20 @@ struct CheckpointCommit::State {
   bool durable = false;
   DirectoryLock lock;
   Mode mode = Mode::kJournal;
-  fs::path staging; // kSwap: the sibling directory the new checkpoint is built in
-  fs::path real;    // kSwap: the directory itself, links resolved (what is swapped)
+  fs::path
+      staging; // kSwap: the sibling directory the new checkpoint is built in
+  fs::path
+      real; // kSwap: the directory itself, links resolved (what is swapped)
   std::mutex mutex;
-  std::vector<std::pair<std::string, fs::path>> staged; // final name → temporary
+  std::vector<std::pair<std::string, fs::path>>
+      staged; // final name → temporary
   std::vector<std::string> removals;
   bool committed = false;
 
   State(const fs::path& dir, bool durable_)
-      : directory(dir), durable(durable_), lock(dir, DirectoryLock::Mode::kExclusive, /*wait=*/true) {}
+      : directory(dir),
+        durable(durable_),
+        lock(dir, DirectoryLock::Mode::kExclusive, /*wait=*/true) {}
 };
 
 namespace {
@@ -661,7 +744,8 @@ namespace {
 bool swappable(const fs::path& directory, const fs::path& parent) {
   struct stat dir {};
   struct stat up {};
-  if (::stat(directory.c_str(), &dir) != 0 || ::stat(parent.c_str(), &up) != 0 || dir.st_dev != up.st_dev ||
+  if (::stat(directory.c_str(), &dir) != 0 ||
+      ::stat(parent.c_str(), &up) != 0 || dir.st_dev != up.st_dev ||
       (dir.st_ino == up.st_ino)) {
     return false;
   }
@@ -695,7 +779,8 @@ void rename_checked(const fs::path& from, const fs::path& to) {
 
 // A new name for the temporary that becomes `name` in `directory`.
 fs::path temporary_beside(const fs::path& directory, const std::string& name) {
-  std::string templ = (directory / (name + kTemporaryInfix + "XXXXXX")).string();
+  std::string templ =
+      (directory / (name + kTemporaryInfix + "XXXXXX")).string();
   const int fd = ::mkstemp(templ.data());
   if (fd < 0) {
     throw_os_error("Cannot create a temporary file in", directory, errno);
@@ -706,7 +791,8 @@ fs::path temporary_beside(const fs::path& directory, const std::string& name) {
 
 } // namespace
 
-CheckpointCommit::CheckpointCommit(const fs::path& directory, std::size_t new_files, bool durable)
+CheckpointCommit::CheckpointCommit(
+    const fs::path& directory, std::size_t new_files, bool durable)
     : state_(std::make_unique<State>(directory, durable)) {
   recover_locked(directory);
   if (new_files == 1) {
@@ -717,7 +803,8 @@ CheckpointCommit::CheckpointCommit(const fs::path& directory, std::size_t new_fi
   if (name.empty() || !swappable(directory, parent)) {
     return;
   }
-  std::string templ = (parent / ("." + name + kStagingInfix + "XXXXXX")).string();
+  std::string templ =
+      (parent / ("." + name + kStagingInfix + "XXXXXX")).string();
   if (::mkdtemp(templ.data()) == nullptr) {
     return; // a read-only parent: the journal works inside the directory
   }
@@ -752,10 +839,12 @@ CheckpointCommit::Mode CheckpointCommit::mode() const {
 }
 
 fs::path CheckpointCommit::target(const std::string& name) const {
-  return (state_->mode == Mode::kSwap ? state_->staging : state_->directory) / name;
+  return (state_->mode == Mode::kSwap ? state_->staging : state_->directory) /
+         name;
 }
 
-void CheckpointCommit::stage(const std::string& name, const fs::path& temporary) {
+void CheckpointCommit::stage(
+    const std::string& name, const fs::path& temporary) {
   const std::lock_guard<std::mutex> guard(state_->mutex);
   state_->staged.emplace_back(name, temporary);
 }
@@ -769,11 +858,15 @@ namespace {
 // Enters what the new checkpoint keeps of the old directory into `staging`:
 // hard links (a copy where linking is refused), symbolic links as they are.
 // False when something cannot be carried over (a subdirectory appeared).
-bool carry_over(const fs::path& directory, const fs::path& staging, const std::set<std::string>& skip) {
+bool carry_over(
+    const fs::path& directory,
+    const fs::path& staging,
+    const std::set<std::string>& skip) {
   std::error_code ec;
   for (const auto& entry : fs::directory_iterator(directory)) {
     const std::string name = entry.path().filename().string();
-    if (skip.count(name) != 0 || name == kJournalName || name.find(kTemporaryInfix) != std::string::npos) {
+    if (skip.count(name) != 0 || name == kJournalName ||
+        name.find(kTemporaryInfix) != std::string::npos) {
       continue;
     }
     const auto status = entry.symlink_status(ec);
@@ -782,7 +875,8 @@ bool carry_over(const fs::path& directory, const fs::path& staging, const std::s
     } else if (fs::is_regular_file(status)) {
       if (::link(entry.path().c_str(), (staging / name).c_str()) != 0) {
         // protected_hardlinks, or a filesystem without links.
-        fs::copy_file(entry.path(), staging / name, fs::copy_options::overwrite_existing);
+        fs::copy_file(
+            entry.path(), staging / name, fs::copy_options::overwrite_existing);
       }
     } else {
       return false;
@@ -831,7 +925,12 @@ void CheckpointCommit::commit() {
       if (s.durable) {
         fsync_directory(s.staging);
       }
-      swapped = ::renameat2(AT_FDCWD, s.staging.c_str(), AT_FDCWD, s.real.c_str(), RENAME_EXCHANGE) == 0;
+      swapped = ::renameat2(
+                    AT_FDCWD,
+                    s.staging.c_str(),
+                    AT_FDCWD,
+                    s.real.c_str(),
+                    RENAME_EXCHANGE) == 0;
       error = swapped ? 0 : errno;
     }
     if (swapped) {
@@ -845,7 +944,8 @@ void CheckpointCommit::commit() {
       std::error_code ec;
       for (const auto& entry : fs::directory_iterator(old, ec)) {
         const std::string name = entry.path().filename().string();
-        if (skip.count(name) == 0 && name != kJournalName && name.find(kTemporaryInfix) == std::string::npos &&
+        if (skip.count(name) == 0 && name != kJournalName &&
+            name.find(kTemporaryInfix) == std::string::npos &&
             !fs::exists(fs::symlink_status(s.directory / name, ec))) {
           fs::rename(entry.path(), s.directory / name, ec);
         }
@@ -853,10 +953,14 @@ void CheckpointCommit::commit() {
       fs::remove_all(old, ec);
       return;
     }
-    if (error != 0 && error != EINVAL && error != ENOSYS && error != EXDEV && error != EBUSY && error != EPERM &&
-        error != ENOTSUP && error != EACCES) {
-      throw_os_error("Cannot swap in the new checkpoint built in '" + s.staging.string() + "' for", s.directory,
-                     error);
+    if (error != 0 && error != EINVAL && error != ENOSYS && error != EXDEV &&
+        error != EBUSY && error != EPERM && error != ENOTSUP &&
+        error != EACCES) {
+      throw_os_error(
+          "Cannot swap in the new checkpoint built in '" + s.staging.string() +
+              "' for",
+          s.directory,
+          error);
     }
     // No exchange here: the staged files move beside the old ones and the
     // journal commits them.

@@ -10,20 +10,20 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <limits>
-#include <memory>
-#include <stdexcept>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
+#include <limits>
 #include <map>
+#include <memory>
 #include <optional>
 #include <set>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
-#include <CLI/CLI.hpp>
 #include <torch/version.h>
+#include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
 #include <torchser/dduf.h>
@@ -55,7 +55,12 @@ std::string human(std::uint64_t bytes) {
     ++unit;
   }
   char buffer[32];
-  std::snprintf(buffer, sizeof buffer, unit == 0 ? "%.0f %s" : "%.2f %s", value, units[unit]);
+  std::snprintf(
+      buffer,
+      sizeof buffer,
+      unit == 0 ? "%.0f %s" : "%.2f %s",
+      value,
+      units[unit]);
   return buffer;
 }
 
@@ -63,7 +68,8 @@ std::string human(std::uint64_t bytes) {
 // (logs stay readable): then one line when the work is done.
 class ProgressBar {
  public:
-  ProgressBar(std::string what, std::uint64_t total) : what_(std::move(what)), total_(total), tty_(::isatty(2) != 0) {}
+  ProgressBar(std::string what, std::uint64_t total)
+      : what_(std::move(what)), total_(total), tty_(::isatty(2) != 0) {}
   void set_total(std::uint64_t total) {
     total_ = total;
   }
@@ -74,12 +80,24 @@ class ProgressBar {
       return;
     }
     const int width = 30;
-    const int filled = total_ == 0 ? width
-                                   : static_cast<int>(width * std::min(1.0, static_cast<double>(done_) /
-                                                                                static_cast<double>(total_)));
-    std::string label = item.size() > 40 ? "..." + item.substr(item.size() - 37) : item;
-    std::fprintf(stderr, "\r%s [%s%s] %s / %s  %-40s", what_.c_str(), std::string(filled, '#').c_str(),
-                 std::string(width - filled, ' ').c_str(), human(done_).c_str(), human(total_).c_str(), label.c_str());
+    const int filled = total_ == 0
+                           ? width
+                           : static_cast<int>(
+                                 width * std::min(
+                                             1.0,
+                                             static_cast<double>(done_) /
+                                                 static_cast<double>(total_)));
+    std::string label =
+        item.size() > 40 ? "..." + item.substr(item.size() - 37) : item;
+    std::fprintf(
+        stderr,
+        "\r%s [%s%s] %s / %s  %-40s",
+        what_.c_str(),
+        std::string(filled, '#').c_str(),
+        std::string(width - filled, ' ').c_str(),
+        human(done_).c_str(),
+        human(total_).c_str(),
+        label.c_str());
     std::fflush(stderr);
     drawn_ = true;
   }
@@ -108,20 +126,26 @@ torchser::detail::Checkpoint resolve(const fs::path& path) {
   torchser::detail::ResolveOptions options;
   options.allow_pickle = true;
   options.allow_dduf = true;
-  torchser::detail::Checkpoint checkpoint = torchser::detail::resolve_checkpoint(path, options);
+  torchser::detail::Checkpoint checkpoint =
+      torchser::detail::resolve_checkpoint(path, options);
   if (!checkpoint.note.empty()) {
     std::cerr << "torchser: " << checkpoint.note << "\n";
   }
   return checkpoint;
 }
 
-std::string shown(const torchser::detail::Checkpoint& checkpoint, const fs::path& file) {
-  return checkpoint.kind == torchser::detail::Checkpoint::Kind::kSharded ? file.filename().string() : "";
+std::string shown(
+    const torchser::detail::Checkpoint& checkpoint, const fs::path& file) {
+  return checkpoint.kind == torchser::detail::Checkpoint::Kind::kSharded
+             ? file.filename().string()
+             : "";
 }
 
 // What the rows occupy on disk: each storage once (tensors sharing a storage
 // in a .bin count it once; safetensors tensors each have bytes of their own).
-std::uint64_t stored_bytes(const std::vector<std::pair<std::string, torchser::detail::TensorEntry>>& rows) {
+std::uint64_t stored_bytes(
+    const std::vector<std::pair<std::string, torchser::detail::TensorEntry>>&
+        rows) {
   std::uint64_t total = 0;
   std::set<std::string> seen;
   for (const auto& [file, entry] : rows) {
@@ -140,8 +164,11 @@ std::vector<std::pair<std::string, torchser::detail::TensorEntry>> dduf_tensors(
   for (const auto& item : entries) {
     const torchser::DDUFEntry& entry = item.value();
     if (fs::path(entry.filename).extension() == ".safetensors") {
-      const auto file = torchser::detail::open_tensor_file(entry.dduf_path, entry.offset, entry.length,
-                                                           entry.dduf_path.string() + ":" + entry.filename);
+      const auto file = torchser::detail::open_tensor_file(
+          entry.dduf_path,
+          entry.offset,
+          entry.length,
+          entry.dduf_path.string() + ":" + entry.filename);
       for (const auto& tensor : file->entries()) {
         rows.emplace_back(entry.filename, tensor);
       }
@@ -169,16 +196,21 @@ int cmd_inspect(const fs::path& path, bool as_json) {
       interrupted = torchser::detail::interrupted_save(checkpoint.directory);
     }
     metadata = checkpoint.index.other_metadata;
-    metadata.insert(metadata.end(), checkpoint.index.metadata.begin(), checkpoint.index.metadata.end());
+    metadata.insert(
+        metadata.end(),
+        checkpoint.index.metadata.begin(),
+        checkpoint.index.metadata.end());
     for (const fs::path& path_of_file : checkpoint.files) {
       const auto file = torchser::detail::open_tensor_file(path_of_file);
       for (const std::string* said : {&file->note(), &file->selection()}) {
         if (!said->empty()) {
-          std::cerr << "torchser: " << path_of_file.filename().string() << ": " << *said << "\n";
+          std::cerr << "torchser: " << path_of_file.filename().string() << ": "
+                    << *said << "\n";
         }
       }
       format = torchser::detail::format_name(file->format());
-      if (checkpoint.kind == torchser::detail::Checkpoint::Kind::kFile && file->metadata()) {
+      if (checkpoint.kind == torchser::detail::Checkpoint::Kind::kFile &&
+          file->metadata()) {
         metadata = *file->metadata();
       }
       for (const auto& entry : file->entries()) {
@@ -186,7 +218,8 @@ int cmd_inspect(const fs::path& path, bool as_json) {
       }
     }
   }
-  const bool sharded = checkpoint.kind == torchser::detail::Checkpoint::Kind::kSharded;
+  const bool sharded =
+      checkpoint.kind == torchser::detail::Checkpoint::Kind::kSharded;
   const std::uint64_t total = stored_bytes(rows);
   if (as_json) {
     json out;
@@ -196,15 +229,20 @@ int cmd_inspect(const fs::path& path, bool as_json) {
     out["files"] = checkpoint.files.size();
     out["tensors"] = json::array();
     for (const auto& [file, entry] : rows) {
-      out["tensors"].push_back({{"name", entry.name}, {"dtype", entry.dtype}, {"shape", entry.shape},
-                                {"bytes", entry.nbytes}, {"file", file}});
+      out["tensors"].push_back(
+          {{"name", entry.name},
+           {"dtype", entry.dtype},
+           {"shape", entry.shape},
+           {"bytes", entry.nbytes},
+           {"file", file}});
     }
     out["metadata"] = json::object();
     for (const auto& [key, value] : metadata) {
       out["metadata"][key] = value;
     }
     for (const auto& [key, text] : checkpoint.index.other_metadata) {
-      out["metadata"][key] = json::parse(text, nullptr, /*allow_exceptions=*/false); // numbers stay numbers
+      out["metadata"][key] = json::parse(
+          text, nullptr, /*allow_exceptions=*/false); // numbers stay numbers
     }
     if (!archive_entries.empty()) {
       out["entries"] = json::object();
@@ -221,7 +259,11 @@ int cmd_inspect(const fs::path& path, bool as_json) {
     return 0;
   }
   std::cout << path.string() << ": " << format
-            << (sharded ? " (sharded, " + std::to_string(checkpoint.files.size()) + " files)" : "") << "\n";
+            << (sharded
+                    ? " (sharded, " + std::to_string(checkpoint.files.size()) +
+                          " files)"
+                    : "")
+            << "\n";
   if (interrupted) {
     std::cout << "  INTERRUPTED SAVE: " << *interrupted << "\n";
   }
@@ -233,7 +275,8 @@ int cmd_inspect(const fs::path& path, bool as_json) {
     for (std::size_t i = 0; i < entry.shape.size(); ++i) {
       shape += (i ? ", " : "") + std::to_string(entry.shape[i]);
     }
-    std::cout << "  " << entry.name << "  " << entry.dtype << "  " << shape << "]  " << human(entry.nbytes)
+    std::cout << "  " << entry.name << "  " << entry.dtype << "  " << shape
+              << "]  " << human(entry.nbytes)
               << (file.empty() ? "" : "  " + file) << "\n";
   }
   for (const auto& [key, value] : metadata) {
@@ -246,31 +289,38 @@ int cmd_inspect(const fs::path& path, bool as_json) {
 int cmd_verify(const fs::path& path) {
   const torchser::detail::Checkpoint checkpoint = resolve(path);
   if (checkpoint.kind == torchser::detail::Checkpoint::Kind::kDDUF) {
-    const auto entries = torchser::read_dduf_file(checkpoint.files.front()); // every rule of the archive
-    const auto tensors = dduf_tensors(entries);                             // and of its safetensors entries
-    std::cout << "OK: " << checkpoint.files.front().string() << " (DDUF, " << entries.size() << " entries, "
-              << tensors.size() << " tensors)\n";
+    const auto entries = torchser::read_dduf_file(
+        checkpoint.files.front()); // every rule of the archive
+    const auto tensors =
+        dduf_tensors(entries); // and of its safetensors entries
+    std::cout << "OK: " << checkpoint.files.front().string() << " (DDUF, "
+              << entries.size() << " entries, " << tensors.size()
+              << " tensors)\n";
     return 0;
   }
   if (checkpoint.is_directory) {
-    if (const auto interrupted = torchser::detail::interrupted_save(checkpoint.directory)) {
+    if (const auto interrupted =
+            torchser::detail::interrupted_save(checkpoint.directory)) {
       std::cout << "INTERRUPTED SAVE: " << *interrupted << "\n";
       return 1;
     }
   }
-  const torchser::detail::VerifyReport report = torchser::detail::verify_checkpoint(checkpoint);
+  const torchser::detail::VerifyReport report =
+      torchser::detail::verify_checkpoint(checkpoint);
   for (const std::string& note : report.notes) {
     std::cerr << "torchser: " << note << "\n";
   }
-  std::cout << "OK: " << path.string() << " (" << report.files << " file" << (report.files == 1 ? "" : "s") << ", "
-            << report.tensors << " tensors)\n";
+  std::cout << "OK: " << path.string() << " (" << report.files << " file"
+            << (report.files == 1 ? "" : "s") << ", " << report.tensors
+            << " tensors)\n";
   return 0;
 }
 
 int cmd_recover(const fs::path& path) {
   std::error_code ec;
   if (!fs::is_directory(path, ec)) {
-    throw torchser::FileNotFoundError("No checkpoint directory at '" + path.string() + "'.");
+    throw torchser::FileNotFoundError(
+        "No checkpoint directory at '" + path.string() + "'.");
   }
   const auto interrupted = torchser::detail::interrupted_save(path);
   if (!interrupted) {
@@ -278,18 +328,25 @@ int cmd_recover(const fs::path& path) {
     return 0;
   }
   if (!torchser::recover_interrupted_save(path)) {
-    throw torchser::OSError("Cannot recover '" + path.string() + "': " + *interrupted + ".");
+    throw torchser::OSError(
+        "Cannot recover '" + path.string() + "': " + *interrupted + ".");
   }
   std::cout << "Recovered " << path.string() << ": " << *interrupted << "\n";
   return 0;
 }
 
 bool ends_with(const std::string& name, const std::string& suffix) {
-  return name.size() > suffix.size() && name.compare(name.size() - suffix.size(), std::string::npos, suffix) == 0;
+  return name.size() > suffix.size() &&
+         name.compare(name.size() - suffix.size(), std::string::npos, suffix) ==
+             0;
 }
 
-int cmd_convert(const fs::path& src, const fs::path& dst, std::string to, const std::string& max_shard_size,
-                const std::optional<std::string>& key) {
+int cmd_convert(
+    const fs::path& src,
+    const fs::path& dst,
+    std::string to,
+    const std::string& max_shard_size,
+    const std::optional<std::string>& key) {
   // Read as load_torch_model reads: under the directory's lock, after
   // completing any interrupted save (a journal's folder mixes two saves).
   std::error_code ec;
@@ -297,20 +354,26 @@ int cmd_convert(const fs::path& src, const fs::path& dst, std::string to, const 
   if (fs::is_directory(src, ec)) {
     lock.emplace(torchser::detail::lock_for_reading(src));
   } else if (ends_with(src.filename().string(), ".index.json")) {
-    lock.emplace(torchser::detail::lock_for_reading(src.parent_path().empty() ? fs::path(".") : src.parent_path()));
+    lock.emplace(torchser::detail::lock_for_reading(
+        src.parent_path().empty() ? fs::path(".") : src.parent_path()));
   }
   const torchser::detail::Checkpoint checkpoint = resolve(src);
   if (checkpoint.kind == torchser::detail::Checkpoint::Kind::kDDUF) {
-    throw torchser::ValueError("Cannot convert '" + checkpoint.files.front().string() +
-                               "': a DDUF archive holds a pipeline; unpack it and convert one model folder.");
+    throw torchser::ValueError(
+        "Cannot convert '" + checkpoint.files.front().string() +
+        "': a DDUF archive holds a pipeline; unpack it and convert one model "
+        "folder.");
   }
   // DST ending in a format's extension is a file; anything else a folder.
   const std::string dst_name = dst.filename().string();
-  const bool to_file = ends_with(dst_name, ".safetensors") || ends_with(dst_name, ".bin");
+  const bool to_file =
+      ends_with(dst_name, ".safetensors") || ends_with(dst_name, ".bin");
   if (to_file) {
-    const std::string implied = ends_with(dst_name, ".bin") ? "pickle" : "safetensors";
+    const std::string implied =
+        ends_with(dst_name, ".bin") ? "pickle" : "safetensors";
     if (!to.empty() && to != implied) {
-      throw UsageError("--to " + to + " contradicts the destination '" + dst.string() + "'");
+      throw UsageError(
+          "--to " + to + " contradicts the destination '" + dst.string() + "'");
     }
     to = implied;
   }
@@ -324,7 +387,8 @@ int cmd_convert(const fs::path& src, const fs::path& dst, std::string to, const 
   std::vector<std::unique_ptr<torchser::detail::TensorFile>> files;
   std::map<std::string, const torchser::detail::TensorFile*> file_of;
   torchser::StateDict all;
-  std::vector<std::pair<std::string, std::string>> metadata = checkpoint.index.metadata;
+  std::vector<std::pair<std::string, std::string>> metadata =
+      checkpoint.index.metadata;
   torchser::detail::TensorFileOptions open;
   open.key = key;
   for (const fs::path& path : checkpoint.files) {
@@ -334,13 +398,17 @@ int cmd_convert(const fs::path& src, const fs::path& dst, std::string to, const 
       std::cerr << "torchser: " << file.note() << "\n";
     }
     if (file.ambiguous() && !key.has_value()) {
-      throw torchser::ValueError("Cannot convert '" + path.string() + "' unasked: " + file.selection() +
-                                 ". Name the state dict to convert with --key KEY.");
+      throw torchser::ValueError(
+          "Cannot convert '" + path.string() +
+          "' unasked: " + file.selection() +
+          ". Name the state dict to convert with --key KEY.");
     }
     if (!file.selection().empty()) {
-      std::cerr << "torchser: " << path.filename().string() << ": " << file.selection() << "\n";
+      std::cerr << "torchser: " << path.filename().string() << ": "
+                << file.selection() << "\n";
     }
-    if (checkpoint.kind == torchser::detail::Checkpoint::Kind::kFile && file.metadata()) {
+    if (checkpoint.kind == torchser::detail::Checkpoint::Kind::kFile &&
+        file.metadata()) {
       metadata = *file.metadata();
     }
     for (const auto& entry : file.entries()) {
@@ -356,7 +424,8 @@ int cmd_convert(const fs::path& src, const fs::path& dst, std::string to, const 
     torchser::detail::retie_aliases(all, metadata);
   }
   for (const auto& [key, value] : metadata) {
-    if (key == "format" || (!safe && all.contains(key) && all.contains(value))) {
+    if (key == "format" ||
+        (!safe && all.contains(key) && all.contains(value))) {
       continue;
     }
     kept_metadata.insert(key, value);
@@ -367,17 +436,23 @@ int cmd_convert(const fs::path& src, const fs::path& dst, std::string to, const 
   fs::path directory = dst;
   if (to_file) {
     directory = dst.parent_path().empty() ? fs::path(".") : dst.parent_path();
-    options.filename_pattern(dst_name).max_shard_size(std::numeric_limits<std::int64_t>::max());
+    options.filename_pattern(dst_name).max_shard_size(
+        std::numeric_limits<std::int64_t>::max());
   } else {
     // Plain bytes ("1000000") as well as size strings ("2GB"), as the
     // library's ShardSize takes both.
-    const bool digits = !max_shard_size.empty() && std::all_of(max_shard_size.begin(), max_shard_size.end(),
-                                                               [](char c) { return c >= '0' && c <= '9'; });
-    options.max_shard_size(digits ? torchser::ShardSize(std::stoll(max_shard_size))
-                                  : torchser::ShardSize(max_shard_size));
+    const bool digits =
+        !max_shard_size.empty() &&
+        std::all_of(max_shard_size.begin(), max_shard_size.end(), [](char c) {
+          return c >= '0' && c <= '9';
+        });
+    options.max_shard_size(
+        digits ? torchser::ShardSize(std::stoll(max_shard_size))
+               : torchser::ShardSize(max_shard_size));
   }
   if (!safe && !checkpoint.files.empty() && to_file && !kept_metadata.empty()) {
-    std::cerr << "torchser: a single torch.save file has no metadata; not kept:";
+    std::cerr
+        << "torchser: a single torch.save file has no metadata; not kept:";
     for (const auto& item : kept_metadata) {
       std::cerr << " " << item.key();
     }
@@ -401,8 +476,9 @@ int cmd_convert(const fs::path& src, const fs::path& dst, std::string to, const 
     if (!to_file) {
       fs::create_directories(dst);
     } else if (!fs::is_directory(directory, ec)) {
-      throw torchser::FileNotFoundError("Cannot write '" + dst.string() + "': no directory '" + directory.string() +
-                                        "'.");
+      throw torchser::FileNotFoundError(
+          "Cannot write '" + dst.string() + "': no directory '" +
+          directory.string() + "'.");
     }
     torchser::save_torch_state_dict(all, directory, options);
   } catch (...) {
@@ -412,8 +488,9 @@ int cmd_convert(const fs::path& src, const fs::path& dst, std::string to, const 
     throw;
   }
   progress.finish();
-  std::cout << "Converted " << all.size() << " tensors (" << human(total) << ") from " << src.string() << " to "
-            << dst.string() << " as " << to << "\n";
+  std::cout << "Converted " << all.size() << " tensors (" << human(total)
+            << ") from " << src.string() << " to " << dst.string() << " as "
+            << to << "\n";
   return 0;
 }
 
@@ -428,15 +505,17 @@ int cmd_pack(const fs::path& folder, const fs::path& out) {
       for (const auto& name : left_out) {
         list += (list.empty() ? "" : ", ") + name.string();
       }
-      throw torchser::ValueError("Cannot pack '" + folder.string() + "': DDUF cannot hold " + list +
-                                 " (entries must be .json, .model, .safetensors or .txt files, at most one folder "
-                                 "deep). Convert or move them first; nothing was written.");
+      throw torchser::ValueError(
+          "Cannot pack '" + folder.string() + "': DDUF cannot hold " + list +
+          " (entries must be .json, .model, .safetensors or .txt files, at "
+          "most one folder "
+          "deep). Convert or move them first; nothing was written.");
     }
   }
   torchser::export_folder_as_dduf(out, folder);
   const auto entries = torchser::read_dduf_file(out);
-  std::cout << "Packed " << entries.size() << " entries into " << out.string() << " (" << human(fs::file_size(out))
-            << ")\n";
+  std::cout << "Packed " << entries.size() << " entries into " << out.string()
+            << " (" << human(fs::file_size(out)) << ")\n";
   return 0;
 }
 
@@ -447,14 +526,16 @@ void refuse_symlinks(const fs::path& folder, const fs::path& relative) {
   for (const auto& part : relative) {
     at /= part;
     if (fs::is_symlink(fs::symlink_status(at))) {
-      throw torchser::OSError("Cannot unpack into '" + at.string() +
-                              "': it is a symbolic link, which unpack does not follow or replace.");
+      throw torchser::OSError(
+          "Cannot unpack into '" + at.string() +
+          "': it is a symbolic link, which unpack does not follow or replace.");
     }
   }
 }
 
 int cmd_unpack(const fs::path& archive, const fs::path& folder) {
-  const auto entries = torchser::read_dduf_file(archive); // names are validated: no '..', no absolute paths
+  const auto entries = torchser::read_dduf_file(
+      archive); // names are validated: no '..', no absolute paths
   std::uint64_t total = 0;
   for (const auto& item : entries) {
     total += item.value().length;
@@ -476,60 +557,99 @@ int cmd_unpack(const fs::path& archive, const fs::path& folder) {
     done += item.value().length;
     progress.step(item.key(), done);
   }
-  std::cout << "Unpacked " << entries.size() << " entries into " << folder.string() << "\n";
+  std::cout << "Unpacked " << entries.size() << " entries into "
+            << folder.string() << "\n";
   return 0;
 }
 
 } // namespace
 
 int main(int argc, char** argv) {
-  CLI::App app{"torchser " TORCHSER_VERSION ": inspect, verify and convert safetensors, PyTorch .bin and DDUF files"};
+  CLI::App app{
+      "torchser " TORCHSER_VERSION
+      ": inspect, verify and convert safetensors, PyTorch .bin and DDUF files"};
   app.require_subcommand(1);
 
   std::string path;
   bool as_json = false;
-  auto* inspect_cmd = app.add_subcommand("inspect", "List the tensors (dtype, shape, size, shard) and metadata");
-  inspect_cmd->add_option("PATH", path, "a .safetensors, .bin or .dduf file, or a checkpoint directory")->required();
+  auto* inspect_cmd = app.add_subcommand(
+      "inspect", "List the tensors (dtype, shape, size, shard) and metadata");
+  inspect_cmd
+      ->add_option(
+          "PATH",
+          path,
+          "a .safetensors, .bin or .dduf file, or a checkpoint directory")
+      ->required();
   inspect_cmd->add_flag("--json", as_json, "machine-readable output");
 
   std::string verify_path;
-  auto* verify_cmd = app.add_subcommand("verify", "Check every rule of the format; exit 0 when valid");
-  verify_cmd->add_option("PATH", verify_path, "a file or a checkpoint directory")->required();
+  auto* verify_cmd = app.add_subcommand(
+      "verify", "Check every rule of the format; exit 0 when valid");
+  verify_cmd
+      ->add_option("PATH", verify_path, "a file or a checkpoint directory")
+      ->required();
 
   std::string src;
   std::string dst;
   std::string to;
   std::string max_shard_size = "5GB";
-  auto* convert_cmd = app.add_subcommand("convert", "Convert a checkpoint between pickle .bin and safetensors");
-  convert_cmd->add_option("SRC", src, "a file or a checkpoint directory")->required();
-  convert_cmd->add_option("DST", dst, "the output: a file when it ends in .safetensors or .bin, else a folder")
+  auto* convert_cmd = app.add_subcommand(
+      "convert", "Convert a checkpoint between pickle .bin and safetensors");
+  convert_cmd->add_option("SRC", src, "a file or a checkpoint directory")
       ->required();
-  convert_cmd->add_option("--to", to, "safetensors (default), or pickle (also: bin); implied by a file DST")
+  convert_cmd
+      ->add_option(
+          "DST",
+          dst,
+          "the output: a file when it ends in .safetensors or .bin, else a "
+          "folder")
+      ->required();
+  convert_cmd
+      ->add_option(
+          "--to",
+          to,
+          "safetensors (default), or pickle (also: bin); implied by a file DST")
       ->check(CLI::IsMember({"safetensors", "pickle", "bin"}));
   std::string key;
-  convert_cmd->add_option("--key", key, "a torch.save file holding several state dicts: the top-level key to convert");
-  convert_cmd->add_option("--max-shard-size", max_shard_size, "largest shard, e.g. 2GB or 1000000 bytes (default 5GB)");
+  convert_cmd->add_option(
+      "--key",
+      key,
+      "a torch.save file holding several state dicts: the top-level key to "
+      "convert");
+  convert_cmd->add_option(
+      "--max-shard-size",
+      max_shard_size,
+      "largest shard, e.g. 2GB or 1000000 bytes (default 5GB)");
 
   std::string folder;
   std::string archive;
-  auto* pack_cmd = app.add_subcommand("pack", "Pack a pipeline folder into a DDUF archive");
+  auto* pack_cmd =
+      app.add_subcommand("pack", "Pack a pipeline folder into a DDUF archive");
   pack_cmd->add_option("FOLDER", folder, "the pipeline folder")->required();
   pack_cmd->add_option("OUT", archive, "the .dduf file to write")->required();
   std::string unpack_archive;
   std::string unpack_folder;
-  auto* unpack_cmd = app.add_subcommand("unpack", "Unpack a DDUF archive into a folder");
+  auto* unpack_cmd =
+      app.add_subcommand("unpack", "Unpack a DDUF archive into a folder");
   unpack_cmd->add_option("IN", unpack_archive, "the .dduf file")->required();
-  unpack_cmd->add_option("FOLDER", unpack_folder, "the folder to write")->required();
+  unpack_cmd->add_option("FOLDER", unpack_folder, "the folder to write")
+      ->required();
 
   std::string recover_path;
-  auto* recover_cmd = app.add_subcommand("recover", "Complete or undo an interrupted save of a checkpoint folder");
-  recover_cmd->add_option("DIR", recover_path, "the checkpoint folder")->required();
+  auto* recover_cmd = app.add_subcommand(
+      "recover", "Complete or undo an interrupted save of a checkpoint folder");
+  recover_cmd->add_option("DIR", recover_path, "the checkpoint folder")
+      ->required();
 
-  app.set_version_flag("--version", std::string("torchser ") + TORCHSER_VERSION + " (LibTorch " + TORCH_VERSION + ")");
+  app.set_version_flag(
+      "--version",
+      std::string("torchser ") + TORCHSER_VERSION + " (LibTorch " +
+          TORCH_VERSION + ")");
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
-    // --help and --version exit 0; usage errors exit 2, as command-line tools do.
+    // --help and --version exit 0; usage errors exit 2, as command-line tools
+    // do.
     return app.exit(e) == 0 ? 0 : 2;
   }
   if (to == "bin") {
@@ -543,8 +663,12 @@ int main(int argc, char** argv) {
       return cmd_verify(verify_path);
     }
     if (convert_cmd->parsed()) {
-      return cmd_convert(src, dst, to, max_shard_size,
-                         key.empty() ? std::nullopt : std::optional<std::string>(key));
+      return cmd_convert(
+          src,
+          dst,
+          to,
+          max_shard_size,
+          key.empty() ? std::nullopt : std::optional<std::string>(key));
     }
     if (recover_cmd->parsed()) {
       return cmd_recover(recover_path);

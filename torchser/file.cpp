@@ -21,9 +21,7 @@ constexpr std::size_t kMaxIo = std::size_t{1} << 30;
 } // namespace
 
 void throw_os_error(
-    const std::string& what,
-    const std::filesystem::path& path,
-    int error) {
+    const std::string& what, const std::filesystem::path& path, int error) {
   const std::string message =
       what + " '" + path.string() + "': " + std::strerror(error);
   if (error == ENOENT) {
@@ -76,13 +74,14 @@ std::uint64_t File::size() const {
   return static_cast<std::uint64_t>(st.st_size);
 }
 
-void File::pread_exact(void* data, std::size_t size, std::uint64_t offset) const {
+void File::pread_exact(
+    void* data, std::size_t size, std::uint64_t offset) const {
   auto* out = static_cast<std::uint8_t*>(data);
   std::size_t done = 0;
   while (done < size) {
     const std::size_t chunk = std::min(size - done, kMaxIo);
-    const ssize_t got = ::pread(
-        fd_, out + done, chunk, static_cast<off_t>(offset + done));
+    const ssize_t got =
+        ::pread(fd_, out + done, chunk, static_cast<off_t>(offset + done));
     if (got < 0) {
       if (errno == EINTR) {
         continue;
@@ -128,8 +127,12 @@ std::shared_ptr<const MappedFile> MappedFile::map(const File& file) {
   // tensors over the mapping are ordinary writable tensors whose writes
   // copy the touched pages and never reach the file.
   void* data = ::mmap(
-      nullptr, static_cast<std::size_t>(size), PROT_READ | PROT_WRITE,
-      MAP_PRIVATE, file.fd(), 0);
+      nullptr,
+      static_cast<std::size_t>(size),
+      PROT_READ | PROT_WRITE,
+      MAP_PRIVATE,
+      file.fd(),
+      0);
   if (data == MAP_FAILED) {
     throw_os_error("Cannot map", file.path(), errno);
   }
@@ -137,7 +140,8 @@ std::shared_ptr<const MappedFile> MappedFile::map(const File& file) {
       new MappedFile(static_cast<std::uint8_t*>(data), size, file.path()));
 }
 
-void MappedFile::advise_range(std::uint64_t offset, std::uint64_t size, int advice) const noexcept {
+void MappedFile::advise_range(
+    std::uint64_t offset, std::uint64_t size, int advice) const noexcept {
   if (data_ != nullptr && offset <= size_ && size <= size_ - offset) {
     ::madvise(data_ + offset, static_cast<std::size_t>(size), advice);
   }
@@ -150,10 +154,9 @@ MappedFile::~MappedFile() {
 }
 
 AtomicFile::AtomicFile(std::filesystem::path target)
-    : target_(std::move(target)),
-      buffer_(new std::uint8_t[kWriteBufferSize]) {
-  // mkstemp's name: "<target>.torchser-tmp.XXXXXX" in the target's directory, so the
-  // final rename never crosses a filesystem.
+    : target_(std::move(target)), buffer_(new std::uint8_t[kWriteBufferSize]) {
+  // mkstemp's name: "<target>.torchser-tmp.XXXXXX" in the target's directory,
+  // so the final rename never crosses a filesystem.
   std::string pattern = target_.string() + kTemporaryInfix + "XXXXXX";
   const int fd = ::mkostemp(pattern.data(), O_CLOEXEC);
   if (fd < 0) {
@@ -184,7 +187,9 @@ void AtomicFile::preallocate(std::uint64_t size) {
       return;
     }
     throw_os_error(
-        "Cannot reserve " + std::to_string(size) + " bytes for", target_, error);
+        "Cannot reserve " + std::to_string(size) + " bytes for",
+        target_,
+        error);
   }
 }
 
@@ -210,11 +215,13 @@ void AtomicFile::write(const void* data, std::size_t size) {
   buffered_ = size;
 }
 
-void AtomicFile::patch(const void* data, std::size_t size, std::uint64_t offset) {
+void AtomicFile::patch(
+    const void* data, std::size_t size, std::uint64_t offset) {
   flush_buffer();
   const auto* in = static_cast<const std::uint8_t*>(data);
   while (size > 0) {
-    const ssize_t put = ::pwrite(file_.fd(), in, size, static_cast<off_t>(offset));
+    const ssize_t put =
+        ::pwrite(file_.fd(), in, size, static_cast<off_t>(offset));
     if (put < 0) {
       if (errno == EINTR) {
         continue;

@@ -20,7 +20,9 @@ namespace torchser {
 namespace {
 
 bool has_suffix(const std::string& name, const std::string& suffix) {
-  return name.size() >= suffix.size() && name.compare(name.size() - suffix.size(), std::string::npos, suffix) == 0;
+  return name.size() >= suffix.size() &&
+         name.compare(name.size() - suffix.size(), std::string::npos, suffix) ==
+             0;
 }
 
 std::string torch_size(c10::IntArrayRef sizes) {
@@ -31,7 +33,8 @@ std::string torch_size(c10::IntArrayRef sizes) {
   return out + "])";
 }
 
-std::string quoted_list(const std::vector<std::string>& keys, const char* separator) {
+std::string quoted_list(
+    const std::vector<std::string>& keys, const char* separator) {
   std::string out;
   for (std::size_t i = 0; i < keys.size(); ++i) {
     out += (i == 0 ? "\"" : std::string(separator) + "\"") + keys[i] + "\"";
@@ -42,7 +45,8 @@ std::string quoted_list(const std::vector<std::string>& keys, const char* separa
 // Copies values into the module's tensors after everything was checked.
 class ModuleLoader {
  public:
-  explicit ModuleLoader(torch::nn::Module& model) : model_(model), targets_(state_dict(model)) {}
+  explicit ModuleLoader(torch::nn::Module& model)
+      : model_(model), targets_(state_dict(model)) {}
 
   const StateDict& targets() const {
     return targets_;
@@ -62,8 +66,10 @@ class ModuleLoader {
     const at::Tensor* target = targets_.find(key);
     if (target != nullptr && target->sizes() != from_checkpoint) {
       errors_.push_back(
-          "size mismatch for " + key + ": copying a param with shape " + torch_size(from_checkpoint) +
-          " from checkpoint, the shape in current model is " + torch_size(target->sizes()) + ".");
+          "size mismatch for " + key + ": copying a param with shape " +
+          torch_size(from_checkpoint) +
+          " from checkpoint, the shape in current model is " +
+          torch_size(target->sizes()) + ".");
     }
   }
   std::vector<std::string>& errors() {
@@ -71,7 +77,8 @@ class ModuleLoader {
   }
   void raise_if_errors() const {
     if (!errors_.empty()) {
-      std::string message = "Error(s) in loading state_dict for " + class_name() + ":";
+      std::string message =
+          "Error(s) in loading state_dict for " + class_name() + ":";
       for (const std::string& e : errors_) {
         message += "\n\t" + e;
       }
@@ -97,7 +104,10 @@ class ModuleLoader {
 // Copies every tensor of a file into the module (and into the aliases
 // re-tied to it), one at a time, dropping each tensor's mapped pages once
 // copied: resident memory grows by about one tensor, not one file.
-void copy_file(const detail::TensorFile& file, ModuleLoader& loader, const std::map<std::string, std::string>& retied) {
+void copy_file(
+    const detail::TensorFile& file,
+    ModuleLoader& loader,
+    const std::map<std::string, std::string>& retied) {
   std::multimap<std::string, std::string> aliases_of;
   for (const auto& [alias, kept] : retied) {
     aliases_of.emplace(kept, alias);
@@ -121,15 +131,18 @@ std::map<std::string, std::string> aliases_to_retie(
     const StateDict& targets) {
   std::map<std::string, std::string> out;
   for (const auto& [alias, kept] : metadata) {
-    if (targets.contains(alias) && checkpoint_keys.count(alias) == 0 && checkpoint_keys.count(kept) != 0) {
+    if (targets.contains(alias) && checkpoint_keys.count(alias) == 0 &&
+        checkpoint_keys.count(kept) != 0) {
       out.emplace(alias, kept);
     }
   }
   return out;
 }
 
-LoadResult key_differences(const StateDict& targets, const std::set<std::string>& loaded,
-                           const std::map<std::string, std::string>& retied) {
+LoadResult key_differences(
+    const StateDict& targets,
+    const std::set<std::string>& loaded,
+    const std::map<std::string, std::string>& retied) {
   LoadResult result;
   for (const auto& item : targets) {
     if (loaded.count(item.key()) == 0 && retied.count(item.key()) == 0) {
@@ -153,7 +166,8 @@ LoadResult load_one_file(
     const std::map<std::string, std::vector<std::int64_t>>& shapes,
     const std::vector<std::pair<std::string, std::string>>& metadata,
     const LoadOptions& options,
-    const std::function<void(const std::map<std::string, std::string>&)>& copy_all) {
+    const std::function<void(const std::map<std::string, std::string>&)>&
+        copy_all) {
   std::set<std::string> keys;
   for (const auto& [key, shape] : shapes) {
     keys.insert(key);
@@ -162,20 +176,28 @@ LoadResult load_one_file(
   auto retied = aliases_to_retie(metadata, keys, loader.targets());
   for (auto it = retied.begin(); it != retied.end();) {
     // An alias of a different shape (a slice) cannot be rebuilt from its name.
-    it = loader.targets()[it->first].sizes() == c10::IntArrayRef(shapes.at(it->second)) ? std::next(it)
-                                                                                         : retied.erase(it);
+    it = loader.targets()[it->first].sizes() ==
+                 c10::IntArrayRef(shapes.at(it->second))
+             ? std::next(it)
+             : retied.erase(it);
   }
   const LoadResult result = key_differences(loader.targets(), keys, retied);
-  if (options.strict() && (!result.missing_keys.empty() || !result.unexpected_keys.empty())) {
+  if (options.strict() &&
+      (!result.missing_keys.empty() || !result.unexpected_keys.empty())) {
     // PyTorch's load_state_dict format.
     std::vector<std::string> messages;
     if (!result.missing_keys.empty()) {
-      messages.push_back("Missing key(s) in state_dict: " + quoted_list(result.missing_keys, ", ") + ". ");
+      messages.push_back(
+          "Missing key(s) in state_dict: " +
+          quoted_list(result.missing_keys, ", ") + ". ");
     }
     if (!result.unexpected_keys.empty()) {
-      messages.push_back("Unexpected key(s) in state_dict: " + quoted_list(result.unexpected_keys, ", ") + ". ");
+      messages.push_back(
+          "Unexpected key(s) in state_dict: " +
+          quoted_list(result.unexpected_keys, ", ") + ". ");
     }
-    loader.errors().insert(loader.errors().begin(), messages.begin(), messages.end());
+    loader.errors().insert(
+        loader.errors().begin(), messages.begin(), messages.end());
   }
   loader.raise_if_errors();
   copy_all(retied);
@@ -196,7 +218,10 @@ void warn_note(const detail::TensorFile& file) {
 
 // One file (or DDUF entry) into the module: its header's keys and shapes are
 // checked first, then every tensor copied.
-LoadResult load_file_into(torch::nn::Module& model, const detail::TensorFile& file, const LoadOptions& options) {
+LoadResult load_file_into(
+    torch::nn::Module& model,
+    const detail::TensorFile& file,
+    const LoadOptions& options) {
   warn_note(file);
   file.check_format_metadata();
   std::map<std::string, std::vector<std::int64_t>> shapes;
@@ -204,25 +229,41 @@ LoadResult load_file_into(torch::nn::Module& model, const detail::TensorFile& fi
     shapes[entry.name] = entry.shape;
   }
   ModuleLoader loader(model);
-  return load_one_file(loader, shapes, file.metadata().value_or(std::vector<std::pair<std::string, std::string>>{}),
-                       options, [&](const std::map<std::string, std::string>& retied) { copy_file(file, loader, retied); });
+  return load_one_file(
+      loader,
+      shapes,
+      file.metadata().value_or(
+          std::vector<std::pair<std::string, std::string>>{}),
+      options,
+      [&](const std::map<std::string, std::string>& retied) {
+        copy_file(file, loader, retied);
+      });
 }
 
-LoadResult load_sharded(torch::nn::Module& model, const detail::Checkpoint& checkpoint, const LoadOptions& options) {
+LoadResult load_sharded(
+    torch::nn::Module& model,
+    const detail::Checkpoint& checkpoint,
+    const LoadOptions& options) {
   // Every shard name was checked before any file is opened.
   const detail::IndexFile& index = checkpoint.index;
   const auto& index_keys = index.keys;
   const auto& metadata = index.metadata;
   ModuleLoader loader(model);
   const auto retied = aliases_to_retie(metadata, index_keys, loader.targets());
-  const LoadResult result = key_differences(loader.targets(), index_keys, retied);
-  if (options.strict() && (!result.missing_keys.empty() || !result.unexpected_keys.empty())) {
-    std::string message = "Error(s) in loading state_dict for " + loader.class_name();
+  const LoadResult result =
+      key_differences(loader.targets(), index_keys, retied);
+  if (options.strict() &&
+      (!result.missing_keys.empty() || !result.unexpected_keys.empty())) {
+    std::string message =
+        "Error(s) in loading state_dict for " + loader.class_name();
     if (!result.missing_keys.empty()) {
-      message += "\nMissing key(s): " + quoted_list(result.missing_keys, ",") + ".";
+      message +=
+          "\nMissing key(s): " + quoted_list(result.missing_keys, ",") + ".";
     }
     if (!result.unexpected_keys.empty()) {
-      message += "\nUnexpected key(s): " + quoted_list(result.unexpected_keys, ",") + ".";
+      message +=
+          "\nUnexpected key(s): " + quoted_list(result.unexpected_keys, ",") +
+          ".";
     }
     throw RuntimeError(message);
   }
@@ -241,14 +282,16 @@ LoadResult load_sharded(torch::nn::Module& model, const detail::Checkpoint& chec
   std::map<std::string, std::string> retie;
   for (const auto& [alias, kept] : retied) {
     const auto shape = shapes.find(kept);
-    if (shape != shapes.end() && loader.targets()[alias].sizes() == c10::IntArrayRef(shape->second)) {
+    if (shape != shapes.end() &&
+        loader.targets()[alias].sizes() == c10::IntArrayRef(shape->second)) {
       retie.emplace(alias, kept);
     }
   }
   loader.raise_if_errors();
   // Then one shard at a time.
   for (const std::filesystem::path& path : checkpoint.files) {
-    copy_file(*detail::open_tensor_file(path, file_options(options)), loader, retie);
+    copy_file(
+        *detail::open_tensor_file(path, file_options(options)), loader, retie);
   }
   LoadResult out = result;
   for (const auto& [alias, kept] : retied) {
@@ -264,17 +307,23 @@ LoadResult load_sharded(torch::nn::Module& model, const detail::Checkpoint& chec
 
 namespace detail {
 
-LoadResult load_tensor_file_into(torch::nn::Module& model, const TensorFile& file, const LoadOptions& options) {
+LoadResult load_tensor_file_into(
+    torch::nn::Module& model,
+    const TensorFile& file,
+    const LoadOptions& options) {
   return load_file_into(model, file, options);
 }
 
 } // namespace detail
 
-StateDict load_state_dict_from_file(const std::filesystem::path& path, const LoadOptions& options) {
+StateDict load_state_dict_from_file(
+    const std::filesystem::path& path, const LoadOptions& options) {
   std::error_code ec;
   if (!std::filesystem::is_regular_file(path, ec)) {
-    throw FileNotFoundError("No checkpoint file found at '" + path.string() +
-                            "'. Please verify the path is correct and the file has been properly downloaded.");
+    throw FileNotFoundError(
+        "No checkpoint file found at '" + path.string() +
+        "'. Please verify the path is correct and the file has been properly "
+        "downloaded.");
   }
   detail::TensorFileOptions open = file_options(options);
   open.device = options.map_location();
@@ -284,8 +333,12 @@ StateDict load_state_dict_from_file(const std::filesystem::path& path, const Loa
   return detail::read_all(*file);
 }
 
-LoadResult load_single_file(torch::nn::Module& model, const std::filesystem::path& path, const LoadOptions& options) {
-  return load_file_into(model, *detail::open_tensor_file(path, file_options(options)), options);
+LoadResult load_single_file(
+    torch::nn::Module& model,
+    const std::filesystem::path& path,
+    const LoadOptions& options) {
+  return load_file_into(
+      model, *detail::open_tensor_file(path, file_options(options)), options);
 }
 
 LoadResult load_torch_model(
@@ -294,12 +347,16 @@ LoadResult load_torch_model(
     const LoadOptions& options) {
   std::error_code ec;
   if (!std::filesystem::exists(checkpoint_path, ec)) {
-    throw ValueError("Checkpoint path " + checkpoint_path.string() + " does not exist");
+    throw ValueError(
+        "Checkpoint path " + checkpoint_path.string() + " does not exist");
   }
   if (options.map_location().has_value()) {
-    throw ValueError("LoadOptions::map_location applies to load_state_dict_from_file; load_torch_model copies into "
-                     "the module's own tensors, wherever they are (move the module with ->to(device) before or after "
-                     "loading).");
+    throw ValueError(
+        "LoadOptions::map_location applies to load_state_dict_from_file; "
+        "load_torch_model copies into "
+        "the module's own tensors, wherever they are (move the module with "
+        "->to(device) before or after "
+        "loading).");
   }
   std::optional<detail::DirectoryLock> lock;
   if (std::filesystem::is_directory(checkpoint_path, ec)) {
@@ -310,7 +367,8 @@ LoadResult load_torch_model(
   detail::ResolveOptions resolve;
   resolve.filename_pattern = options.filename_pattern();
   resolve.allow_pickle = !options.safe();
-  const detail::Checkpoint checkpoint = detail::resolve_checkpoint(checkpoint_path, resolve);
+  const detail::Checkpoint checkpoint =
+      detail::resolve_checkpoint(checkpoint_path, resolve);
   if (checkpoint.kind == detail::Checkpoint::Kind::kSharded) {
     return load_sharded(model, checkpoint, options);
   }

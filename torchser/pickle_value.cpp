@@ -93,7 +93,8 @@ std::string PickleValue::type_name() const {
 
 namespace {
 [[noreturn]] void wrong_kind(const PickleValue& v, const char* wanted) {
-  throw ValueError(std::string("Expected a ") + wanted + ", got a " + v.type_name() + ".");
+  throw ValueError(
+      std::string("Expected a ") + wanted + ", got a " + v.type_name() + ".");
 }
 } // namespace
 

@@ -1,8 +1,8 @@
 #include <torchser/safetensors.h>
 
 #include <algorithm>
-#include <limits>
 #include <cstring>
+#include <limits>
 #include <numeric>
 #include <sstream>
 #include <utility>
@@ -36,35 +36,35 @@ struct TorchDtypeRow {
 // torch ↔ safetensors, for the dtypes this LibTorch build has.
 const std::vector<TorchDtypeRow>& torch_dtype_table() {
   static const std::vector<TorchDtypeRow> table = {
-      {at::kBool, SafetensorsDtype::kBOOL},
-      {at::kByte, SafetensorsDtype::kU8},
-      {at::kChar, SafetensorsDtype::kI8},
-      {at::kShort, SafetensorsDtype::kI16},
-      {at::kInt, SafetensorsDtype::kI32},
-      {at::kLong, SafetensorsDtype::kI64},
-      {at::kHalf, SafetensorsDtype::kF16},
-      {at::kBFloat16, SafetensorsDtype::kBF16},
-      {at::kFloat, SafetensorsDtype::kF32},
-      {at::kDouble, SafetensorsDtype::kF64},
-      {at::kComplexFloat, SafetensorsDtype::kC64},
+    {at::kBool, SafetensorsDtype::kBOOL},
+    {at::kByte, SafetensorsDtype::kU8},
+    {at::kChar, SafetensorsDtype::kI8},
+    {at::kShort, SafetensorsDtype::kI16},
+    {at::kInt, SafetensorsDtype::kI32},
+    {at::kLong, SafetensorsDtype::kI64},
+    {at::kHalf, SafetensorsDtype::kF16},
+    {at::kBFloat16, SafetensorsDtype::kBF16},
+    {at::kFloat, SafetensorsDtype::kF32},
+    {at::kDouble, SafetensorsDtype::kF64},
+    {at::kComplexFloat, SafetensorsDtype::kC64},
 #if TORCHSER_TORCH_AT_LEAST(2, 1)
-      {at::ScalarType::Float8_e5m2, SafetensorsDtype::kF8_E5M2},
-      {at::ScalarType::Float8_e4m3fn, SafetensorsDtype::kF8_E4M3},
+    {at::ScalarType::Float8_e5m2, SafetensorsDtype::kF8_E5M2},
+    {at::ScalarType::Float8_e4m3fn, SafetensorsDtype::kF8_E4M3},
 #endif
 #if TORCHSER_TORCH_AT_LEAST(2, 2)
-      {at::ScalarType::Float8_e5m2fnuz, SafetensorsDtype::kF8_E5M2FNUZ},
-      {at::ScalarType::Float8_e4m3fnuz, SafetensorsDtype::kF8_E4M3FNUZ},
+    {at::ScalarType::Float8_e5m2fnuz, SafetensorsDtype::kF8_E5M2FNUZ},
+    {at::ScalarType::Float8_e4m3fnuz, SafetensorsDtype::kF8_E4M3FNUZ},
 #endif
 #if TORCHSER_TORCH_AT_LEAST(2, 3)
-      {at::ScalarType::UInt16, SafetensorsDtype::kU16},
-      {at::ScalarType::UInt32, SafetensorsDtype::kU32},
-      {at::ScalarType::UInt64, SafetensorsDtype::kU64},
+    {at::ScalarType::UInt16, SafetensorsDtype::kU16},
+    {at::ScalarType::UInt32, SafetensorsDtype::kU32},
+    {at::ScalarType::UInt64, SafetensorsDtype::kU64},
 #endif
 #if TORCHSER_TORCH_AT_LEAST(2, 7)
-      {at::ScalarType::Float8_e8m0fnu, SafetensorsDtype::kF8_E8M0},
+    {at::ScalarType::Float8_e8m0fnu, SafetensorsDtype::kF8_E8M0},
 #endif
 #if TORCHSER_TORCH_AT_LEAST(2, 8)
-      {at::ScalarType::Float4_e2m1fn_x2, SafetensorsDtype::kF4},
+    {at::ScalarType::Float4_e2m1fn_x2, SafetensorsDtype::kF4},
 #endif
   };
   return table;
@@ -117,8 +117,7 @@ SafetensorsDtype to_safetensors_dtype(at::ScalarType dtype) {
   }
   throw ValueError(
       std::string("Unknown dtype ") + c10::toString(dtype) +
-      ": safetensors has no code for it. Supported dtypes: " + supported +
-      ".");
+      ": safetensors has no code for it. Supported dtypes: " + supported + ".");
 }
 
 at::ScalarType to_torch_dtype(SafetensorsDtype dtype) {
@@ -133,7 +132,7 @@ at::ScalarType to_torch_dtype(SafetensorsDtype dtype) {
       std::string("safetensors dtype ") + safetensors_dtype_name(dtype) +
           (needed != nullptr
                ? std::string(" is not supported by this LibTorch build (") +
-                   TORCH_VERSION + "): it needs LibTorch >= " + needed + "."
+                     TORCH_VERSION + "): it needs LibTorch >= " + needed + "."
                : std::string(" has no torch dtype.")));
 }
 
@@ -151,7 +150,8 @@ SafetensorsWriter::SafetensorsWriter(
     const std::string& name = item.key();
     const at::Tensor& t = item.value();
     if (!t.defined()) {
-      throw ValueError("Tensor '" + name + "' is undefined: there is nothing to save.");
+      throw ValueError(
+          "Tensor '" + name + "' is undefined: there is nothing to save.");
     }
     if (t.layout() != at::kStrided) {
       std::ostringstream msg;
@@ -186,13 +186,16 @@ SafetensorsWriter::SafetensorsWriter(
     if (is_f4(code)) {
       // torch packs two F4 values per element; the header has the logical
       // shape.
-      if (shape.empty() || __builtin_mul_overflow(shape.back(), 2, &shape.back())) {
+      if (shape.empty() ||
+          __builtin_mul_overflow(shape.back(), 2, &shape.back())) {
         throw ValueError(
-            "Tensor '" + name + "': an F4 tensor needs a last dimension that "
+            "Tensor '" + name +
+            "': an F4 tensor needs a last dimension that "
             "can be doubled to its logical size.");
       }
     }
-    prepared.push_back({SafetensorsTensorInfo{name, code, std::move(shape), 0, 0}, t});
+    prepared.push_back(
+        {SafetensorsTensorInfo{name, code, std::move(shape), 0, 0}, t});
   }
   std::stable_sort(
       prepared.begin(), prepared.end(), [](const auto& a, const auto& b) {
@@ -223,7 +226,9 @@ SafetensorsWriter::SafetensorsWriter(
   }
 }
 
-void SafetensorsWriter::write(const ByteSink& sink, const std::function<void(std::size_t)>& written) const {
+void SafetensorsWriter::write(
+    const ByteSink& sink,
+    const std::function<void(std::size_t)>& written) const {
   std::uint8_t prefix[8];
   std::uint64_t n = header_.size();
   for (std::uint8_t& byte : prefix) {
@@ -265,7 +270,8 @@ void save_file(
   const SafetensorsWriter writer(tensors, metadata, options.force_contiguous());
   detail::AtomicFile file(path);
   file.preallocate(writer.size());
-  writer.write([&](const void* data, std::size_t size) { file.write(data, size); });
+  writer.write(
+      [&](const void* data, std::size_t size) { file.write(data, size); });
   file.commit(options.durable());
 }
 
@@ -290,8 +296,8 @@ namespace {
 // Where a tensor's bytes are: a mapping, an open file, or a buffer.
 struct ByteSource {
   std::shared_ptr<const detail::MappedFile> mapping; // kMmap
-  const detail::File* file = nullptr; // kPread
-  const std::uint8_t* buffer = nullptr; // load(bytes)
+  const detail::File* file = nullptr;                // kPread
+  const std::uint8_t* buffer = nullptr;              // load(bytes)
 
   // Copies `size` bytes at absolute `offset` into `out`.
   void copy(void* out, std::size_t size, std::uint64_t offset) const {
@@ -350,8 +356,8 @@ at::Tensor to_device(const at::Tensor& host, const c10::Device& device) {
           "Device " + device.str() +
           " was requested, but this LibTorch build has no CUDA support.");
     }
-    at::Tensor pinned = at::empty(
-        host.sizes(), host.options().pinned_memory(true));
+    at::Tensor pinned =
+        at::empty(host.sizes(), host.options().pinned_memory(true));
     pinned.copy_(host);
     return pinned.to(device, /*non_blocking=*/true);
   }
@@ -372,14 +378,17 @@ at::Tensor make_tensor(
   const std::uint64_t offset = data_start + info.begin;
   if (bytes.mapping && device.is_cpu() && nbytes > 0) {
     const std::uint8_t* data = bytes.mapping->data() + offset;
-    const auto element_size = static_cast<std::uintptr_t>(c10::elementSize(dtype));
+    const auto element_size =
+        static_cast<std::uintptr_t>(c10::elementSize(dtype));
     // Zero-copy when the data is aligned for its dtype (always, in files
     // from the official writer); old writers left some tensors misaligned,
     // and those get their own aligned copy.
     if (reinterpret_cast<std::uintptr_t>(data) % element_size == 0) {
       return at::from_blob(
-          const_cast<std::uint8_t*>(data), shape,
-          [keep = bytes.mapping](void*) {}, options);
+          const_cast<std::uint8_t*>(data),
+          shape,
+          [keep = bytes.mapping](void*) {},
+          options);
     }
   }
   at::Tensor host = at::empty(shape, options);
@@ -399,8 +408,7 @@ struct SafeOpen::State {
 };
 
 SafeOpen::SafeOpen(
-    const std::filesystem::path& path,
-    const SafeOpenOptions& options)
+    const std::filesystem::path& path, const SafeOpenOptions& options)
     : SafeOpen(path, 0, std::numeric_limits<std::uint64_t>::max(), options) {}
 
 SafeOpen::SafeOpen(
@@ -419,21 +427,29 @@ SafeOpen::SafeOpen(
     length = file_size;
     s.source = {"file '" + path.string() + "'", true};
   } else {
-    s.source = {"entry at bytes " + std::to_string(offset) + "+" + std::to_string(length) + " of file '" +
-                    path.string() + "'",
-                true};
+    s.source = {
+        "entry at bytes " + std::to_string(offset) + "+" +
+            std::to_string(length) + " of file '" + path.string() + "'",
+        true};
     if (offset > file_size || length > file_size - offset) {
       detail::throw_safetensor_error(
-          Kind::kMetadataIncompleteBuffer, s.source, "incomplete metadata, file not fully covered",
+          Kind::kMetadataIncompleteBuffer,
+          s.source,
+          "incomplete metadata, file not fully covered",
           "the file has only " + std::to_string(file_size) + " bytes");
     }
   }
   const std::uint64_t size = length;
   if (options.backend() == LoadBackend::kMmap && size >= 8) {
     s.bytes.mapping = detail::MappedFile::map(s.file);
-    const auto* base = reinterpret_cast<const char*>(s.bytes.mapping->data()) + offset;
-    const std::uint64_t n = detail::read_header_length(std::string_view(base, 8), size, s.source);
-    s.header = detail::parse_header(std::string_view(base + 8, static_cast<std::size_t>(n)), size, s.source);
+    const auto* base =
+        reinterpret_cast<const char*>(s.bytes.mapping->data()) + offset;
+    const std::uint64_t n =
+        detail::read_header_length(std::string_view(base, 8), size, s.source);
+    s.header = detail::parse_header(
+        std::string_view(base + 8, static_cast<std::size_t>(n)),
+        size,
+        s.source);
     s.header.data_start += offset;
     return;
   }
@@ -499,8 +515,11 @@ std::size_t SafeOpen::position_of(std::string_view name) const {
 at::Tensor SafeOpen::get_tensor(std::string_view name) const {
   const State& s = *state_;
   return make_tensor(
-      s.header.tensors[position_of(name)], s.header.data_start, s.bytes,
-      s.options.device(), s.source);
+      s.header.tensors[position_of(name)],
+      s.header.data_start,
+      s.bytes,
+      s.options.device(),
+      s.source);
 }
 
 void SafeOpen::release_pages(std::string_view name) const {
@@ -510,7 +529,8 @@ void SafeOpen::release_pages(std::string_view name) const {
   }
   const SafetensorsTensorInfo& info = s.header.tensors[position_of(name)];
   const auto page = static_cast<std::uint64_t>(::sysconf(_SC_PAGESIZE));
-  const std::uint64_t begin = (s.header.data_start + info.begin + page - 1) / page * page;
+  const std::uint64_t begin =
+      (s.header.data_start + info.begin + page - 1) / page * page;
   const std::uint64_t end = (s.header.data_start + info.end) / page * page;
   if (end > begin) {
     s.bytes.mapping->advise_range(begin, end - begin, MADV_DONTNEED);
@@ -536,8 +556,8 @@ at::Tensor SafeSlice::operator()(const std::vector<SliceIndex>& indices) const {
   const auto fail = [&](const std::string& what) {
     throw SafetensorError(
         Kind::kInvalidSlice,
-        what + " (" + s.source.description + ": tensor `" + info.name + "` of shape " +
-            shape_string(shape) + ")");
+        what + " (" + s.source.description + ": tensor `" + info.name +
+            "` of shape " + shape_string(shape) + ")");
   };
   if (indices.size() > shape.size()) {
     fail("more slicing indexes than dimensions in tensor");
@@ -550,7 +570,8 @@ at::Tensor SafeSlice::operator()(const std::vector<SliceIndex>& indices) const {
     const SliceIndex& index = indices[d];
     const std::int64_t size = shape[d];
     if (index.select.has_value()) {
-      const std::int64_t i = *index.select < 0 ? *index.select + size : *index.select;
+      const std::int64_t i =
+          *index.select < 0 ? *index.select + size : *index.select;
       if (i < 0 || i >= size) {
         fail(
             "index " + std::to_string(*index.select) +
@@ -562,7 +583,8 @@ at::Tensor SafeSlice::operator()(const std::vector<SliceIndex>& indices) const {
       selected[d] = true;
       continue;
     }
-    const auto clamp = [&](std::optional<std::int64_t> bound, std::int64_t fallback) {
+    const auto clamp = [&](std::optional<std::int64_t> bound,
+                           std::int64_t fallback) {
       if (!bound.has_value()) {
         return fallback;
       }
@@ -577,9 +599,11 @@ at::Tensor SafeSlice::operator()(const std::vector<SliceIndex>& indices) const {
   if (indices.empty() || zero_copy || is_f4(info.dtype)) {
     // A view of the whole tensor (zero-copy on a mapping), then narrowed.
     at::Tensor t = file_->get_tensor(info.name);
-    for (std::int64_t d = static_cast<std::int64_t>(indices.size()) - 1; d >= 0; --d) {
+    for (std::int64_t d = static_cast<std::int64_t>(indices.size()) - 1; d >= 0;
+         --d) {
       const auto dim = static_cast<std::size_t>(d);
-      t = selected[dim] ? t.select(d, lo[dim]) : t.narrow(d, lo[dim], hi[dim] - lo[dim]);
+      t = selected[dim] ? t.select(d, lo[dim])
+                        : t.narrow(d, lo[dim], hi[dim] - lo[dim]);
     }
     return t;
   }
@@ -587,7 +611,8 @@ at::Tensor SafeSlice::operator()(const std::vector<SliceIndex>& indices) const {
   // Read only the selected bytes: runs along the last indexed dimension,
   // for every combination of the indices before it.
   const at::ScalarType dtype = torch_dtype_for(info, s.source);
-  const std::int64_t element_size = static_cast<std::int64_t>(c10::elementSize(dtype));
+  const std::int64_t element_size =
+      static_cast<std::int64_t>(c10::elementSize(dtype));
   std::vector<std::int64_t> out_shape;
   for (std::size_t d = 0; d < shape.size(); ++d) {
     out_shape.push_back(hi[d] - lo[d]);
@@ -599,8 +624,10 @@ at::Tensor SafeSlice::operator()(const std::vector<SliceIndex>& indices) const {
   }
   if (out.numel() > 0) {
     const std::size_t k = indices.size(); // ≥ 1 here
-    const std::int64_t run = (hi[k - 1] - lo[k - 1]) * stride[k - 1] * element_size;
-    std::vector<std::int64_t> at_index(lo.begin(), lo.begin() + static_cast<std::ptrdiff_t>(k));
+    const std::int64_t run =
+        (hi[k - 1] - lo[k - 1]) * stride[k - 1] * element_size;
+    std::vector<std::int64_t> at_index(
+        lo.begin(), lo.begin() + static_cast<std::ptrdiff_t>(k));
     auto* dst = static_cast<std::uint8_t*>(out.data_ptr());
     const std::uint64_t base = s.header.data_start + info.begin;
     while (true) {
@@ -608,7 +635,10 @@ at::Tensor SafeSlice::operator()(const std::vector<SliceIndex>& indices) const {
       for (std::size_t d = 0; d < k; ++d) {
         element += at_index[d] * stride[d];
       }
-      s.bytes.copy(dst, static_cast<std::size_t>(run), base + static_cast<std::uint64_t>(element * element_size));
+      s.bytes.copy(
+          dst,
+          static_cast<std::size_t>(run),
+          base + static_cast<std::uint64_t>(element * element_size));
       dst += run;
       // Odometer over the dimensions before the last indexed one.
       bool done = true;
@@ -624,7 +654,8 @@ at::Tensor SafeSlice::operator()(const std::vector<SliceIndex>& indices) const {
       }
     }
   }
-  for (std::int64_t d = static_cast<std::int64_t>(shape.size()) - 1; d >= 0; --d) {
+  for (std::int64_t d = static_cast<std::int64_t>(shape.size()) - 1; d >= 0;
+       --d) {
     if (selected[static_cast<std::size_t>(d)]) {
       out = out.squeeze(d);
     }
@@ -633,8 +664,7 @@ at::Tensor SafeSlice::operator()(const std::vector<SliceIndex>& indices) const {
 }
 
 StateDict load_file(
-    const std::filesystem::path& path,
-    const SafeOpenOptions& options) {
+    const std::filesystem::path& path, const SafeOpenOptions& options) {
   const SafeOpen file(path, options);
   StateDict out;
   out.reserve(file.tensors().size());
@@ -647,7 +677,9 @@ StateDict load_file(
 StateDict load(std::string_view bytes, const c10::Device& device) {
   const detail::SafetensorsSource source{"in-memory buffer", false};
   const std::uint64_t n = detail::read_header_length(
-      bytes.substr(0, std::min<std::size_t>(bytes.size(), 8)), bytes.size(), source);
+      bytes.substr(0, std::min<std::size_t>(bytes.size(), 8)),
+      bytes.size(),
+      source);
   const detail::ParsedHeader header = detail::parse_header(
       bytes.substr(8, static_cast<std::size_t>(n)), bytes.size(), source);
   ByteSource from;
@@ -655,7 +687,8 @@ StateDict load(std::string_view bytes, const c10::Device& device) {
   StateDict out;
   out.reserve(header.tensors.size());
   for (const SafetensorsTensorInfo& info : header.tensors) {
-    out.insert(info.name, make_tensor(info, header.data_start, from, device, source));
+    out.insert(
+        info.name, make_tensor(info, header.data_start, from, device, source));
   }
   return out;
 }

@@ -96,7 +96,8 @@ class HeaderSax final : public nlohmann::json_sax<Json> {
   std::optional<SafetensorsMetadata> metadata;
   std::vector<SafetensorsTensorInfo> tensors;
   std::string error; // set when a handler returned false
-  SafetensorError::Kind kind = SafetensorError::Kind::kInvalidHeaderDeserialization;
+  SafetensorError::Kind kind =
+      SafetensorError::Kind::kInvalidHeaderDeserialization;
 
   bool null() override {
     return scalar("null");
@@ -242,7 +243,8 @@ class HeaderSax final : public nlohmann::json_sax<Json> {
           next_ = Slot::kMetadata;
           return true;
         }
-        pending_ = SafetensorsTensorInfo{key, SafetensorsDtype::kBOOL, {}, 0, 0};
+        pending_ =
+            SafetensorsTensorInfo{key, SafetensorsDtype::kBOOL, {}, 0, 0};
         has_dtype_ = has_shape_ = has_offsets_ = false;
         next_ = Slot::kTensor;
         return true;
@@ -387,8 +389,8 @@ class HeaderSax final : public nlohmann::json_sax<Json> {
     std::string where;
     if (current_slot() == Slot::kMetadataEntry) {
       where = " for `__metadata__` key `" + metadata_key_ + "`";
-    } else if (current_slot() != Slot::kRoot &&
-               current_slot() != Slot::kMetadata) {
+    } else if (
+        current_slot() != Slot::kRoot && current_slot() != Slot::kMetadata) {
       where = " in tensor `" + pending_.name + "`";
     }
     return fail("invalid type: " + what + ", expected " + expected + where);
@@ -489,23 +491,30 @@ std::uint64_t read_header_length(
     const SafetensorsSource& source) {
   if (file_size < 8 || prefix.size() < 8) {
     throw_safetensor_error(
-        SafetensorKind::kHeaderTooSmall, source, "header too small",
+        SafetensorKind::kHeaderTooSmall,
+        source,
+        "header too small",
         "the file has " + std::to_string(file_size) +
             " bytes; the 8-byte header length alone needs 8");
   }
   std::uint64_t n = 0;
   for (int i = 7; i >= 0; --i) { // little-endian, whatever the host
-    n = (n << 8) | static_cast<unsigned char>(prefix[static_cast<std::size_t>(i)]);
+    n = (n << 8) |
+        static_cast<unsigned char>(prefix[static_cast<std::size_t>(i)]);
   }
   if (n > kMaxHeaderSize) {
     throw_safetensor_error(
-        SafetensorKind::kHeaderTooLarge, source, "header too large",
+        SafetensorKind::kHeaderTooLarge,
+        source,
+        "header too large",
         "the header length field says " + std::to_string(n) +
             " bytes; the limit is " + std::to_string(kMaxHeaderSize));
   }
   if (n > file_size - 8) {
     throw_safetensor_error(
-        SafetensorKind::kInvalidHeaderLength, source, "invalid header length",
+        SafetensorKind::kInvalidHeaderLength,
+        source,
+        "invalid header length",
         "the header length field says " + std::to_string(n) +
             " bytes, but the file has only " + std::to_string(file_size - 8) +
             " bytes after it (perhaps an incomplete download?)");
@@ -520,7 +529,8 @@ ParsedHeader parse_header(
   const std::size_t bad_utf8 = utf8_error_position(header);
   if (bad_utf8 != std::string_view::npos) {
     throw_safetensor_error(
-        SafetensorKind::kInvalidHeader, source,
+        SafetensorKind::kInvalidHeader,
+        source,
         "invalid UTF-8 in header: invalid utf-8 sequence from index " +
             std::to_string(bad_utf8),
         "");
@@ -529,7 +539,8 @@ ParsedHeader parse_header(
   // reader) rejects it.
   if (header.size() >= 3 && header.compare(0, 3, "\xEF\xBB\xBF") == 0) {
     throw_safetensor_error(
-        SafetensorKind::kInvalidHeaderDeserialization, source,
+        SafetensorKind::kInvalidHeaderDeserialization,
+        source,
         "invalid JSON in header: expected value at line 1 column 1",
         "the header starts with a UTF-8 byte-order mark");
   }
@@ -539,24 +550,32 @@ ParsedHeader parse_header(
   const std::size_t nul = header.find('\0');
   if (nul != std::string_view::npos) {
     throw_safetensor_error(
-        SafetensorKind::kInvalidHeaderDeserialization, source,
+        SafetensorKind::kInvalidHeaderDeserialization,
+        source,
         "invalid JSON in header: NUL byte at offset " + std::to_string(nul),
         "only spaces, tabs and newlines may pad a header");
   }
   HeaderSax sax;
   const bool ok = Json::sax_parse(
-      header.begin(), header.end(), &sax, nlohmann::detail::input_format_t::json,
-      /*strict=*/true, /*ignore_comments=*/false);
+      header.begin(),
+      header.end(),
+      &sax,
+      nlohmann::detail::input_format_t::json,
+      /*strict=*/true,
+      /*ignore_comments=*/false);
   if (!ok) {
     if (sax.kind == SafetensorKind::kValidationOverflow) {
       throw_safetensor_error(
-          sax.kind, source,
+          sax.kind,
+          source,
           "overflow computing buffer size from shape and/or element type",
           sax.error);
     }
     throw_safetensor_error(
-        SafetensorKind::kInvalidHeaderDeserialization, source,
-        "invalid JSON in header: " + sax.error, "");
+        SafetensorKind::kInvalidHeaderDeserialization,
+        source,
+        "invalid JSON in header: " + sax.error,
+        "");
   }
 
   ParsedHeader parsed;
@@ -568,7 +587,8 @@ ParsedHeader parse_header(
   // The official reader sorts by (begin, end) and requires the tensors to
   // tile the data buffer from 0 (Metadata::validate).
   std::stable_sort(
-      parsed.tensors.begin(), parsed.tensors.end(),
+      parsed.tensors.begin(),
+      parsed.tensors.end(),
       [](const SafetensorsTensorInfo& a, const SafetensorsTensorInfo& b) {
         return std::pair(a.begin, a.end) < std::pair(b.begin, b.end);
       });
@@ -576,7 +596,8 @@ ParsedHeader parse_header(
   for (std::size_t i = 0; i < parsed.tensors.size(); ++i) {
     if (parsed.index.contains(parsed.tensors[i].name)) {
       throw_safetensor_error(
-          SafetensorKind::kInvalidHeaderDeserialization, source,
+          SafetensorKind::kInvalidHeaderDeserialization,
+          source,
           "invalid JSON in header: duplicate tensor name `" +
               parsed.tensors[i].name + "`",
           "the official reader keeps the last one silently; torchser "
@@ -588,7 +609,8 @@ ParsedHeader parse_header(
   for (const SafetensorsTensorInfo& t : parsed.tensors) {
     if (t.begin != start || t.end < t.begin) {
       throw_safetensor_error(
-          SafetensorKind::kInvalidOffset, source,
+          SafetensorKind::kInvalidOffset,
+          source,
           "invalid offset for tensor `" + t.name + "`",
           "data_offsets [" + std::to_string(t.begin) + ", " +
               std::to_string(t.end) + "], but the data before it ends at " +
@@ -599,32 +621,35 @@ ParsedHeader parse_header(
     std::uint64_t elements = 1;
     bool overflow = false;
     for (const std::int64_t dim : t.shape) {
-      overflow = overflow ||
-          __builtin_mul_overflow(
-                     elements, static_cast<std::uint64_t>(dim), &elements);
+      overflow =
+          overflow || __builtin_mul_overflow(
+                          elements, static_cast<std::uint64_t>(dim), &elements);
     }
     std::uint64_t bits = 0;
     overflow = overflow ||
-        __builtin_mul_overflow(
+               __builtin_mul_overflow(
                    elements,
                    static_cast<std::uint64_t>(safetensors_dtype_bits(t.dtype)),
                    &bits);
     if (overflow) {
       throw_safetensor_error(
-          SafetensorKind::kValidationOverflow, source,
+          SafetensorKind::kValidationOverflow,
+          source,
           "overflow computing buffer size from shape and/or element type",
           "tensor `" + t.name + "`");
     }
     if (bits % 8 != 0) {
       throw_safetensor_error(
-          SafetensorKind::kMisalignedSlice, source,
+          SafetensorKind::kMisalignedSlice,
+          source,
           "The slice is slicing for subbytes dtypes, and the slice does not "
           "end up at a byte boundary, this is invalid.",
           "tensor `" + t.name + "` has " + std::to_string(bits) + " bits");
     }
     if (t.end - t.begin != bits / 8) {
       throw_safetensor_error(
-          SafetensorKind::kTensorInvalidInfo, source,
+          SafetensorKind::kTensorInvalidInfo,
+          source,
           "invalid shape, data type, or offset for tensor",
           "tensor `" + t.name + "` (" + safetensors_dtype_name(t.dtype) +
               ") needs " + std::to_string(bits / 8) +
@@ -637,7 +662,8 @@ ParsedHeader parse_header(
   if (__builtin_add_overflow(start, parsed.data_start, &expected) ||
       expected != file_size) {
     throw_safetensor_error(
-        SafetensorKind::kMetadataIncompleteBuffer, source,
+        SafetensorKind::kMetadataIncompleteBuffer,
+        source,
         "incomplete metadata, file not fully covered",
         "the header describes " + std::to_string(start) +
             " data bytes, so the file should have " +
@@ -650,8 +676,7 @@ ParsedHeader parse_header(
 }
 
 bool writer_order_less(
-    const SafetensorsTensorInfo& a,
-    const SafetensorsTensorInfo& b) {
+    const SafetensorsTensorInfo& a, const SafetensorsTensorInfo& b) {
   if (a.dtype != b.dtype) {
     return a.dtype > b.dtype; // enum order, descending
   }

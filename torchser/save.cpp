@@ -25,7 +25,8 @@ namespace torchser {
 bool recover_interrupted_save(const std::filesystem::path& directory) {
   // A save in progress holds the lock: its files are not leftovers, and it
   // will finish its own commit.
-  const detail::DirectoryLock lock(directory, detail::DirectoryLock::Mode::kExclusive, /*wait=*/false);
+  const detail::DirectoryLock lock(
+      directory, detail::DirectoryLock::Mode::kExclusive, /*wait=*/false);
   return lock.held() && detail::recover_locked(directory);
 }
 
@@ -38,10 +39,12 @@ void save_torch_state_dict(
       safe ? kSafetensorsWeightsFilePattern : kPytorchWeightsFilePattern);
   const detail::FilenamePattern pattern(pattern_text);
   Metadata metadata = options.metadata();
-  if (const std::string* format = metadata.find("format"); format != nullptr && *format != "pt") {
+  if (const std::string* format = metadata.find("format");
+      format != nullptr && *format != "pt") {
     throw ValueError(
         "metadata['format'] is '" + *format +
-        "', but files written by save_torch_state_dict must say 'pt' (load_state_dict_from_file would reject them).");
+        "', but files written by save_torch_state_dict must say 'pt' "
+        "(load_state_dict_from_file would reject them).");
   }
   std::error_code ec;
   if (!std::filesystem::is_directory(save_directory, ec)) {
@@ -53,7 +56,8 @@ void save_torch_state_dict(
   // shared storage themselves.
   detail::DroppedAliases tied;
   if (safe) {
-    tied = detail::drop_aliases(state_dict, options.shared_tensors_to_discard());
+    tied =
+        detail::drop_aliases(state_dict, options.shared_tensors_to_discard());
     for (const auto& [alias, kept] : tied.aliases) {
       if (!metadata.contains(alias)) {
         metadata.insert(alias, kept);
@@ -64,12 +68,17 @@ void save_torch_state_dict(
   }
   const StateDict& tensors = tied.kept;
   const StateDictSplit split = split_torch_state_dict_into_shards(
-      tensors, SplitOptions().filename_pattern(pattern_text).max_shard_size(options.max_shard_size()));
+      tensors,
+      SplitOptions()
+          .filename_pattern(pattern_text)
+          .max_shard_size(options.max_shard_size()));
   const std::string index_name = pattern.format("") + kIndexSuffix;
 
   // Takes the directory's lock and finishes any interrupted save first.
-  detail::CheckpointCommit commit(save_directory, split.filename_to_tensors.size() + (split.is_sharded ? 1 : 0),
-                                  options.durable());
+  detail::CheckpointCommit commit(
+      save_directory,
+      split.filename_to_tensors.size() + (split.is_sharded ? 1 : 0),
+      options.durable());
   if (options.is_main_process()) {
     std::vector<std::string> keep;
     for (const auto& shard : split.filename_to_tensors) {
@@ -83,12 +92,17 @@ void save_torch_state_dict(
 
   std::mutex progress_mutex;
   std::uint64_t bytes_done = 0;
-  const auto report = [&](const std::string& file, const std::string& tensor, std::uint64_t bytes) {
+  const auto report = [&](const std::string& file,
+                          const std::string& tensor,
+                          std::uint64_t bytes) {
     if (options.progress()) {
       const std::lock_guard<std::mutex> guard(progress_mutex);
       bytes_done += bytes;
-      options.progress()(
-          Progress{file, tensor, bytes_done, static_cast<std::uint64_t>(split.metadata.total_size)});
+      options.progress()(Progress{
+          file,
+          tensor,
+          bytes_done,
+          static_cast<std::uint64_t>(split.metadata.total_size)});
     }
   };
 
@@ -110,21 +124,27 @@ void save_torch_state_dict(
           file_metadata[item.key()] = item.value();
         }
       }
-      const SafetensorsWriter writer(shard_dict, file_metadata, options.force_contiguous());
+      const SafetensorsWriter writer(
+          shard_dict, file_metadata, options.force_contiguous());
       file.preallocate(writer.size());
-      writer.write([&](const void* data, std::size_t size) { file.write(data, size); },
-                   [&](std::size_t t) {
-                     const auto& info = writer.tensors()[t];
-                     report(shard.key(), info.name, info.end - info.begin);
-                   });
+      writer.write(
+          [&](const void* data, std::size_t size) { file.write(data, size); },
+          [&](std::size_t t) {
+            const auto& info = writer.tensors()[t];
+            report(shard.key(), info.name, info.end - info.begin);
+          });
     } else {
-      const std::string stem = std::filesystem::path(shard.key()).stem().string();
-      detail::write_torch_save(shard_dict, file, stem.empty() ? "archive" : stem,
-                               [&](const std::vector<std::string>& names, std::uint64_t bytes) {
-                                 for (std::size_t n = 0; n < names.size(); ++n) {
-                                   report(shard.key(), names[n], n == 0 ? bytes : 0);
-                                 }
-                               });
+      const std::string stem =
+          std::filesystem::path(shard.key()).stem().string();
+      detail::write_torch_save(
+          shard_dict,
+          file,
+          stem.empty() ? "archive" : stem,
+          [&](const std::vector<std::string>& names, std::uint64_t bytes) {
+            for (std::size_t n = 0; n < names.size(); ++n) {
+              report(shard.key(), names[n], n == 0 ? bytes : 0);
+            }
+          });
     }
     commit.stage(shard.key(), file.keep(options.durable()));
   };
@@ -139,7 +159,9 @@ void save_torch_state_dict(
           throw;
         } catch (const OSError& e) {
           // The file named may be in the staging directory: say which save.
-          throw OSError(std::string(e.what()) + " (saving into '" + save_directory.string() + "')");
+          throw OSError(
+              std::string(e.what()) + " (saving into '" +
+              save_directory.string() + "')");
         }
       } catch (...) {
         failures[i] = std::current_exception();
@@ -147,8 +169,9 @@ void save_torch_state_dict(
       }
     }
   };
-  const std::size_t workers =
-      std::min<std::size_t>(shards.size(), std::clamp<std::size_t>(std::thread::hardware_concurrency(), 1, 4));
+  const std::size_t workers = std::min<std::size_t>(
+      shards.size(),
+      std::clamp<std::size_t>(std::thread::hardware_concurrency(), 1, 4));
   std::vector<std::thread> threads;
   for (std::size_t w = 1; w < workers; ++w) {
     threads.emplace_back(worker);
@@ -159,7 +182,8 @@ void save_torch_state_dict(
   }
   for (const std::exception_ptr& failure : failures) {
     if (failure) {
-      std::rethrow_exception(failure); // the commit's destructor removes what was staged
+      std::rethrow_exception(
+          failure); // the commit's destructor removes what was staged
     }
   }
   if (split.is_sharded) {

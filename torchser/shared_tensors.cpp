@@ -34,13 +34,14 @@ std::uintptr_t end_address(const at::Tensor& t) {
   for (std::int64_t d = 0; d < t.dim(); ++d) {
     last += (t.size(d) - 1) * t.stride(d);
   }
-  return start + static_cast<std::uintptr_t>((last + 1) * static_cast<std::int64_t>(t.element_size()));
+  return start + static_cast<std::uintptr_t>(
+                     (last + 1) * static_cast<std::int64_t>(t.element_size()));
 }
 
 bool is_complete(const at::Tensor& t) {
   const StorageId id = *get_torch_storage_id(t);
   return reinterpret_cast<std::uintptr_t>(t.data_ptr()) == id.data_ptr &&
-      t.numel() * static_cast<std::int64_t>(t.element_size()) == id.nbytes;
+         t.numel() * static_cast<std::int64_t>(t.element_size()) == id.nbytes;
 }
 
 std::string python_set_repr(std::vector<std::string> names) {
@@ -72,7 +73,8 @@ OrderedMap<std::vector<std::string>> remove_duplicate_names(
     }
     groups[it->second].push_back(item.key());
   }
-  const std::set<std::string> discard(discard_names.begin(), discard_names.end());
+  const std::set<std::string> discard(
+      discard_names.begin(), discard_names.end());
   OrderedMap<std::vector<std::string>> result;
   for (const auto& group : groups) {
     // Split a storage's names into runs of overlapping byte ranges.
@@ -83,10 +85,14 @@ OrderedMap<std::vector<std::string>> remove_duplicate_names(
       std::vector<Area> areas;
       for (const std::string& name : group) {
         const at::Tensor& t = state_dict[name];
-        areas.push_back({reinterpret_cast<std::uintptr_t>(t.data_ptr()), end_address(t), name});
+        areas.push_back(
+            {reinterpret_cast<std::uintptr_t>(t.data_ptr()),
+             end_address(t),
+             name});
       }
       std::sort(areas.begin(), areas.end(), [](const Area& a, const Area& b) {
-        return std::tie(a.start, a.stop, a.name) < std::tie(b.start, b.stop, b.name);
+        return std::tie(a.start, a.stop, a.name) <
+               std::tie(b.start, b.stop, b.name);
       });
       std::uintptr_t last_stop = 0;
       for (const Area& area : areas) {
@@ -95,7 +101,8 @@ OrderedMap<std::vector<std::string>> remove_duplicate_names(
           last_stop = area.stop;
         }
         subgroups.back().push_back(area.name);
-        last_stop = std::max(last_stop, area.stop); // the reference keeps only the last stop
+        last_stop = std::max(
+            last_stop, area.stop); // the reference keeps only the last stop
       }
     }
     for (auto& names : subgroups) {
@@ -107,11 +114,14 @@ OrderedMap<std::vector<std::string>> remove_duplicate_names(
       }
       if (complete.empty()) {
         throw RuntimeError(
-            "Error while trying to find names to remove to save state dict, but found no suitable name to keep for "
+            "Error while trying to find names to remove to save state dict, "
+            "but found no suitable name to keep for "
             "saving amongst: " +
             python_set_repr(names) +
-            ". None is covering the entire storage. Refusing to save/load the model since you could be storing much "
-            "more memory than needed. Please refer to https://huggingface.co/docs/safetensors/torch_shared_tensors "
+            ". None is covering the entire storage. Refusing to save/load the "
+            "model since you could be storing much "
+            "more memory than needed. Please refer to "
+            "https://huggingface.co/docs/safetensors/torch_shared_tensors "
             "for more information. Or open an issue.");
       }
       std::sort(complete.begin(), complete.end());
@@ -139,7 +149,8 @@ OrderedMap<std::vector<std::string>> remove_duplicate_names(
 
 namespace detail {
 
-DroppedAliases drop_aliases(const StateDict& state_dict, const std::vector<std::string>& discard) {
+DroppedAliases drop_aliases(
+    const StateDict& state_dict, const std::vector<std::string>& discard) {
   DroppedAliases out;
   std::set<std::string> removed;
   for (const auto& item : remove_duplicate_names(state_dict, discard)) {
@@ -157,7 +168,9 @@ DroppedAliases drop_aliases(const StateDict& state_dict, const std::vector<std::
   return out;
 }
 
-std::size_t retie_aliases(StateDict& state_dict, const std::vector<std::pair<std::string, std::string>>& metadata) {
+std::size_t retie_aliases(
+    StateDict& state_dict,
+    const std::vector<std::pair<std::string, std::string>>& metadata) {
   std::size_t retied = 0;
   for (const auto& [alias, kept] : metadata) {
     const at::Tensor* value = state_dict.find(kept);

@@ -40,9 +40,11 @@ void TensorFile::check_format_metadata() const {
       break;
     }
   }
-  throw OSError("The safetensors archive passed at " + display_ +
-                " does not contain the valid metadata. Make sure you save your model with the `save_torch_model` "
-                "method.");
+  throw OSError(
+      "The safetensors archive passed at " + display_ +
+      " does not contain the valid metadata. Make sure you save your model "
+      "with the `save_torch_model` "
+      "method.");
 }
 
 namespace {
@@ -65,8 +67,10 @@ bool holds_tensors(const PickleValue& v) {
     case PickleValue::Kind::kTuple:
       return std::any_of(v.items().begin(), v.items().end(), holds_tensors);
     case PickleValue::Kind::kDict:
-      return std::any_of(v.dict_items().begin(), v.dict_items().end(),
-                         [](const auto& item) { return holds_tensors(item.second); });
+      return std::any_of(
+          v.dict_items().begin(), v.dict_items().end(), [](const auto& item) {
+            return holds_tensors(item.second);
+          });
     default:
       return false;
   }
@@ -79,32 +83,41 @@ struct Selected {
 };
 
 // extract_state_dict's choice (or `key`), said: which key, what was ignored.
-Selected select_state_dict(const PickleValue& checkpoint, const std::optional<std::string>& key,
-                           const std::string& display) {
+Selected select_state_dict(
+    const PickleValue& checkpoint,
+    const std::optional<std::string>& key,
+    const std::string& display) {
   Selected out;
   const PickleValue* chosen = &checkpoint;
   std::string chosen_key;
   if (key.has_value()) {
-    chosen = checkpoint.kind() == PickleValue::Kind::kDict ? checkpoint.find(*key) : nullptr;
+    chosen = checkpoint.kind() == PickleValue::Kind::kDict
+                 ? checkpoint.find(*key)
+                 : nullptr;
     if (chosen == nullptr) {
-      throw KeyError("'" + display + "' has no key '" + *key + "' at its top level.");
+      throw KeyError(
+          "'" + display + "' has no key '" + *key + "' at its top level.");
     }
     chosen_key = *key;
     out.tensors = extract_state_dict(*chosen);
   } else {
     out.tensors = extract_state_dict(checkpoint);
-    if (checkpoint.kind() == PickleValue::Kind::kDict && !out.tensors.is_empty()) {
+    if (checkpoint.kind() == PickleValue::Kind::kDict &&
+        !out.tensors.is_empty()) {
       // Which top-level value extract_state_dict took: the one holding the
       // first tensor it returned.
       const at::Tensor& first = out.tensors.begin()->value();
       for (const auto& [k, v] : checkpoint.dict_items()) {
-        if (v.kind() == PickleValue::Kind::kTensor && v.to_tensor().is_same(first)) {
+        if (v.kind() == PickleValue::Kind::kTensor &&
+            v.to_tensor().is_same(first)) {
           chosen_key.clear(); // the top level itself
           break;
         }
-        if (v.kind() == PickleValue::Kind::kDict && k.kind() == PickleValue::Kind::kString) {
+        if (v.kind() == PickleValue::Kind::kDict &&
+            k.kind() == PickleValue::Kind::kString) {
           for (const auto& [name, t] : v.dict_items()) {
-            if (t.kind() == PickleValue::Kind::kTensor && t.to_tensor().is_same(first)) {
+            if (t.kind() == PickleValue::Kind::kTensor &&
+                t.to_tensor().is_same(first)) {
               chosen_key = k.to_string();
               break;
             }
@@ -122,7 +135,9 @@ Selected select_state_dict(const PickleValue& checkpoint, const std::optional<st
   std::string ignored;
   std::string with_tensors;
   for (const auto& [k, v] : checkpoint.dict_items()) {
-    const std::string name = k.kind() == PickleValue::Kind::kString ? k.to_string() : "<" + k.type_name() + ">";
+    const std::string name = k.kind() == PickleValue::Kind::kString
+                                 ? k.to_string()
+                                 : "<" + k.type_name() + ">";
     if (name == chosen_key) {
       continue;
     }
@@ -131,10 +146,12 @@ Selected select_state_dict(const PickleValue& checkpoint, const std::optional<st
       with_tensors += (with_tensors.empty() ? "" : ", ") + name;
     }
   }
-  out.selection = "state dict taken from key '" + chosen_key + "'" + (ignored.empty() ? "" : "; ignored: " + ignored);
+  out.selection = "state dict taken from key '" + chosen_key + "'" +
+                  (ignored.empty() ? "" : "; ignored: " + ignored);
   out.ambiguous = !with_tensors.empty();
   if (out.ambiguous) {
-    out.selection += " (" + with_tensors + " hold" + (with_tensors.find(',') == std::string::npos ? "s" : "") +
+    out.selection += " (" + with_tensors + " hold" +
+                     (with_tensors.find(',') == std::string::npos ? "s" : "") +
                      " tensors too)";
   }
   return out;
@@ -142,14 +159,20 @@ Selected select_state_dict(const PickleValue& checkpoint, const std::optional<st
 
 class SafetensorsFile final : public TensorFile {
  public:
-  SafetensorsFile(SafeOpen file, std::string display, std::string note) : file_(std::move(file)) {
+  SafetensorsFile(SafeOpen file, std::string display, std::string note)
+      : file_(std::move(file)) {
     format_ = TensorFormat::kSafetensors;
     display_ = std::move(display);
     note_ = std::move(note);
     entries_.reserve(file_.tensors().size());
     for (const auto& info : file_.tensors()) {
-      entries_.push_back({info.name, safetensors_dtype_name(info.dtype), info.shape, info.end - info.begin, "",
-                          info.end - info.begin});
+      entries_.push_back(
+          {info.name,
+           safetensors_dtype_name(info.dtype),
+           info.shape,
+           info.end - info.begin,
+           "",
+           info.end - info.begin});
     }
     if (const auto& metadata = file_.metadata()) {
       metadata_.emplace(metadata->begin(), metadata->end());
@@ -168,8 +191,13 @@ class SafetensorsFile final : public TensorFile {
 
 class PickleFile final : public TensorFile {
  public:
-  PickleFile(StateDict tensors, std::string display, std::string note, bool mapped, std::string selection,
-             bool ambiguous)
+  PickleFile(
+      StateDict tensors,
+      std::string display,
+      std::string note,
+      bool mapped,
+      std::string selection,
+      bool ambiguous)
       : tensors_(std::move(tensors)), mapped_(mapped) {
     selection_ = std::move(selection);
     ambiguous_ = ambiguous;
@@ -180,10 +208,15 @@ class PickleFile final : public TensorFile {
     for (const auto& item : tensors_) {
       const at::Tensor& t = item.value();
       const auto id = get_torch_storage_id(t);
-      entries_.push_back({item.key(), dtype_code(t.scalar_type()), t.sizes().vec(),
-                          static_cast<std::uint64_t>(t.nbytes()),
-                          id ? std::to_string(id->data_ptr) + ":" + std::to_string(id->nbytes) : "#" + item.key(),
-                          static_cast<std::uint64_t>(t.numel() == 0 ? 0 : t.storage().nbytes())});
+      entries_.push_back(
+          {item.key(),
+           dtype_code(t.scalar_type()),
+           t.sizes().vec(),
+           static_cast<std::uint64_t>(t.nbytes()),
+           id ? std::to_string(id->data_ptr) + ":" + std::to_string(id->nbytes)
+              : "#" + item.key(),
+           static_cast<std::uint64_t>(
+               t.numel() == 0 ? 0 : t.storage().nbytes())});
     }
   }
   at::Tensor get(const std::string& name) const override {
@@ -228,7 +261,9 @@ TensorFormat sniff_format(const fs::path& path, std::string* note) {
     }
   }
   if (size == 0) {
-    throw OSError("'" + path.string() + "' is empty (0 bytes): not a safetensors or torch.save file.");
+    throw OSError(
+        "'" + path.string() +
+        "' is empty (0 bytes): not a safetensors or torch.save file.");
   }
   std::optional<TensorFormat> content;
   if (size >= 4 && std::memcmp(head, "PK\x03\x04", 4) == 0) {
@@ -242,19 +277,23 @@ TensorFormat sniff_format(const fs::path& path, std::string* note) {
       content = TensorFormat::kSafetensors;
     }
   }
-  const TensorFormat by_name = says_safetensors ? TensorFormat::kSafetensors : TensorFormat::kPickle;
+  const TensorFormat by_name =
+      says_safetensors ? TensorFormat::kSafetensors : TensorFormat::kPickle;
   if (!content.has_value()) {
     return by_name; // the format's own reader says what is wrong with it
   }
   if (*content != by_name && note != nullptr) {
     *note = "'" + path.string() + "' is a " +
-            (*content == TensorFormat::kPickle ? std::string("torch.save ZIP archive") : std::string("safetensors file")) +
+            (*content == TensorFormat::kPickle
+                 ? std::string("torch.save ZIP archive")
+                 : std::string("safetensors file")) +
             " despite its name; reading it as one";
   }
   return *content;
 }
 
-std::unique_ptr<TensorFile> open_tensor_file(const fs::path& path, const TensorFileOptions& options) {
+std::unique_ptr<TensorFile> open_tensor_file(
+    const fs::path& path, const TensorFileOptions& options) {
   std::string note;
   const TensorFormat format = sniff_format(path, &note);
   if (format == TensorFormat::kSafetensors) {
@@ -262,28 +301,52 @@ std::unique_ptr<TensorFile> open_tensor_file(const fs::path& path, const TensorF
     if (device.is_meta()) {
       device = c10::Device(c10::kCPU); // the reference falls back to CPU too
     }
-    return std::make_unique<SafetensorsFile>(SafeOpen(path, SafeOpenOptions().device(device).backend(options.backend)),
-                                             path.string(), std::move(note));
+    return std::make_unique<SafetensorsFile>(
+        SafeOpen(
+            path, SafeOpenOptions().device(device).backend(options.backend)),
+        path.string(),
+        std::move(note));
   }
-  if (options.device.has_value() && options.device->is_cuda() && !at::hasCUDA()) {
-    throw ValueError("Device " + options.device->str() + " was requested for '" + path.string() +
-                     "', but this LibTorch build has no CUDA support.");
+  if (options.device.has_value() && options.device->is_cuda() &&
+      !at::hasCUDA()) {
+    throw ValueError(
+        "Device " + options.device->str() + " was requested for '" +
+        path.string() + "', but this LibTorch build has no CUDA support.");
   }
   Selected selected = select_state_dict(
-      torch_load(path, TorchLoadOptions().mmap(options.backend == LoadBackend::kMmap).map_location(options.device)),
-      options.key, path.string());
-  return std::make_unique<PickleFile>(std::move(selected.tensors), path.string(), std::move(note),
-                                      options.backend == LoadBackend::kMmap && !options.device.has_value(),
-                                      std::move(selected.selection), selected.ambiguous);
+      torch_load(
+          path,
+          TorchLoadOptions()
+              .mmap(options.backend == LoadBackend::kMmap)
+              .map_location(options.device)),
+      options.key,
+      path.string());
+  return std::make_unique<PickleFile>(
+      std::move(selected.tensors),
+      path.string(),
+      std::move(note),
+      options.backend == LoadBackend::kMmap && !options.device.has_value(),
+      std::move(selected.selection),
+      selected.ambiguous);
 }
 
-std::unique_ptr<TensorFile> open_tensor_file(const fs::path& path, std::uint64_t offset, std::uint64_t length,
-                                             const std::string& display, const TensorFileOptions& options) {
+std::unique_ptr<TensorFile> open_tensor_file(
+    const fs::path& path,
+    std::uint64_t offset,
+    std::uint64_t length,
+    const std::string& display,
+    const TensorFileOptions& options) {
   const c10::Device device = options.device.value_or(c10::Device(c10::kCPU));
   return std::make_unique<SafetensorsFile>(
-      SafeOpen(path, offset, length,
-               SafeOpenOptions().device(device.is_meta() ? c10::Device(c10::kCPU) : device).backend(options.backend)),
-      display, "");
+      SafeOpen(
+          path,
+          offset,
+          length,
+          SafeOpenOptions()
+              .device(device.is_meta() ? c10::Device(c10::kCPU) : device)
+              .backend(options.backend)),
+      display,
+      "");
 }
 
 namespace {
@@ -301,14 +364,25 @@ void verify_zip_crcs(const fs::path& path) {
       continue; // compressed records are refused by torch_load itself
     }
     if (entry.data_offset + entry.compressed_size > mapped->size()) {
-      throw UnpicklingError("Record '" + entry.name + "' of '" + path.string() + "' runs past the file.");
+      throw UnpicklingError(
+          "Record '" + entry.name + "' of '" + path.string() +
+          "' runs past the file.");
     }
-    const std::uint32_t crc =
-        crc32(0, mapped->data() + entry.data_offset, static_cast<std::size_t>(entry.compressed_size));
+    const std::uint32_t crc = crc32(
+        0,
+        mapped->data() + entry.data_offset,
+        static_cast<std::size_t>(entry.compressed_size));
     if (crc != entry.crc32) {
       char buffer[64];
-      std::snprintf(buffer, sizeof buffer, "CRC-32 %08x, the ZIP directory says %08x", crc, entry.crc32);
-      throw UnpicklingError("Record '" + entry.name + "' of '" + path.string() + "' is corrupt: " + buffer + ".");
+      std::snprintf(
+          buffer,
+          sizeof buffer,
+          "CRC-32 %08x, the ZIP directory says %08x",
+          crc,
+          entry.crc32);
+      throw UnpicklingError(
+          "Record '" + entry.name + "' of '" + path.string() +
+          "' is corrupt: " + buffer + ".");
     }
   }
 }
@@ -319,7 +393,8 @@ std::unique_ptr<TensorFile> verify_tensor_file(const fs::path& path) {
   if (sniff_format(path) == TensorFormat::kPickle) {
     verify_zip_crcs(path);
   }
-  return open_tensor_file(path); // the header, or the pickle: every rule of the format
+  return open_tensor_file(
+      path); // the header, or the pickle: every rule of the format
 }
 
 StateDict read_all(const TensorFile& file) {

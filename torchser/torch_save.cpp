@@ -67,7 +67,8 @@ class PickleWriter {
       while (bytes.size() > 1) {
         const auto last = static_cast<unsigned char>(bytes.back());
         const auto prev = static_cast<unsigned char>(bytes[bytes.size() - 2]);
-        if ((last == 0x00 && !(prev & 0x80)) || (last == 0xFF && (prev & 0x80))) {
+        if ((last == 0x00 && !(prev & 0x80)) ||
+            (last == 0xFF && (prev & 0x80))) {
           bytes.pop_back();
         } else {
           break;
@@ -88,7 +89,10 @@ class PickleWriter {
     for (const std::int64_t v : values) {
       integer(v);
     }
-    out_ += values.size() == 1 ? '\x85' : values.size() == 2 ? '\x86' : values.size() == 3 ? '\x87' : 't';
+    out_ += values.size() == 1   ? '\x85'
+            : values.size() == 2 ? '\x86'
+            : values.size() == 3 ? '\x87'
+                                 : 't';
   }
   const std::string& bytes() const {
     return out_;
@@ -107,8 +111,11 @@ class PickleWriter {
 
 namespace detail {
 
-void write_torch_save(const StateDict& state_dict, AtomicFile& file, const std::string& archive,
-                      const RecordWritten& written) {
+void write_torch_save(
+    const StateDict& state_dict,
+    AtomicFile& file,
+    const std::string& archive,
+    const RecordWritten& written) {
   // One record per storage, in first-use order; tensors keep their views.
   struct Record {
     at::Tensor storage; // 1-D uint8 view of the whole storage
@@ -127,26 +134,36 @@ void write_torch_save(const StateDict& state_dict, AtomicFile& file, const std::
   for (const auto& item : state_dict) {
     const at::Tensor& t = item.value();
     if (!t.defined() || t.layout() != at::kStrided || t.is_meta()) {
-      throw ValueError("Tensor '" + item.key() + "' cannot be saved: it is undefined, sparse or on the meta device.");
+      throw ValueError(
+          "Tensor '" + item.key() +
+          "' cannot be saved: it is undefined, sparse or on the meta device.");
     }
     const auto nbytes = static_cast<std::int64_t>(t.storage().nbytes());
     const auto element = static_cast<std::int64_t>(t.element_size());
-    auto [it, inserted] = record_of.try_emplace(t.storage().unsafeGetStorageImpl(), records.size());
+    auto [it, inserted] = record_of.try_emplace(
+        t.storage().unsafeGetStorageImpl(), records.size());
     if (inserted) {
       if (nbytes % element != 0) {
-        throw ValueError("Tensor '" + item.key() + "': its storage is not a whole number of " +
-                         c10::toString(t.scalar_type()) + " elements.");
+        throw ValueError(
+            "Tensor '" + item.key() +
+            "': its storage is not a whole number of " +
+            c10::toString(t.scalar_type()) + " elements.");
       }
       if (v3_dtype_name(t.scalar_type()) == nullptr) {
-        storage_type_name(t.scalar_type()); // throws for dtypes torch.save cannot name
+        storage_type_name(
+            t.scalar_type()); // throws for dtypes torch.save cannot name
       }
       records.push_back({at::Tensor(), t.scalar_type(), nbytes / element, {}});
-      records.back().storage = t; // any tensor on the storage; bytes are taken whole
+      records.back().storage =
+          t; // any tensor on the storage; bytes are taken whole
     } else if (records[it->second].dtype != t.scalar_type()) {
-      throw ValueError("Cannot save tensor '" + item.key() +
-                       "': it views the same storage as another tensor with a different dtype (" +
-                       c10::toString(records[it->second].dtype) + " vs " + c10::toString(t.scalar_type()) +
-                       "), which torch.save's typed storages cannot express.");
+      throw ValueError(
+          "Cannot save tensor '" + item.key() +
+          "': it views the same storage as another tensor with a different "
+          "dtype (" +
+          c10::toString(records[it->second].dtype) + " vs " +
+          c10::toString(t.scalar_type()) +
+          "), which torch.save's typed storages cannot express.");
     }
     records[it->second].names.push_back(item.key());
     const Record& r = records[it->second];
@@ -156,7 +173,9 @@ void write_torch_save(const StateDict& state_dict, AtomicFile& file, const std::
     // dtype named last.
     const char* v3_name = v3_dtype_name(r.dtype);
     p.string(item.key());
-    p.global("torch._utils", v3_name != nullptr ? "_rebuild_tensor_v3" : "_rebuild_tensor_v2");
+    p.global(
+        "torch._utils",
+        v3_name != nullptr ? "_rebuild_tensor_v3" : "_rebuild_tensor_v2");
     p.op('(');
     p.op('(');
     p.string("storage");
@@ -167,7 +186,10 @@ void write_torch_save(const StateDict& state_dict, AtomicFile& file, const std::
     }
     p.string(std::to_string(it->second));
     p.string("cpu");
-    p.integer(v3_name != nullptr ? r.numel * static_cast<std::int64_t>(c10::elementSize(r.dtype)) : r.numel);
+    p.integer(
+        v3_name != nullptr
+            ? r.numel * static_cast<std::int64_t>(c10::elementSize(r.dtype))
+            : r.numel);
     p.op('t');
     p.op('Q'); // BINPERSID
     p.integer(t.storage_offset());
@@ -188,27 +210,34 @@ void write_torch_save(const StateDict& state_dict, AtomicFile& file, const std::
 
   detail::ZipWriter zip(
       {[&](const void* d, std::size_t n) { file.write(d, n); },
-       [&](const void* d, std::size_t n, std::uint64_t offset) { file.patch(d, n, offset); }},
+       [&](const void* d, std::size_t n, std::uint64_t offset) {
+         file.patch(d, n, offset);
+       }},
       detail::ZipWriter::Options{});
   zip.add(archive + "/data.pkl", p.bytes());
   zip.add(archive + "/byteorder", "little");
   for (std::size_t k = 0; k < records.size(); ++k) {
     const Record& r = records[k];
-    const std::uint64_t nbytes = static_cast<std::uint64_t>(r.numel) * c10::elementSize(r.dtype);
-    zip.add(archive + "/data/" + std::to_string(k), nbytes, [&](const std::function<void(const void*, std::size_t)>& sink) {
-      if (nbytes == 0) {
-        return;
-      }
-      // The whole storage, on CPU, one record at a time.
-      const c10::Storage& storage = r.storage.storage();
-      if (r.storage.device().is_cpu()) {
-        sink(storage.data_ptr().get(), static_cast<std::size_t>(nbytes));
-        return;
-      }
-      const at::Tensor whole =
-          at::empty({0}, r.storage.options()).set_(storage, 0, {r.numel}, {1}).to(at::kCPU);
-      sink(whole.data_ptr(), static_cast<std::size_t>(nbytes));
-    });
+    const std::uint64_t nbytes =
+        static_cast<std::uint64_t>(r.numel) * c10::elementSize(r.dtype);
+    zip.add(
+        archive + "/data/" + std::to_string(k),
+        nbytes,
+        [&](const std::function<void(const void*, std::size_t)>& sink) {
+          if (nbytes == 0) {
+            return;
+          }
+          // The whole storage, on CPU, one record at a time.
+          const c10::Storage& storage = r.storage.storage();
+          if (r.storage.device().is_cpu()) {
+            sink(storage.data_ptr().get(), static_cast<std::size_t>(nbytes));
+            return;
+          }
+          const at::Tensor whole = at::empty({0}, r.storage.options())
+                                       .set_(storage, 0, {r.numel}, {1})
+                                       .to(at::kCPU);
+          sink(whole.data_ptr(), static_cast<std::size_t>(nbytes));
+        });
     if (written) {
       written(r.names, nbytes);
     }
@@ -219,7 +248,10 @@ void write_torch_save(const StateDict& state_dict, AtomicFile& file, const std::
 
 } // namespace detail
 
-void torch_save(const StateDict& state_dict, const std::filesystem::path& path, bool durable) {
+void torch_save(
+    const StateDict& state_dict,
+    const std::filesystem::path& path,
+    bool durable) {
   // torch.save names the archive folder after the file.
   const std::string stem = path.stem().string();
   detail::AtomicFile file(path);

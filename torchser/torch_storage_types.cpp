@@ -9,30 +9,30 @@ namespace torchser::detail {
 // The storage classes torch.save names, and their dtypes in this build.
 const std::map<std::string, at::ScalarType>& storage_types() {
   static const std::map<std::string, at::ScalarType> types = {
-      {"DoubleStorage", at::kDouble},
-      {"FloatStorage", at::kFloat},
-      {"HalfStorage", at::kHalf},
-      {"BFloat16Storage", at::kBFloat16},
-      {"LongStorage", at::kLong},
-      {"IntStorage", at::kInt},
-      {"ShortStorage", at::kShort},
-      {"CharStorage", at::kChar},
-      {"ByteStorage", at::kByte},
-      {"BoolStorage", at::kBool},
-      {"ComplexFloatStorage", at::kComplexFloat},
-      {"ComplexDoubleStorage", at::kComplexDouble},
+    {"DoubleStorage", at::kDouble},
+    {"FloatStorage", at::kFloat},
+    {"HalfStorage", at::kHalf},
+    {"BFloat16Storage", at::kBFloat16},
+    {"LongStorage", at::kLong},
+    {"IntStorage", at::kInt},
+    {"ShortStorage", at::kShort},
+    {"CharStorage", at::kChar},
+    {"ByteStorage", at::kByte},
+    {"BoolStorage", at::kBool},
+    {"ComplexFloatStorage", at::kComplexFloat},
+    {"ComplexDoubleStorage", at::kComplexDouble},
 #if TORCHSER_TORCH_AT_LEAST(2, 1)
-      {"Float8_e5m2Storage", at::ScalarType::Float8_e5m2},
-      {"Float8_e4m3fnStorage", at::ScalarType::Float8_e4m3fn},
+    {"Float8_e5m2Storage", at::ScalarType::Float8_e5m2},
+    {"Float8_e4m3fnStorage", at::ScalarType::Float8_e4m3fn},
 #endif
 #if TORCHSER_TORCH_AT_LEAST(2, 2)
-      {"Float8_e5m2fnuzStorage", at::ScalarType::Float8_e5m2fnuz},
-      {"Float8_e4m3fnuzStorage", at::ScalarType::Float8_e4m3fnuz},
+    {"Float8_e5m2fnuzStorage", at::ScalarType::Float8_e5m2fnuz},
+    {"Float8_e4m3fnuzStorage", at::ScalarType::Float8_e4m3fnuz},
 #endif
 #if TORCHSER_TORCH_AT_LEAST(2, 3)
-      {"UInt16Storage", at::ScalarType::UInt16},
-      {"UInt32Storage", at::ScalarType::UInt32},
-      {"UInt64Storage", at::ScalarType::UInt64},
+    {"UInt16Storage", at::ScalarType::UInt16},
+    {"UInt32Storage", at::ScalarType::UInt32},
+    {"UInt64Storage", at::ScalarType::UInt64},
 #endif
   };
   return types;
@@ -41,37 +41,37 @@ const std::map<std::string, at::ScalarType>& storage_types() {
 const std::vector<NamedDtype>& v3_dtypes() {
   static const std::vector<NamedDtype> table = {
 #if TORCHSER_TORCH_AT_LEAST(2, 1)
-      {"float8_e5m2", "2.1", at::ScalarType::Float8_e5m2},
-      {"float8_e4m3fn", "2.1", at::ScalarType::Float8_e4m3fn},
+    {"float8_e5m2", "2.1", at::ScalarType::Float8_e5m2},
+    {"float8_e4m3fn", "2.1", at::ScalarType::Float8_e4m3fn},
 #else
-      {"float8_e5m2", "2.1", std::nullopt},
-      {"float8_e4m3fn", "2.1", std::nullopt},
+    {"float8_e5m2", "2.1", std::nullopt},
+    {"float8_e4m3fn", "2.1", std::nullopt},
 #endif
 #if TORCHSER_TORCH_AT_LEAST(2, 2)
-      {"float8_e5m2fnuz", "2.2", at::ScalarType::Float8_e5m2fnuz},
-      {"float8_e4m3fnuz", "2.2", at::ScalarType::Float8_e4m3fnuz},
+    {"float8_e5m2fnuz", "2.2", at::ScalarType::Float8_e5m2fnuz},
+    {"float8_e4m3fnuz", "2.2", at::ScalarType::Float8_e4m3fnuz},
 #else
-      {"float8_e5m2fnuz", "2.2", std::nullopt},
-      {"float8_e4m3fnuz", "2.2", std::nullopt},
+    {"float8_e5m2fnuz", "2.2", std::nullopt},
+    {"float8_e4m3fnuz", "2.2", std::nullopt},
 #endif
 #if TORCHSER_TORCH_AT_LEAST(2, 3)
-      {"uint16", "2.3", at::ScalarType::UInt16},
-      {"uint32", "2.3", at::ScalarType::UInt32},
-      {"uint64", "2.3", at::ScalarType::UInt64},
+    {"uint16", "2.3", at::ScalarType::UInt16},
+    {"uint32", "2.3", at::ScalarType::UInt32},
+    {"uint64", "2.3", at::ScalarType::UInt64},
 #else
-      {"uint16", "2.3", std::nullopt},
-      {"uint32", "2.3", std::nullopt},
-      {"uint64", "2.3", std::nullopt},
+    {"uint16", "2.3", std::nullopt},
+    {"uint32", "2.3", std::nullopt},
+    {"uint64", "2.3", std::nullopt},
 #endif
 #if TORCHSER_TORCH_AT_LEAST(2, 7)
-      {"float8_e8m0fnu", "2.7", at::ScalarType::Float8_e8m0fnu},
+    {"float8_e8m0fnu", "2.7", at::ScalarType::Float8_e8m0fnu},
 #else
-      {"float8_e8m0fnu", "2.7", std::nullopt},
+    {"float8_e8m0fnu", "2.7", std::nullopt},
 #endif
 #if TORCHSER_TORCH_AT_LEAST(2, 8)
-      {"float4_e2m1fn_x2", "2.8", at::ScalarType::Float4_e2m1fn_x2},
+    {"float4_e2m1fn_x2", "2.8", at::ScalarType::Float4_e2m1fn_x2},
 #else
-      {"float4_e2m1fn_x2", "2.8", std::nullopt},
+    {"float4_e2m1fn_x2", "2.8", std::nullopt},
 #endif
   };
   return table;
@@ -95,11 +95,13 @@ std::string storage_type_name(at::ScalarType dtype) {
     }
   }
   throw ValueError(
-      std::string("torch.save has no storage type for dtype ") + c10::toString(dtype) + " in this build.");
+      std::string("torch.save has no storage type for dtype ") +
+      c10::toString(dtype) + " in this build.");
 }
 
 bool is_untyped_storage(const std::string& global) {
-  return global == "torch.storage.UntypedStorage" || global == "torch.UntypedStorage";
+  return global == "torch.storage.UntypedStorage" ||
+         global == "torch.UntypedStorage";
 }
 
 } // namespace torchser::detail

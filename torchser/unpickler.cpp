@@ -50,7 +50,18 @@ const std::set<std::string>& allowed_globals() {
 }
 
 enum class Tag : std::uint8_t {
-  kNone, kBool, kInt, kFloat, kStr, kBytes, kTensor, kList, kTuple, kDict, kGlobal, kStorage,
+  kNone,
+  kBool,
+  kInt,
+  kFloat,
+  kStr,
+  kBytes,
+  kTensor,
+  kList,
+  kTuple,
+  kDict,
+  kGlobal,
+  kStorage,
 };
 
 // A value on the machine's stack. Containers live in the machine's arena and
@@ -61,27 +72,35 @@ struct V {
   bool b = false;
   std::int64_t i = 0;
   double f = 0;
-  std::string s; // str, bytes, global name
-  at::Tensor t; // tensor, storage base
+  std::string s;         // str, bytes, global name
+  at::Tensor t;          // tensor, storage base
   std::uint32_t ref = 0; // container index
 };
 
 struct Container {
   Tag kind;
   bool ordered = false;
-  std::vector<V> items; // list, tuple
+  std::vector<V> items;                 // list, tuple
   std::vector<std::pair<V, V>> entries; // dict
-  std::unordered_map<std::string, std::size_t> str_keys; // dict: str key → entry
+  std::unordered_map<std::string, std::size_t>
+      str_keys; // dict: str key → entry
 };
 
 // Provides the base tensor of a storage record (1-D, `numel` elements).
-using StorageProvider =
-    std::function<at::Tensor(const std::string& key, at::ScalarType dtype, std::int64_t numel)>;
+using StorageProvider = std::function<at::Tensor(
+    const std::string& key, at::ScalarType dtype, std::int64_t numel)>;
 
 class Machine {
  public:
-  Machine(const std::uint8_t* data, std::size_t size, std::string source, StorageProvider storages)
-      : data_(data), size_(size), source_(std::move(source)), storages_(std::move(storages)) {}
+  Machine(
+      const std::uint8_t* data,
+      std::size_t size,
+      std::string source,
+      StorageProvider storages)
+      : data_(data),
+        size_(size),
+        source_(std::move(source)),
+        storages_(std::move(storages)) {}
 
   PickleValue run() {
     while (true) {
@@ -95,7 +114,9 @@ class Machine {
           fail("the stack does not hold exactly one value at STOP");
         }
         if (pos_ != size_) {
-          fail("there are " + std::to_string(size_ - pos_) + " bytes after STOP");
+          fail(
+              "there are " + std::to_string(size_ - pos_) +
+              " bytes after STOP");
         }
         std::set<std::uint32_t> open;
         std::size_t budget = std::max<std::size_t>(1 << 20, 8 * size_);
@@ -110,8 +131,8 @@ class Machine {
     char op[8];
     std::snprintf(op, sizeof op, "0x%02x", op_);
     throw UnpicklingError(
-        "Cannot load " + source_ + ": " + what + " (pickle opcode " + op + " at byte " + std::to_string(op_pos_) +
-        " of data.pkl)");
+        "Cannot load " + source_ + ": " + what + " (pickle opcode " + op +
+        " at byte " + std::to_string(op_pos_) + " of data.pkl)");
   }
 
   const std::uint8_t* take(std::size_t n) {
@@ -173,8 +194,10 @@ class Machine {
     }
     const std::size_t mark = marks_.back();
     marks_.pop_back();
-    std::vector<V> out(std::make_move_iterator(stack_.begin() + static_cast<std::ptrdiff_t>(mark)),
-                       std::make_move_iterator(stack_.end()));
+    std::vector<V> out(
+        std::make_move_iterator(
+            stack_.begin() + static_cast<std::ptrdiff_t>(mark)),
+        std::make_move_iterator(stack_.end()));
     stack_.resize(mark);
     return out;
   }
@@ -202,13 +225,16 @@ class Machine {
 
   void set_item(Container& dict, V key, V value) {
     if (key.tag == Tag::kStr) {
-      const auto [it, inserted] = dict.str_keys.emplace(key.s, dict.entries.size());
+      const auto [it, inserted] =
+          dict.str_keys.emplace(key.s, dict.entries.size());
       if (!inserted) { // Python keeps the first position, updates the value
         dict.entries[it->second].second = std::move(value);
         return;
       }
-    } else if (key.tag != Tag::kInt && key.tag != Tag::kBool && key.tag != Tag::kNone && key.tag != Tag::kTuple &&
-               key.tag != Tag::kFloat && key.tag != Tag::kBytes) {
+    } else if (
+        key.tag != Tag::kInt && key.tag != Tag::kBool &&
+        key.tag != Tag::kNone && key.tag != Tag::kTuple &&
+        key.tag != Tag::kFloat && key.tag != Tag::kBytes) {
       fail("a dict key is not hashable");
     }
     dict.entries.emplace_back(std::move(key), std::move(value));
@@ -240,16 +266,20 @@ class Machine {
       for (const auto& row : v3_dtypes()) {
         if (name == row.name) {
           if (!row.type) {
-            fail("dtype torch." + name + " is not supported by this LibTorch build (" + TORCH_VERSION +
-                 "): it needs LibTorch >= " + row.since);
+            fail(
+                "dtype torch." + name +
+                " is not supported by this LibTorch build (" + TORCH_VERSION +
+                "): it needs LibTorch >= " + row.since);
           }
           return v;
         }
       }
     }
     if (allowed_globals().count(full) == 0) {
-      fail("Unsupported global: GLOBAL " + full +
-           " is not an allowed global (torchser loads weights only and never runs code from a checkpoint)");
+      fail(
+          "Unsupported global: GLOBAL " + full +
+          " is not an allowed global (torchser loads weights only and never "
+          "runs code from a checkpoint)");
     }
     return v;
   }
@@ -259,7 +289,9 @@ class Machine {
     std::vector<std::int64_t> out;
     for (const V& x : c.items) {
       if (x.tag != Tag::kInt || x.i < 0) {
-        fail(std::string("a ") + what + " holds something other than a non-negative int");
+        fail(
+            std::string("a ") + what +
+            " holds something other than a non-negative int");
       }
       out.push_back(x.i);
     }
@@ -267,7 +299,8 @@ class Machine {
   }
 
   V rebuild_tensor(const std::vector<V>& args) {
-    if (args.size() < 4 || args[0].tag != Tag::kStorage || args[1].tag != Tag::kInt) {
+    if (args.size() < 4 || args[0].tag != Tag::kStorage ||
+        args[1].tag != Tag::kInt) {
       fail("_rebuild_tensor_v2 expects (storage, offset, size, stride, ...)");
     }
     const at::Tensor& base = args[0].t;
@@ -284,13 +317,15 @@ class Machine {
       empty = empty || sizes[d] == 0;
       std::int64_t span = 0;
       if (sizes[d] > 0 &&
-          (__builtin_mul_overflow(sizes[d] - 1, strides[d], &span) || __builtin_add_overflow(last, span, &last))) {
+          (__builtin_mul_overflow(sizes[d] - 1, strides[d], &span) ||
+           __builtin_add_overflow(last, span, &last))) {
         fail("a tensor's size and stride overflow");
       }
     }
     if (!empty && last >= base.numel()) {
-      fail("a tensor view reaches element " + std::to_string(last) + " of a storage of " +
-           std::to_string(base.numel()) + " elements");
+      fail(
+          "a tensor view reaches element " + std::to_string(last) +
+          " of a storage of " + std::to_string(base.numel()) + " elements");
     }
     V v;
     v.tag = Tag::kTensor;
@@ -302,7 +337,8 @@ class Machine {
     if (callable.tag != Tag::kGlobal) {
       fail("REDUCE on something that is not an allowed global");
     }
-    const std::vector<V>& args = as(args_value, Tag::kTuple, "tuple of arguments").items;
+    const std::vector<V>& args =
+        as(args_value, Tag::kTuple, "tuple of arguments").items;
     const std::string& name = callable.s;
     if (name == "collections.OrderedDict") {
       if (!args.empty()) {
@@ -314,10 +350,14 @@ class Machine {
       return rebuild_tensor(args);
     }
     if (name == "torch._utils._rebuild_tensor_v3") {
-      // (untyped storage, offset, size, stride, requires_grad, hooks, dtype[, metadata]):
-      // the storage's bytes reinterpreted as dtype, then the view as in v2.
-      if (args.size() < 7 || args[0].tag != Tag::kStorage || args[6].tag != Tag::kGlobal) {
-        fail("_rebuild_tensor_v3 expects (storage, offset, size, stride, requires_grad, hooks, dtype, ...)");
+      // (untyped storage, offset, size, stride, requires_grad, hooks, dtype[,
+      // metadata]): the storage's bytes reinterpreted as dtype, then the view
+      // as in v2.
+      if (args.size() < 7 || args[0].tag != Tag::kStorage ||
+          args[6].tag != Tag::kGlobal) {
+        fail(
+            "_rebuild_tensor_v3 expects (storage, offset, size, stride, "
+            "requires_grad, hooks, dtype, ...)");
       }
       const at::ScalarType dtype = v3_dtype(args[6].s);
       std::vector<V> typed(args.begin(), args.begin() + 4);
@@ -328,15 +368,18 @@ class Machine {
         }
         const auto item = static_cast<std::int64_t>(c10::elementSize(dtype));
         if (bytes.numel() % item != 0) {
-          fail("an untyped storage of " + std::to_string(bytes.numel()) + " bytes is not a whole number of " +
-               args[6].s + " elements");
+          fail(
+              "an untyped storage of " + std::to_string(bytes.numel()) +
+              " bytes is not a whole number of " + args[6].s + " elements");
         }
         typed[0].t = bytes.view(dtype);
       }
       return rebuild_tensor(typed);
     }
-    if (name == "torch._utils._rebuild_parameter" || name == "torch._utils._rebuild_parameter_with_state") {
-      if (args.size() < 2 || args[0].tag != Tag::kTensor || args[1].tag != Tag::kBool) {
+    if (name == "torch._utils._rebuild_parameter" ||
+        name == "torch._utils._rebuild_parameter_with_state") {
+      if (args.size() < 2 || args[0].tag != Tag::kTensor ||
+          args[1].tag != Tag::kBool) {
         fail("_rebuild_parameter expects (tensor, requires_grad, ...)");
       }
       return args[0];
@@ -374,8 +417,9 @@ class Machine {
 
   V persistent_load(const V& pid) {
     const std::vector<V>& f = as(pid, Tag::kTuple, "persistent id tuple").items;
-    if (f.size() != 5 || f[0].tag != Tag::kStr || f[0].s != "storage" || f[1].tag != Tag::kGlobal ||
-        f[2].tag != Tag::kStr || f[4].tag != Tag::kInt || f[4].i < 0) {
+    if (f.size() != 5 || f[0].tag != Tag::kStr || f[0].s != "storage" ||
+        f[1].tag != Tag::kGlobal || f[2].tag != Tag::kStr ||
+        f[4].tag != Tag::kInt || f[4].i < 0) {
       fail("a persistent id is not ('storage', type, key, location, numel)");
     }
     at::ScalarType dtype = at::kByte; // an untyped storage: numel counts bytes
@@ -405,7 +449,9 @@ class Machine {
       case 0x80: { // PROTO
         const auto version = le(1);
         if (version < 2 || version > 5) {
-          fail("pickle protocol " + std::to_string(version) + " is not supported");
+          fail(
+              "pickle protocol " + std::to_string(version) +
+              " is not supported");
         }
         return;
       }
@@ -427,7 +473,7 @@ class Machine {
       case 'N': // NONE
         push(V{});
         return;
-      case 0x88: // NEWTRUE
+      case 0x88:   // NEWTRUE
       case 0x89: { // NEWFALSE
         V v;
         v.tag = Tag::kBool;
@@ -435,27 +481,31 @@ class Machine {
         push(std::move(v));
         return;
       }
-      case 'J': // BININT (signed 32-bit)
-      case 'K': // BININT1
+      case 'J':   // BININT (signed 32-bit)
+      case 'K':   // BININT1
       case 'M': { // BININT2
         V v;
         v.tag = Tag::kInt;
-        v.i = op_ == 'J' ? static_cast<std::int32_t>(le(4)) : static_cast<std::int64_t>(le(op_ == 'K' ? 1 : 2));
+        v.i = op_ == 'J' ? static_cast<std::int32_t>(le(4))
+                         : static_cast<std::int64_t>(le(op_ == 'K' ? 1 : 2));
         push(std::move(v));
         return;
       }
-      case 0x8a: // LONG1
+      case 0x8a:   // LONG1
       case 0x8b: { // LONG4
         const std::uint64_t n = le(op_ == 0x8a ? 1 : 4);
         if (n > 8) {
-          fail("an integer of " + std::to_string(n) + " bytes does not fit in 64 bits");
+          fail(
+              "an integer of " + std::to_string(n) +
+              " bytes does not fit in 64 bits");
         }
         const std::uint8_t* p = take(static_cast<std::size_t>(n));
         std::uint64_t u = 0;
         for (std::size_t k = n; k-- > 0;) {
           u = (u << 8) | p[k];
         }
-        if (n > 0 && n < 8 && (p[n - 1] & 0x80)) { // sign-extend two's complement
+        if (n > 0 && n < 8 &&
+            (p[n - 1] & 0x80)) { // sign-extend two's complement
           u |= ~std::uint64_t{0} << (8 * n);
         }
         V v;
@@ -476,22 +526,25 @@ class Machine {
         push(std::move(v));
         return;
       }
-      case 'X': // BINUNICODE
-      case 0x8c: // SHORT_BINUNICODE
-      case 0x8d: // BINUNICODE8
-      case 'T': // BINSTRING
-      case 'U': // SHORT_BINSTRING
-      case 'B': // BINBYTES
-      case 'C': // SHORT_BINBYTES
+      case 'X':    // BINUNICODE
+      case 0x8c:   // SHORT_BINUNICODE
+      case 0x8d:   // BINUNICODE8
+      case 'T':    // BINSTRING
+      case 'U':    // SHORT_BINSTRING
+      case 'B':    // BINBYTES
+      case 'C':    // SHORT_BINBYTES
       case 0x8e: { // BINBYTES8
         const bool is_short = op_ == 0x8c || op_ == 'U' || op_ == 'C';
         const bool is_long = op_ == 0x8d || op_ == 0x8e;
         const std::uint64_t n = le(is_short ? 1 : is_long ? 8 : 4);
         if (n > size_ - pos_) {
-          fail("a string of " + std::to_string(n) + " bytes runs past the end of the pickle");
+          fail(
+              "a string of " + std::to_string(n) +
+              " bytes runs past the end of the pickle");
         }
         V v;
-        v.tag = (op_ == 'B' || op_ == 'C' || op_ == 0x8e) ? Tag::kBytes : Tag::kStr;
+        v.tag =
+            (op_ == 'B' || op_ == 'C' || op_ == 0x8e) ? Tag::kBytes : Tag::kStr;
         v.s = text(static_cast<std::size_t>(n));
         push(std::move(v));
         return;
@@ -511,8 +564,8 @@ class Machine {
       case 't': // TUPLE
         push(container(Tag::kTuple, pop_mark()));
         return;
-      case 0x85: // TUPLE1
-      case 0x86: // TUPLE2
+      case 0x85:   // TUPLE1
+      case 0x86:   // TUPLE2
       case 0x87: { // TUPLE3
         std::vector<V> items(static_cast<std::size_t>(op_ - 0x84));
         for (std::size_t k = items.size(); k-- > 0;) {
@@ -549,7 +602,8 @@ class Machine {
       case 's': { // SETITEM
         V value = pop();
         V key = pop();
-        set_item(as(top(), Tag::kDict, "dict"), std::move(key), std::move(value));
+        set_item(
+            as(top(), Tag::kDict, "dict"), std::move(key), std::move(value));
         return;
       }
       case 'u': { // SETITEMS
@@ -584,10 +638,12 @@ class Machine {
         push(reduce(callable, args));
         return;
       }
-      case 'b': { // BUILD: only the `_metadata` attribute torch puts on state dicts
+      case 'b': { // BUILD: only the `_metadata` attribute torch puts on state
+                  // dicts
         V state = pop();
         const V& object = top();
-        if (object.tag != Tag::kDict || (state.tag != Tag::kDict && state.tag != Tag::kNone)) {
+        if (object.tag != Tag::kDict ||
+            (state.tag != Tag::kDict && state.tag != Tag::kNone)) {
           fail("BUILD is only supported to set attributes of a dict");
         }
         return;
@@ -617,9 +673,12 @@ class Machine {
     }
   }
 
-  PickleValue materialize(const V& v, std::set<std::uint32_t>& open, std::size_t& budget) {
+  PickleValue materialize(
+      const V& v, std::set<std::uint32_t>& open, std::size_t& budget) {
     if (budget-- == 0) {
-      fail("the structure expands past its size limit (shared references nested too deep)");
+      fail(
+          "the structure expands past its size limit (shared references nested "
+          "too deep)");
     }
     switch (v.tag) {
       case Tag::kNone:
@@ -643,7 +702,9 @@ class Machine {
           fail("the structure contains a cycle");
         }
         if (open.size() > kMaxDepth) {
-          fail("the structure nests deeper than " + std::to_string(kMaxDepth) + " levels");
+          fail(
+              "the structure nests deeper than " + std::to_string(kMaxDepth) +
+              " levels");
         }
         const Container& c = arena_[v.ref];
         PickleValue out;
@@ -651,7 +712,9 @@ class Machine {
           PickleValue::DictItems items;
           items.reserve(c.entries.size());
           for (const auto& [key, value] : c.entries) {
-            items.emplace_back(materialize(key, open, budget), materialize(value, open, budget));
+            items.emplace_back(
+                materialize(key, open, budget),
+                materialize(value, open, budget));
           }
           out = PickleValue::dict(std::move(items), c.ordered);
         } else {
@@ -660,7 +723,8 @@ class Machine {
           for (const V& item : c.items) {
             items.push_back(materialize(item, open, budget));
           }
-          out = v.tag == Tag::kList ? PickleValue::list(std::move(items)) : PickleValue::tuple(std::move(items));
+          out = v.tag == Tag::kList ? PickleValue::list(std::move(items))
+                                    : PickleValue::tuple(std::move(items));
         }
         open.erase(v.ref);
         return out;
@@ -696,7 +760,8 @@ bool is_tensor_dict(const PickleValue& v) {
     return false;
   }
   for (const auto& [key, value] : v.dict_items()) {
-    if (key.kind() != PickleValue::Kind::kString || value.kind() != PickleValue::Kind::kTensor) {
+    if (key.kind() != PickleValue::Kind::kString ||
+        value.kind() != PickleValue::Kind::kTensor) {
       return false;
     }
   }
@@ -708,13 +773,15 @@ bool is_tensor_dict(const PickleValue& v) {
 // ---------------------------------------------------------------------------
 // torch_load
 
-PickleValue torch_load(const std::filesystem::path& path, const TorchLoadOptions& options) {
+PickleValue torch_load(
+    const std::filesystem::path& path, const TorchLoadOptions& options) {
   const std::string source = "'" + path.string() + "'";
   const detail::File file = detail::File::open_read(path);
   // mmap: tensors are views of a mapping of the file. Otherwise nothing is
   // mapped: every byte is read with pread, so a file truncated or rewritten
   // while it is read gives an OSError naming it, never a SIGBUS.
-  const std::shared_ptr<const detail::MappedFile> mapping = options.mmap() ? detail::MappedFile::map(file) : nullptr;
+  const std::shared_ptr<const detail::MappedFile> mapping =
+      options.mmap() ? detail::MappedFile::map(file) : nullptr;
   const std::uint64_t size = options.mmap() ? mapping->size() : file.size();
   const auto read_bytes = [&](std::uint64_t offset, std::uint64_t n) {
     std::string out(static_cast<std::size_t>(n), '\0');
@@ -731,68 +798,102 @@ PickleValue torch_load(const std::filesystem::path& path, const TorchLoadOptions
     // The directory and local headers through pread: touching them in the
     // mapping would make the kernel map 64 KiB of page cache around each.
     entries = detail::read_zip_directory(detail::ZipSource{
-        size, [&](void* out, std::size_t n, std::uint64_t offset) { file.pread_exact(out, n, offset); }, nullptr});
+        size,
+        [&](void* out, std::size_t n, std::uint64_t offset) {
+          file.pread_exact(out, n, offset);
+        },
+        nullptr});
   } catch (const detail::ZipFormatError& e) {
     // Pre-1.6 torch.save files are a bare pickle stream (magic number first).
     const std::string magic = size >= 2 ? read_bytes(0, 2) : std::string();
-    if (magic.size() == 2 && static_cast<std::uint8_t>(magic[0]) == 0x80 && static_cast<std::uint8_t>(magic[1]) <= 5) {
+    if (magic.size() == 2 && static_cast<std::uint8_t>(magic[0]) == 0x80 &&
+        static_cast<std::uint8_t>(magic[1]) <= 5) {
       throw UnpicklingError(
           "Cannot load " + source +
-          ": it is a legacy (pre-1.6, non-zip) torch.save file, which torchser does not read. Load it with "
-          "Python torch and save it again with a recent torch (or as safetensors).");
+          ": it is a legacy (pre-1.6, non-zip) torch.save file, which torchser "
+          "does not read. Load it with "
+          "Python torch and save it again with a recent torch (or as "
+          "safetensors).");
     }
-    throw UnpicklingError("Cannot load " + source + ": not a torch.save zip archive (" + e.what() + ")");
+    throw UnpicklingError(
+        "Cannot load " + source + ": not a torch.save zip archive (" +
+        e.what() + ")");
   }
   // The records sit under one folder, named after the file by torch.save.
   const detail::ZipEntry* pickle = nullptr;
   for (const auto& e : entries) {
     const auto slash = e.name.find('/');
-    if (slash != std::string::npos && e.name.compare(slash, std::string::npos, "/data.pkl") == 0) {
+    if (slash != std::string::npos &&
+        e.name.compare(slash, std::string::npos, "/data.pkl") == 0) {
       pickle = &e;
       break;
     }
   }
   if (pickle == nullptr) {
-    throw UnpicklingError("Cannot load " + source + ": the archive has no <archive>/data.pkl record");
+    throw UnpicklingError(
+        "Cannot load " + source +
+        ": the archive has no <archive>/data.pkl record");
   }
-  const std::string prefix = pickle->name.substr(0, pickle->name.size() - std::strlen("data.pkl"));
+  const std::string prefix =
+      pickle->name.substr(0, pickle->name.size() - std::strlen("data.pkl"));
   std::unordered_map<std::string, const detail::ZipEntry*> by_name;
   for (const auto& e : entries) {
     if (e.method != 0) {
-      throw UnpicklingError("Cannot load " + source + ": record '" + e.name + "' is compressed; torch.save stores records");
+      throw UnpicklingError(
+          "Cannot load " + source + ": record '" + e.name +
+          "' is compressed; torch.save stores records");
     }
     by_name[e.name] = &e;
   }
   const auto byteorder = by_name.find(prefix + "byteorder");
   if (byteorder != by_name.end()) {
     const auto* e = byteorder->second;
-    const std::string order = read_bytes(e->data_offset, std::min<std::uint64_t>(e->uncompressed_size, 64));
+    const std::string order = read_bytes(
+        e->data_offset, std::min<std::uint64_t>(e->uncompressed_size, 64));
     if (order != "little") {
-      throw UnpicklingError("Cannot load " + source + ": big-endian checkpoints are not supported (byteorder '" + order + "')");
+      throw UnpicklingError(
+          "Cannot load " + source +
+          ": big-endian checkpoints are not supported (byteorder '" + order +
+          "')");
     }
   }
 
   const bool copy = !options.mmap();
-  StorageProvider storages = [&](const std::string& key, at::ScalarType dtype, std::int64_t numel) -> at::Tensor {
+  StorageProvider storages = [&](const std::string& key,
+                                 at::ScalarType dtype,
+                                 std::int64_t numel) -> at::Tensor {
     const auto it = by_name.find(prefix + "data/" + key);
     if (it == by_name.end()) {
-      throw UnpicklingError("Cannot load " + source + ": storage record '" + prefix + "data/" + key + "' is missing");
+      throw UnpicklingError(
+          "Cannot load " + source + ": storage record '" + prefix + "data/" +
+          key + "' is missing");
     }
     const detail::ZipEntry& e = *it->second;
     const auto element = static_cast<std::uint64_t>(c10::elementSize(dtype));
     std::uint64_t nbytes = 0;
-    if (__builtin_mul_overflow(static_cast<std::uint64_t>(numel), element, &nbytes) || nbytes > e.uncompressed_size) {
-      throw UnpicklingError("Cannot load " + source + ": storage '" + key + "' claims " + std::to_string(numel) +
-                            " elements of " + c10::toString(dtype) + " but its record has " +
-                            std::to_string(e.uncompressed_size) + " bytes");
+    if (__builtin_mul_overflow(
+            static_cast<std::uint64_t>(numel), element, &nbytes) ||
+        nbytes > e.uncompressed_size) {
+      throw UnpicklingError(
+          "Cannot load " + source + ": storage '" + key + "' claims " +
+          std::to_string(numel) + " elements of " + c10::toString(dtype) +
+          " but its record has " + std::to_string(e.uncompressed_size) +
+          " bytes");
     }
     const auto options_dtype = at::TensorOptions().dtype(dtype);
     at::Tensor base;
     if (nbytes == 0) {
       base = at::empty({numel}, options_dtype);
-    } else if (!copy && reinterpret_cast<std::uintptr_t>(mapping->data() + e.data_offset) % element == 0) {
-      base = at::from_blob(const_cast<std::uint8_t*>(mapping->data() + e.data_offset), {numel},
-                           [keep = mapping](void*) {}, options_dtype);
+    } else if (
+        !copy &&
+        reinterpret_cast<std::uintptr_t>(mapping->data() + e.data_offset) %
+                element ==
+            0) {
+      base = at::from_blob(
+          const_cast<std::uint8_t*>(mapping->data() + e.data_offset),
+          {numel},
+          [keep = mapping](void*) {},
+          options_dtype);
     } else if (mapping) {
       base = at::empty({numel}, options_dtype);
       std::memcpy(base.data_ptr(), mapping->data() + e.data_offset, nbytes);
@@ -800,7 +901,8 @@ PickleValue torch_load(const std::filesystem::path& path, const TorchLoadOptions
       base = at::empty({numel}, options_dtype);
       file.pread_exact(base.data_ptr(), nbytes, e.data_offset);
     }
-    if (options.map_location().has_value() && !options.map_location()->is_cpu()) {
+    if (options.map_location().has_value() &&
+        !options.map_location()->is_cpu()) {
       base = base.to(*options.map_location());
     }
     return base;
@@ -813,20 +915,26 @@ PickleValue torch_load(const std::filesystem::path& path, const TorchLoadOptions
     pickle_bytes = read_bytes(pickle->data_offset, pickle->uncompressed_size);
     pickle_data = reinterpret_cast<const std::uint8_t*>(pickle_bytes.data());
   }
-  Machine machine(pickle_data, static_cast<std::size_t>(pickle->uncompressed_size), source, std::move(storages));
+  Machine machine(
+      pickle_data,
+      static_cast<std::size_t>(pickle->uncompressed_size),
+      source,
+      std::move(storages));
   try {
     return machine.run();
   } catch (const c10::Error& e) {
     // Whatever LibTorch refuses that the checks above let through is still a
     // bad file, reported as one.
-    throw UnpicklingError("Cannot load " + source + ": " + e.what_without_backtrace());
+    throw UnpicklingError(
+        "Cannot load " + source + ": " + e.what_without_backtrace());
   }
 }
 
 StateDict extract_state_dict(const PickleValue& checkpoint) {
   const PickleValue* found = is_tensor_dict(checkpoint) ? &checkpoint : nullptr;
   if (found == nullptr && checkpoint.kind() == PickleValue::Kind::kDict) {
-    for (const char* key : {"state_dict", "model_state_dict", "model", "module"}) {
+    for (const char* key :
+         {"state_dict", "model_state_dict", "model", "module"}) {
       const PickleValue* v = checkpoint.find(key);
       if (v != nullptr && is_tensor_dict(*v)) {
         found = v;
@@ -840,8 +948,13 @@ StateDict extract_state_dict(const PickleValue& checkpoint) {
     }
   }
   if (found == nullptr) {
-    throw ValueError("No state dict (a dict of name → tensor) in the checkpoint: it is a " + checkpoint.type_name() +
-                     (checkpoint.kind() == PickleValue::Kind::kDict ? " whose values are not tensors" : "") + ".");
+    throw ValueError(
+        "No state dict (a dict of name → tensor) in the checkpoint: it is a " +
+        checkpoint.type_name() +
+        (checkpoint.kind() == PickleValue::Kind::kDict
+             ? " whose values are not tensors"
+             : "") +
+        ".");
   }
   StateDict out;
   out.reserve(found->dict_items().size());

@@ -30,11 +30,14 @@ std::uint16_t u16(const std::uint8_t* p) {
   return static_cast<std::uint16_t>(p[0] | (p[1] << 8));
 }
 std::uint32_t u32(const std::uint8_t* p) {
-  return static_cast<std::uint32_t>(p[0]) | (static_cast<std::uint32_t>(p[1]) << 8) |
-      (static_cast<std::uint32_t>(p[2]) << 16) | (static_cast<std::uint32_t>(p[3]) << 24);
+  return static_cast<std::uint32_t>(p[0]) |
+         (static_cast<std::uint32_t>(p[1]) << 8) |
+         (static_cast<std::uint32_t>(p[2]) << 16) |
+         (static_cast<std::uint32_t>(p[3]) << 24);
 }
 std::uint64_t u64(const std::uint8_t* p) {
-  return static_cast<std::uint64_t>(u32(p)) | (static_cast<std::uint64_t>(u32(p + 4)) << 32);
+  return static_cast<std::uint64_t>(u32(p)) |
+         (static_cast<std::uint64_t>(u32(p + 4)) << 32);
 }
 
 // Bounds-checked reads from a source.
@@ -46,12 +49,17 @@ class Reader {
   }
   // The bytes [offset, offset + length), or a ZipFormatError naming `what`:
   // a pointer into the archive when it is in memory, else into `scratch`.
-  const std::uint8_t* read(std::uint64_t offset, std::uint64_t length, const char* what,
-                           std::vector<std::uint8_t>& scratch) const {
+  const std::uint8_t* read(
+      std::uint64_t offset,
+      std::uint64_t length,
+      const char* what,
+      std::vector<std::uint8_t>& scratch) const {
     std::uint64_t end = 0;
     if (__builtin_add_overflow(offset, length, &end) || end > source_.size) {
-      fail(std::string(what) + " at byte " + std::to_string(offset) + " runs past the end of the file (" +
-           std::to_string(source_.size) + " bytes)");
+      fail(
+          std::string(what) + " at byte " + std::to_string(offset) +
+          " runs past the end of the file (" + std::to_string(source_.size) +
+          " bytes)");
     }
     if (source_.memory != nullptr) {
       return source_.memory + offset;
@@ -74,10 +82,12 @@ std::int64_t find_end_record(const Reader& reader) {
   if (reader.size() < kEndSize) {
     return -1;
   }
-  const std::uint64_t window = std::min<std::uint64_t>(reader.size(), kEndSize + 0xFFFF);
+  const std::uint64_t window =
+      std::min<std::uint64_t>(reader.size(), kEndSize + 0xFFFF);
   const std::uint64_t base = reader.size() - window;
   std::vector<std::uint8_t> scratch;
-  const std::uint8_t* tail = reader.read(base, window, "the end of the archive", scratch);
+  const std::uint8_t* tail =
+      reader.read(base, window, "the end of the archive", scratch);
   for (std::uint64_t pos = window - kEndSize + 1; pos-- > 0;) {
     const std::uint8_t* p = tail + pos;
     if (u32(p) == kEndSig && pos + kEndSize + u16(p + 20) == window) {
@@ -95,8 +105,14 @@ struct Zip64Fields {
 
 // Replaces the 0xFFFFFFFF placeholders with the ZIP64 extra's values, in the
 // order the spec fixes (4.5.3): only those fields that overflowed are there.
-void apply_zip64_extra(const std::uint8_t* extra, std::uint64_t length, std::uint32_t raw_usize,
-                       std::uint32_t raw_csize, std::uint32_t raw_offset, Zip64Fields out, const std::string& name) {
+void apply_zip64_extra(
+    const std::uint8_t* extra,
+    std::uint64_t length,
+    std::uint32_t raw_usize,
+    std::uint32_t raw_csize,
+    std::uint32_t raw_offset,
+    Zip64Fields out,
+    const std::string& name) {
   std::uint64_t pos = 0;
   while (pos + 4 <= length) {
     const std::uint16_t id = u16(extra + pos);
@@ -134,7 +150,8 @@ void apply_zip64_extra(const std::uint8_t* extra, std::uint64_t length, std::uin
 
 ZipFormatError::~ZipFormatError() = default;
 
-std::vector<ZipEntry> read_zip_directory(const std::uint8_t* data, std::uint64_t size) {
+std::vector<ZipEntry> read_zip_directory(
+    const std::uint8_t* data, std::uint64_t size) {
   return read_zip_directory(ZipSource{size, {}, data});
 }
 
@@ -145,7 +162,11 @@ std::vector<ZipEntry> read_zip_directory(const ZipSource& source) {
     fail("File is not a zip file (no end of central directory record)");
   }
   std::vector<std::uint8_t> end_buffer;
-  const std::uint8_t* end = reader.read(static_cast<std::uint64_t>(end_pos), kEndSize, "the end record", end_buffer);
+  const std::uint8_t* end = reader.read(
+      static_cast<std::uint64_t>(end_pos),
+      kEndSize,
+      "the end record",
+      end_buffer);
   if (u16(end + 4) != 0 || u16(end + 6) != 0) {
     fail("multi-disk archives are not supported");
   }
@@ -157,15 +178,21 @@ std::vector<ZipEntry> read_zip_directory(const ZipSource& source) {
 
   if (static_cast<std::uint64_t>(end_pos) >= kZip64LocatorSize) {
     std::vector<std::uint8_t> locator_buffer;
-    const std::uint8_t* locator = reader.read(static_cast<std::uint64_t>(end_pos) - kZip64LocatorSize,
-                                              kZip64LocatorSize, "the ZIP64 locator", locator_buffer);
+    const std::uint8_t* locator = reader.read(
+        static_cast<std::uint64_t>(end_pos) - kZip64LocatorSize,
+        kZip64LocatorSize,
+        "the ZIP64 locator",
+        locator_buffer);
     if (u32(locator) == kZip64LocatorSig) {
-      if (static_cast<std::uint64_t>(end_pos) < kZip64LocatorSize + kZip64EndSize) {
+      if (static_cast<std::uint64_t>(end_pos) <
+          kZip64LocatorSize + kZip64EndSize) {
         fail("the ZIP64 end record is missing");
       }
-      const std::uint64_t record_pos = static_cast<std::uint64_t>(end_pos) - kZip64LocatorSize - kZip64EndSize;
+      const std::uint64_t record_pos = static_cast<std::uint64_t>(end_pos) -
+                                       kZip64LocatorSize - kZip64EndSize;
       std::vector<std::uint8_t> record_buffer;
-      const std::uint8_t* record = reader.read(record_pos, kZip64EndSize, "the ZIP64 end record", record_buffer);
+      const std::uint8_t* record = reader.read(
+          record_pos, kZip64EndSize, "the ZIP64 end record", record_buffer);
       if (u32(record) != kZip64EndSig) {
         fail("the ZIP64 end record has a bad signature");
       }
@@ -180,15 +207,19 @@ std::vector<ZipEntry> read_zip_directory(const ZipSource& source) {
   }
   // Bytes prepended to the archive shift every offset it records.
   std::uint64_t claimed_end = 0;
-  if (__builtin_add_overflow(cd_offset, cd_size, &claimed_end) || claimed_end > directory_end) {
+  if (__builtin_add_overflow(cd_offset, cd_size, &claimed_end) ||
+      claimed_end > directory_end) {
     fail("the central directory offsets are inconsistent with the file size");
   }
   const std::uint64_t concat = directory_end - claimed_end;
   std::vector<std::uint8_t> directory;
-  const std::uint8_t* cd = reader.read(cd_offset + concat, cd_size, "the central directory", directory);
+  const std::uint8_t* cd = reader.read(
+      cd_offset + concat, cd_size, "the central directory", directory);
   if (count > cd_size / kCentralHeaderSize) {
-    fail("the archive claims " + std::to_string(count) + " entries, more than its central directory of " +
-         std::to_string(cd_size) + " bytes can hold");
+    fail(
+        "the archive claims " + std::to_string(count) +
+        " entries, more than its central directory of " +
+        std::to_string(cd_size) + " bytes can hold");
   }
 
   std::vector<ZipEntry> entries;
@@ -201,17 +232,21 @@ std::vector<ZipEntry> read_zip_directory(const ZipSource& source) {
     }
     const std::uint8_t* h = cd + pos;
     if (u32(h) != kCentralHeaderSig) {
-      fail("central directory entry " + std::to_string(i) + " has a bad signature");
+      fail(
+          "central directory entry " + std::to_string(i) +
+          " has a bad signature");
     }
     const std::uint64_t name_len = u16(h + 28);
     const std::uint64_t extra_len = u16(h + 30);
     const std::uint64_t comment_len = u16(h + 32);
-    const std::uint64_t record = kCentralHeaderSize + name_len + extra_len + comment_len;
+    const std::uint64_t record =
+        kCentralHeaderSize + name_len + extra_len + comment_len;
     if (cd_size - pos < record) {
       fail("central directory entry " + std::to_string(i) + " is truncated");
     }
     ZipEntry e;
-    e.name.assign(reinterpret_cast<const char*>(h + kCentralHeaderSize), name_len);
+    e.name.assign(
+        reinterpret_cast<const char*>(h + kCentralHeaderSize), name_len);
     e.flags = u16(h + 8);
     e.method = u16(h + 10);
     e.crc32 = u32(h + 16);
@@ -221,8 +256,14 @@ std::vector<ZipEntry> read_zip_directory(const ZipSource& source) {
     e.compressed_size = raw_csize;
     e.uncompressed_size = raw_usize;
     std::uint64_t local = raw_offset;
-    apply_zip64_extra(h + kCentralHeaderSize + name_len, extra_len, raw_usize, raw_csize, raw_offset,
-                      {&e.uncompressed_size, &e.compressed_size, &local}, e.name);
+    apply_zip64_extra(
+        h + kCentralHeaderSize + name_len,
+        extra_len,
+        raw_usize,
+        raw_csize,
+        raw_offset,
+        {&e.uncompressed_size, &e.compressed_size, &local},
+        e.name);
     if ((e.flags & 0x1) != 0) {
       fail("entry '" + e.name + "' is encrypted");
     }
@@ -230,19 +271,27 @@ std::vector<ZipEntry> read_zip_directory(const ZipSource& source) {
     // they must agree (found by fuzzing: a larger uncompressed size made
     // torch_load read past the end of the mapping).
     if (e.method == 0 && e.compressed_size != e.uncompressed_size) {
-      fail("entry '" + e.name + "' is stored, but its sizes disagree (" + std::to_string(e.compressed_size) +
-           " bytes stored, " + std::to_string(e.uncompressed_size) + " bytes uncompressed)");
+      fail(
+          "entry '" + e.name + "' is stored, but its sizes disagree (" +
+          std::to_string(e.compressed_size) + " bytes stored, " +
+          std::to_string(e.uncompressed_size) + " bytes uncompressed)");
     }
     if (__builtin_add_overflow(local, concat, &e.local_header_offset)) {
       fail("entry '" + e.name + "' has an impossible offset");
     }
-    const std::uint8_t* lh = reader.read(e.local_header_offset, kLocalHeaderSize, "the local header", local_buffer);
+    const std::uint8_t* lh = reader.read(
+        e.local_header_offset,
+        kLocalHeaderSize,
+        "the local header",
+        local_buffer);
     if (u32(lh) != kLocalHeaderSig) {
       fail("the local header of entry '" + e.name + "' has a bad signature");
     }
-    e.data_offset = e.local_header_offset + kLocalHeaderSize + u16(lh + 26) + u16(lh + 28);
+    e.data_offset =
+        e.local_header_offset + kLocalHeaderSize + u16(lh + 26) + u16(lh + 28);
     std::uint64_t data_end = 0;
-    if (__builtin_add_overflow(e.data_offset, e.compressed_size, &data_end) || data_end > reader.size()) {
+    if (__builtin_add_overflow(e.data_offset, e.compressed_size, &data_end) ||
+        data_end > reader.size()) {
       fail("the data of entry '" + e.name + "' runs past the end of the file");
     }
     entries.push_back(std::move(e));
@@ -256,7 +305,8 @@ std::uint32_t crc32(std::uint32_t crc, const void* data, std::size_t size) {
   return ::crc32_gzip_refl(crc, static_cast<const unsigned char*>(data), size);
 }
 
-ZipWriter::ZipWriter(Output output, Options options) : output_(std::move(output)), options_(options) {}
+ZipWriter::ZipWriter(Output output, Options options)
+    : output_(std::move(output)), options_(options) {}
 
 void ZipWriter::emit(const void* data, std::size_t size) {
   output_.write(data, size);
@@ -289,31 +339,40 @@ constexpr std::uint16_t kUtf8Flag = 0x0800;
 void ZipWriter::add(
     const std::string& name,
     std::uint64_t size,
-    const std::function<void(const std::function<void(const void*, std::size_t)>&)>& produce) {
+    const std::function<
+        void(const std::function<void(const void*, std::size_t)>&)>& produce) {
   add_entry(name, size, produce);
 }
 
 void ZipWriter::add_streaming(
     const std::string& name,
-    const std::function<void(const std::function<void(const void*, std::size_t)>&)>& produce) {
+    const std::function<
+        void(const std::function<void(const void*, std::size_t)>&)>& produce) {
   if (!options_.python_zip64_layout) {
-    fail("ZipWriter::add_streaming needs the ZIP64 layout, whose sizes can be patched");
+    fail(
+        "ZipWriter::add_streaming needs the ZIP64 layout, whose sizes can be "
+        "patched");
   }
   add_entry(name, std::nullopt, produce);
 }
 
 void ZipWriter::add(const std::string& name, std::string_view content) {
-  add_entry(name, content.size(), [&](const std::function<void(const void*, std::size_t)>& sink) {
-    if (!content.empty()) {
-      sink(content.data(), content.size());
-    }
-  });
+  add_entry(
+      name,
+      content.size(),
+      [&](const std::function<void(const void*, std::size_t)>& sink) {
+        if (!content.empty()) {
+          sink(content.data(), content.size());
+        }
+      });
 }
 
 namespace {
 
 bool is_ascii(const std::string& text) {
-  return std::all_of(text.begin(), text.end(), [](char c) { return static_cast<unsigned char>(c) < 0x80; });
+  return std::all_of(text.begin(), text.end(), [](char c) {
+    return static_cast<unsigned char>(c) < 0x80;
+  });
 }
 
 } // namespace
@@ -321,7 +380,8 @@ bool is_ascii(const std::string& text) {
 void ZipWriter::add_entry(
     const std::string& name,
     std::optional<std::uint64_t> size,
-    const std::function<void(const std::function<void(const void*, std::size_t)>&)>& produce) {
+    const std::function<
+        void(const std::function<void(const void*, std::size_t)>&)>& produce) {
   if (finished_) {
     fail("ZipWriter::add after finish");
   }
@@ -353,11 +413,14 @@ void ZipWriter::add_entry(
     put64(extra, size.value_or(0)); // compressed
   }
   // Pad the extra field so that the data starts on an alignment boundary.
-  const std::uint64_t unpadded = offset_ + kLocalHeaderSize + name.size() + extra.size();
+  const std::uint64_t unpadded =
+      offset_ + kLocalHeaderSize + name.size() + extra.size();
   if (options_.alignment > 1) {
-    std::uint64_t pad = (options_.alignment - unpadded % options_.alignment) % options_.alignment;
+    std::uint64_t pad = (options_.alignment - unpadded % options_.alignment) %
+                        options_.alignment;
     if (pad > 0 && pad < 4) {
-      pad += options_.alignment; // room for the padding field's own 4-byte header
+      pad +=
+          options_.alignment; // room for the padding field's own 4-byte header
     }
     if (pad > 0) {
       put16(extra, options_.padding_id);
@@ -380,15 +443,18 @@ void ZipWriter::add_entry(
   std::uint64_t written = 0;
   produce([&](const void* data, std::size_t n) {
     if (size.has_value() && n > *size - written) {
-      fail("entry '" + name + "' produced more than its declared " + std::to_string(*size) + " bytes");
+      fail(
+          "entry '" + name + "' produced more than its declared " +
+          std::to_string(*size) + " bytes");
     }
     crc = crc32(crc, data, n);
     emit(data, n);
     written += n;
   });
   if (size.has_value() && written != *size) {
-    fail("entry '" + name + "' produced " + std::to_string(written) + " bytes, not the declared " +
-         std::to_string(*size));
+    fail(
+        "entry '" + name + "' produced " + std::to_string(written) +
+        " bytes, not the declared " + std::to_string(*size));
   }
   std::string crc_bytes;
   put32(crc_bytes, crc);
@@ -419,7 +485,10 @@ void ZipWriter::finish() {
     const bool big_offset = e.local_header_offset > limit;
     std::string h;
     put32(h, kCentralHeaderSig);
-    put16(h, python ? 0x032D : ((big_size || big_offset) ? 45 : 20)); // version made by
+    put16(
+        h,
+        python ? 0x032D
+               : ((big_size || big_offset) ? 45 : 20));     // version made by
     put16(h, (python || big_size || big_offset) ? 45 : 20); // version needed
     put16(h, e.flags);
     put16(h, 0);
@@ -429,7 +498,10 @@ void ZipWriter::finish() {
     std::string extra;
     if (big_size || big_offset) {
       put16(extra, kZip64ExtraId);
-      put16(extra, static_cast<std::uint16_t>((big_size ? 16 : 0) + (big_offset ? 8 : 0)));
+      put16(
+          extra,
+          static_cast<std::uint16_t>(
+              (big_size ? 16 : 0) + (big_offset ? 8 : 0)));
       if (big_size) {
         put64(extra, e.uncompressed_size);
         put64(extra, e.compressed_size);
@@ -442,17 +514,20 @@ void ZipWriter::finish() {
     put32(h, big_size ? k32 : static_cast<std::uint32_t>(e.uncompressed_size));
     put16(h, static_cast<std::uint16_t>(e.name.size()));
     put16(h, static_cast<std::uint16_t>(extra.size()));
-    put16(h, 0); // comment
-    put16(h, 0); // disk
-    put16(h, 0); // internal attributes
+    put16(h, 0);                       // comment
+    put16(h, 0);                       // disk
+    put16(h, 0);                       // internal attributes
     put32(h, python ? 0x01800000 : 0); // external attributes: 0o600 << 16
-    put32(h, big_offset ? k32 : static_cast<std::uint32_t>(e.local_header_offset));
+    put32(
+        h,
+        big_offset ? k32 : static_cast<std::uint32_t>(e.local_header_offset));
     h += e.name;
     h += extra;
     emit(h.data(), h.size());
   }
   const std::uint64_t cd_size = offset_ - cd_offset;
-  const bool zip64_end = entries_.size() >= 0xFFFF || cd_offset > limit || cd_size > limit;
+  const bool zip64_end =
+      entries_.size() >= 0xFFFF || cd_offset > limit || cd_size > limit;
   std::string tail;
   if (zip64_end) {
     const std::uint64_t record_offset = offset_;
@@ -474,11 +549,15 @@ void ZipWriter::finish() {
   put32(tail, kEndSig);
   put16(tail, 0);
   put16(tail, 0);
-  const auto count16 = static_cast<std::uint16_t>(std::min<std::size_t>(entries_.size(), 0xFFFF));
+  const auto count16 = static_cast<std::uint16_t>(
+      std::min<std::size_t>(entries_.size(), 0xFFFF));
   put16(tail, count16);
   put16(tail, count16);
-  put32(tail, static_cast<std::uint32_t>(std::min<std::uint64_t>(cd_size, k32)));
-  put32(tail, static_cast<std::uint32_t>(std::min<std::uint64_t>(cd_offset, k32)));
+  put32(
+      tail, static_cast<std::uint32_t>(std::min<std::uint64_t>(cd_size, k32)));
+  put32(
+      tail,
+      static_cast<std::uint32_t>(std::min<std::uint64_t>(cd_offset, k32)));
   put16(tail, 0);
   emit(tail.data(), tail.size());
 }

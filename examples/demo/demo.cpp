@@ -66,8 +66,9 @@ int run(int argc, char** argv) {
     } else if (arg == "--dir" && i + 1 < argc) {
       directory = argv[++i];
     } else if (arg == "-h" || arg == "--help") {
-      std::cout << "usage: torchser_demo [--max-shard-size SIZE] [--dir DIR]\n"
-                   "  (defaults: 200KB, a new directory under the system temp dir)\n";
+      std::cout
+          << "usage: torchser_demo [--max-shard-size SIZE] [--dir DIR]\n"
+             "  (defaults: 200KB, a new directory under the system temp dir)\n";
       return 0;
     } else {
       std::cerr << "torchser_demo: unknown argument '" << arg
@@ -80,14 +81,16 @@ int run(int argc, char** argv) {
   demo::TinyLM model;
 
   // 1. Train for a few steps on a toy task: predict token + 1.
-  torch::optim::Adam optimizer(model->parameters(), torch::optim::AdamOptions(3e-3));
+  torch::optim::Adam optimizer(
+      model->parameters(), torch::optim::AdamOptions(3e-3));
   const auto inputs = torch::randint(0, 511, {16, 12});
   const auto targets = inputs + 1;
   std::cout << "Training TinyLM for 30 steps:";
   for (int step = 1; step <= 30; ++step) {
     optimizer.zero_grad();
     const auto logits = model->forward(inputs);
-    const auto loss = torch::nn::functional::cross_entropy(logits.reshape({-1, logits.size(2)}), targets.reshape({-1}));
+    const auto loss = torch::nn::functional::cross_entropy(
+        logits.reshape({-1, logits.size(2)}), targets.reshape({-1}));
     loss.backward();
     optimizer.step();
     if (step == 1 || step % 10 == 0) {
@@ -141,10 +144,14 @@ int run(int argc, char** argv) {
 
   // 2. Save it sharded, as huggingface_hub's save_torch_model would.
   if (directory.empty()) {
-    directory = std::filesystem::temp_directory_path() / ("torchser-demo-" + std::to_string(::getpid()));
+    directory = std::filesystem::temp_directory_path() /
+                ("torchser-demo-" + std::to_string(::getpid()));
   }
   std::filesystem::create_directories(directory);
-  torchser::save_torch_model(*model, directory, torchser::SaveOptions().max_shard_size(max_shard_size));
+  torchser::save_torch_model(
+      *model,
+      directory,
+      torchser::SaveOptions().max_shard_size(max_shard_size));
   std::cout << "Saved with save_torch_model to " << directory.string() << ":\n";
   std::vector<std::filesystem::path> files;
   for (const auto& entry : std::filesystem::directory_iterator(directory)) {
@@ -153,7 +160,9 @@ int run(int argc, char** argv) {
   std::sort(files.begin(), files.end());
   for (const auto& file : files) {
     std::cout << "  " << file.filename().string() << "  "
-              << human_bytes(static_cast<std::int64_t>(std::filesystem::file_size(file))) << "\n";
+              << human_bytes(static_cast<std::int64_t>(
+                     std::filesystem::file_size(file)))
+              << "\n";
   }
 
   // 3. Reload strictly into a freshly initialised model and compare outputs.
@@ -161,16 +170,26 @@ int run(int argc, char** argv) {
   demo::TinyLM fresh;
   fresh->eval();
   const auto reference = model->forward(inputs);
-  const double before = (fresh->forward(inputs) - reference).abs().max().item<double>();
-  const auto result = torchser::load_torch_model(*fresh, directory, torchser::LoadOptions().strict(true));
-  const double after = (fresh->forward(inputs) - reference).abs().max().item<double>();
+  const double before =
+      (fresh->forward(inputs) - reference).abs().max().item<double>();
+  const auto result = torchser::load_torch_model(
+      *fresh, directory, torchser::LoadOptions().strict(true));
+  const double after =
+      (fresh->forward(inputs) - reference).abs().max().item<double>();
   const bool tied = torchser::get_torch_storage_id(fresh->lm_head->weight) ==
-      torchser::get_torch_storage_id(fresh->embed->weight);
+                    torchser::get_torch_storage_id(fresh->embed->weight);
   std::printf(
-      "\nReloaded strictly into a fresh TinyLM with load_torch_model: %zu missing, %zu unexpected keys;\n"
-      "lm_head.weight (stored once, as an alias in the index metadata) re-tied: %s\n"
-      "max |output difference| vs the trained model: %.6f before loading, %.6f after\n",
-      result.missing_keys.size(), result.unexpected_keys.size(), tied ? "yes, one storage" : "no", before, after);
+      "\nReloaded strictly into a fresh TinyLM with load_torch_model: %zu "
+      "missing, %zu unexpected keys;\n"
+      "lm_head.weight (stored once, as an alias in the index metadata) "
+      "re-tied: %s\n"
+      "max |output difference| vs the trained model: %.6f before loading, %.6f "
+      "after\n",
+      result.missing_keys.size(),
+      result.unexpected_keys.size(),
+      tied ? "yes, one storage" : "no",
+      before,
+      after);
   if (after != 0.0) {
     return 1;
   }
@@ -180,21 +199,34 @@ int run(int argc, char** argv) {
   const auto dduf = directory / "tiny_pipeline.dduf";
   torchser::export_entries_as_dduf(
       dduf,
-      {torchser::DDUFExportEntry::from_bytes("model_index.json", R"({"_class_name": "TinyPipeline", "lm": ["torchser_demo", "TinyLM"]})"),
-       torchser::DDUFExportEntry::from_bytes("lm/config.json", R"({"vocab_size": 512, "hidden_size": 64, "num_layers": 2})"),
-       torchser::DDUFExportEntry::from_state_dict("lm/model.safetensors", torchser::state_dict(*model))});
+      {torchser::DDUFExportEntry::from_bytes(
+           "model_index.json",
+           R"({"_class_name": "TinyPipeline", "lm": ["torchser_demo", "TinyLM"]})"),
+       torchser::DDUFExportEntry::from_bytes(
+           "lm/config.json",
+           R"({"vocab_size": 512, "hidden_size": 64, "num_layers": 2})"),
+       torchser::DDUFExportEntry::from_state_dict(
+           "lm/model.safetensors", torchser::state_dict(*model))});
   const auto entries = torchser::read_dduf_file(dduf);
   std::cout << "\nExported " << dduf.filename().string() << " ("
-            << human_bytes(static_cast<std::int64_t>(std::filesystem::file_size(dduf))) << "):\n";
+            << human_bytes(
+                   static_cast<std::int64_t>(std::filesystem::file_size(dduf)))
+            << "):\n";
   for (const auto& entry : entries) {
     std::cout << "  " << entry.value().repr() << "\n";
   }
   torch::manual_seed(2);
   demo::TinyLM from_dduf;
   from_dduf->eval();
-  torchser::load_torch_model_from_dduf_entry(*from_dduf, entries["lm/model.safetensors"], torchser::LoadOptions().strict(true));
-  const double from_archive = (from_dduf->forward(inputs) - reference).abs().max().item<double>();
-  std::printf("Loaded from the DDUF entry: max |output difference| %.6f\n", from_archive);
+  torchser::load_torch_model_from_dduf_entry(
+      *from_dduf,
+      entries["lm/model.safetensors"],
+      torchser::LoadOptions().strict(true));
+  const double from_archive =
+      (from_dduf->forward(inputs) - reference).abs().max().item<double>();
+  std::printf(
+      "Loaded from the DDUF entry: max |output difference| %.6f\n",
+      from_archive);
   return from_archive == 0.0 ? 0 : 1;
 }
 

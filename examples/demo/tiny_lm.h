@@ -47,7 +47,8 @@ struct BlockImpl : torch::nn::Module {
   at::Tensor forward(const at::Tensor& x) {
     const auto t = x.size(1);
     const auto qkv_out = qkv(attn_norm(x)).chunk(3, -1);
-    auto scores = at::matmul(qkv_out[0], qkv_out[1].transpose(1, 2)) / std::sqrt(static_cast<double>(x.size(2)));
+    auto scores = at::matmul(qkv_out[0], qkv_out[1].transpose(1, 2)) /
+                  std::sqrt(static_cast<double>(x.size(2)));
     const auto mask = at::ones({t, t}, x.options().dtype(at::kBool)).triu(1);
     scores = scores.masked_fill(mask, -1e9);
     auto h = x + out(at::matmul(scores.softmax(-1), qkv_out[2]));

@@ -17,10 +17,12 @@
 
 struct Layers : torch::nn::Module {
   Layers() {
-    auto list = register_module("layers", std::make_shared<torch::nn::Module>());
+    auto list =
+        register_module("layers", std::make_shared<torch::nn::Module>());
     for (int i = 0; i < 6; ++i) {
       auto layer = std::make_shared<torch::nn::Module>();
-      weights.push_back(layer->register_parameter("weight", torch::zeros({8, 8})));
+      weights.push_back(
+          layer->register_parameter("weight", torch::zeros({8, 8})));
       if (i == 0) {
         bias = layer->register_parameter("bias", torch::zeros({8}));
       }
@@ -45,11 +47,16 @@ int main(int argc, char** argv) {
   Layers model;
   // safe(false): the checkpoint is pickle shards; torchser reads them without
   // Python and without executing anything from them.
-  const auto result = torchser::load_torch_model(model, argv[1], torchser::LoadOptions().safe(false).strict(true));
-  std::printf("loaded: %zu missing, %zu unexpected keys\n", result.missing_keys.size(), result.unexpected_keys.size());
+  const auto result = torchser::load_torch_model(
+      model, argv[1], torchser::LoadOptions().safe(false).strict(true));
+  std::printf(
+      "loaded: %zu missing, %zu unexpected keys\n",
+      result.missing_keys.size(),
+      result.unexpected_keys.size());
   torch::NoGradGuard no_grad;
   const auto y = model.forward(torch::ones({1, 8}));
   std::cout << "output: " << y << "\n";
-  std::printf("layers.0.weight sum = %.1f\n", model.weights[0].sum().item<double>());
+  std::printf(
+      "layers.0.weight sum = %.1f\n", model.weights[0].sum().item<double>());
   return result.missing_keys.empty() && result.unexpected_keys.empty() ? 0 : 1;
 }

@@ -30,8 +30,10 @@ int main(int argc, char** argv) {
   std::filesystem::create_directories(out);
 
   torch::manual_seed(0);
-  torch::nn::Sequential model(torch::nn::Linear(16, 64), torch::nn::ReLU(), torch::nn::Linear(64, 1));
-  torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.05));
+  torch::nn::Sequential model(
+      torch::nn::Linear(16, 64), torch::nn::ReLU(), torch::nn::Linear(64, 1));
+  torch::optim::SGD optimizer(
+      model->parameters(), torch::optim::SGDOptions(0.05));
   const auto x = torch::randn({128, 16});
   const auto y = x.sum(1, /*keepdim=*/true);
   for (int step = 1; step <= 50; ++step) {
@@ -44,16 +46,19 @@ int main(int argc, char** argv) {
     }
   }
 
-  torchser::save_torch_model(*model, out, torchser::SaveOptions().max_shard_size("2KB"));
+  torchser::save_torch_model(
+      *model, out, torchser::SaveOptions().max_shard_size("2KB"));
   std::cout << "saved to " << out.string() << ":";
   for (const auto& entry : std::filesystem::directory_iterator(out)) {
     std::cout << " " << entry.path().filename().string();
   }
   std::cout << "\n";
 
-  torch::nn::Sequential fresh(torch::nn::Linear(16, 64), torch::nn::ReLU(), torch::nn::Linear(64, 1));
+  torch::nn::Sequential fresh(
+      torch::nn::Linear(16, 64), torch::nn::ReLU(), torch::nn::Linear(64, 1));
   torchser::load_torch_model(*fresh, out, torchser::LoadOptions().strict(true));
-  const double difference = (fresh->forward(x) - model->forward(x)).abs().max().item<double>();
+  const double difference =
+      (fresh->forward(x) - model->forward(x)).abs().max().item<double>();
   std::printf("reloaded strictly; max |output difference| = %g\n", difference);
   return difference == 0.0 ? 0 : 1;
 }

@@ -52,7 +52,10 @@ struct LoadResult;
 class TORCHSER_API MappedBytes {
  public:
   /// `size` bytes at `data`, valid while `owner` (the mapping) lives.
-  MappedBytes(std::shared_ptr<const void> owner, const std::uint8_t* data, std::size_t size)
+  MappedBytes(
+      std::shared_ptr<const void> owner,
+      const std::uint8_t* data,
+      std::size_t size)
       : owner_(std::move(owner)), data_(data), size_(size) {}
   /// The first byte.
   const std::uint8_t* data() const noexcept {
@@ -75,9 +78,11 @@ class TORCHSER_API MappedBytes {
 
 /// `huggingface_hub.DDUFEntry`: where an entry's bytes are in the archive.
 struct TORCHSER_API DDUFEntry {
-  std::string filename; ///< the entry's name in the archive, e.g. "unet/config.json"
-  std::uint64_t length = 0; ///< its size in bytes (stored, so also its size in the file)
-  std::uint64_t offset = 0; ///< absolute, in the archive file
+  std::string
+      filename; ///< the entry's name in the archive, e.g. "unet/config.json"
+  std::uint64_t length =
+      0; ///< its size in bytes (stored, so also its size in the file)
+  std::uint64_t offset = 0;        ///< absolute, in the archive file
   std::filesystem::path dduf_path; ///< the archive
 
   /// The entry as UTF-8 text. Throws DDUFCorruptedFileError when it is not
@@ -85,7 +90,8 @@ struct TORCHSER_API DDUFEntry {
   std::string read_text() const;
   /// The entry's bytes, memory-mapped (zero-copy).
   MappedBytes as_mmap() const;
-  /// Python's repr: `DDUFEntry(filename='model_index.json', length=14, offset=66)`.
+  /// Python's repr: `DDUFEntry(filename='model_index.json', length=14,
+  /// offset=66)`.
   std::string repr() const;
 };
 
@@ -95,7 +101,8 @@ struct TORCHSER_API DDUFEntry {
 ///
 /// Throws DDUFCorruptedFileError (compressed entries, bad names, no or bad
 /// `model_index.json`, structure rules, damaged archives), FileNotFoundError.
-TORCHSER_API OrderedMap<DDUFEntry> read_dduf_file(const std::filesystem::path& dduf_path);
+TORCHSER_API OrderedMap<DDUFEntry> read_dduf_file(
+    const std::filesystem::path& dduf_path);
 
 /// One entry of an export: a name and where its content comes from.
 struct TORCHSER_API DDUFExportEntry {
@@ -108,7 +115,8 @@ struct TORCHSER_API DDUFExportEntry {
   std::variant<std::filesystem::path, std::string, Producer> content;
 
   /// The content of the file at `path`, copied when the archive is written.
-  static DDUFExportEntry from_file(std::string filename, std::filesystem::path path);
+  static DDUFExportEntry from_file(
+      std::string filename, std::filesystem::path path);
   /// `bytes` as the content.
   static DDUFExportEntry from_bytes(std::string filename, std::string bytes);
   /// Whatever `producer` writes, streamed into the archive.
@@ -116,7 +124,8 @@ struct TORCHSER_API DDUFExportEntry {
   /// A safetensors file of `state_dict` as save_torch_state_dict writes one
   /// (metadata {"format": "pt"}, tied weights stored once and recorded as
   /// aliases), streamed into the archive one tensor at a time.
-  static DDUFExportEntry from_state_dict(std::string filename, StateDict state_dict);
+  static DDUFExportEntry from_state_dict(
+      std::string filename, StateDict state_dict);
 };
 
 /// `huggingface_hub.export_entries_as_dduf`. Entries are written one at a
@@ -152,18 +161,20 @@ namespace detail {
 
 /// `_validate_dduf_entry_name`: the name without leading / trailing slashes,
 /// or DDUFInvalidEntryNameError.
-TORCHSER_API std::string validate_dduf_entry_name(const std::string& entry_name);
+TORCHSER_API std::string validate_dduf_entry_name(
+    const std::string& entry_name);
 
 /// A folder's files as export_folder_as_dduf sees them, relative and sorted:
 /// those it packs, and those it leaves out (a file type DDUF does not allow,
 /// or more than one folder deep), as huggingface_hub does.
 struct TORCHSER_API DDUFFolderFiles {
-  std::vector<std::filesystem::path> kept; ///< packed, in this order
+  std::vector<std::filesystem::path> kept;     ///< packed, in this order
   std::vector<std::filesystem::path> left_out; ///< skipped
 };
 
 /// The files of `folder` export_folder_as_dduf packs and leaves out.
-TORCHSER_API DDUFFolderFiles dduf_folder_files(const std::filesystem::path& folder);
+TORCHSER_API DDUFFolderFiles
+dduf_folder_files(const std::filesystem::path& folder);
 
 } // namespace detail
 

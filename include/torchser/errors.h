@@ -72,18 +72,18 @@ class TORCHSER_API SafetensorError : public Error {
  public:
   /// The format rule that was broken (the official reader's error variants).
   enum class Kind {
-    kHeaderTooSmall, ///< fewer than 8 bytes
-    kHeaderTooLarge, ///< header length over 100,000,000 bytes
+    kHeaderTooSmall,      ///< fewer than 8 bytes
+    kHeaderTooLarge,      ///< header length over 100,000,000 bytes
     kInvalidHeaderLength, ///< header length points past the end of the file
-    kInvalidHeader, ///< header is not valid UTF-8
+    kInvalidHeader,       ///< header is not valid UTF-8
     kInvalidHeaderDeserialization, ///< header is not the expected JSON
-    kTensorNotFound, ///< no tensor of that name
-    kTensorInvalidInfo, ///< byte size disagrees with shape and dtype
-    kInvalidOffset, ///< gap, overlap, or end before begin
-    kMetadataIncompleteBuffer, ///< trailing or missing bytes
-    kValidationOverflow, ///< shape × element size overflows 64 bits
-    kMisalignedSlice, ///< sub-byte tensor that does not end on a byte
-    kInvalidSlice, ///< get_slice() index out of range or too many indices
+    kTensorNotFound,               ///< no tensor of that name
+    kTensorInvalidInfo,            ///< byte size disagrees with shape and dtype
+    kInvalidOffset,                ///< gap, overlap, or end before begin
+    kMetadataIncompleteBuffer,     ///< trailing or missing bytes
+    kValidationOverflow,           ///< shape × element size overflows 64 bits
+    kMisalignedSlice,  ///< sub-byte tensor that does not end on a byte
+    kInvalidSlice,     ///< get_slice() index out of range or too many indices
     kUnsupportedDtype, ///< a valid dtype this LibTorch build cannot hold
   };
   /// An error of `kind` with the full `message`.

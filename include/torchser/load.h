@@ -70,8 +70,10 @@ struct TORCHSER_API LoadOptions {
 
 /// Python's `_IncompatibleKeys`, both lists sorted.
 struct TORCHSER_API LoadResult {
-  std::vector<std::string> missing_keys; ///< the module's keys the checkpoint lacks
-  std::vector<std::string> unexpected_keys; ///< the checkpoint's keys the module lacks
+  std::vector<std::string>
+      missing_keys; ///< the module's keys the checkpoint lacks
+  std::vector<std::string>
+      unexpected_keys; ///< the checkpoint's keys the module lacks
 };
 
 /// `huggingface_hub.load_state_dict_from_file`: `.safetensors` through the
@@ -83,8 +85,7 @@ struct TORCHSER_API LoadResult {
 /// (M-T9) for bad safetensors metadata, SafetensorError / UnpicklingError for
 /// damaged files.
 TORCHSER_API StateDict load_state_dict_from_file(
-    const std::filesystem::path& path,
-    const LoadOptions& options = {});
+    const std::filesystem::path& path, const LoadOptions& options = {});
 
 /// `huggingface_hub.load_torch_model`: copies a checkpoint's values into
 /// `model`'s existing parameters and buffers (no reallocation: tied

@@ -21,9 +21,10 @@
 ///
 /// Example:
 /// ```
-/// torchser::PickleValue checkpoint = torchser::torch_load("pytorch_model.bin");
-/// torchser::StateDict sd = torchser::extract_state_dict(checkpoint);
-/// torchser::torch_save(sd, "copy.bin");   // Python's torch.load reads it
+/// torchser::PickleValue checkpoint =
+/// torchser::torch_load("pytorch_model.bin"); torchser::StateDict sd =
+/// torchser::extract_state_dict(checkpoint); torchser::torch_save(sd,
+/// "copy.bin");   // Python's torch.load reads it
 /// ```
 
 #include <cstdint>
@@ -49,7 +50,18 @@ namespace torchser {
 class TORCHSER_API PickleValue {
  public:
   /// The Python type.
-  enum class Kind { kNone, kBool, kInt, kFloat, kString, kBytes, kTensor, kList, kTuple, kDict };
+  enum class Kind {
+    kNone,
+    kBool,
+    kInt,
+    kFloat,
+    kString,
+    kBytes,
+    kTensor,
+    kList,
+    kTuple,
+    kDict
+  };
   /// The elements of a list or tuple.
   using Items = std::vector<PickleValue>;
   /// The (key, value) pairs of a dict, in insertion order.
@@ -127,8 +139,7 @@ struct TORCHSER_API TorchLoadOptions {
 /// UnpicklingError for damaged, hostile or legacy (pre-1.6) files, naming the
 /// file and what was wrong.
 TORCHSER_API PickleValue torch_load(
-    const std::filesystem::path& path,
-    const TorchLoadOptions& options = {});
+    const std::filesystem::path& path, const TorchLoadOptions& options = {});
 
 /// The flat state dict in a loaded checkpoint: the value itself when it is a
 /// dict of tensors, otherwise the dict of tensors it nests (under

@@ -28,7 +28,8 @@
 /// torchser::save_file(state_dict, "model.safetensors", {{"format", "pt"}});
 /// torchser::StateDict loaded = torchser::load_file("model.safetensors");
 /// torchser::SafeOpen f("model.safetensors");
-/// at::Tensor rows = f.get_slice("embed.weight")({torchser::SliceIndex(0, 10)});
+/// at::Tensor rows = f.get_slice("embed.weight")({torchser::SliceIndex(0,
+/// 10)});
 /// ```
 
 #include <cstdint>
@@ -103,7 +104,7 @@ using SafetensorsMetadata = std::map<std::string, std::string>;
 
 /// One tensor as the header describes it.
 struct TORCHSER_API SafetensorsTensorInfo {
-  std::string name; ///< the tensor's name
+  std::string name;       ///< the tensor's name
   SafetensorsDtype dtype; ///< its element type
   /// Logical shape (for F4, the packed torch shape halves the last dim).
   std::vector<std::int64_t> shape;
@@ -155,7 +156,9 @@ class TORCHSER_API SafetensorsWriter {
   }
   /// Streams the whole file into `sink`; `written(i)`, when given, after the
   /// data of tensors()[i] went through it (progress, releasing source pages).
-  void write(const ByteSink& sink, const std::function<void(std::size_t)>& written = {}) const;
+  void write(
+      const ByteSink& sink,
+      const std::function<void(std::size_t)>& written = {}) const;
 
  private:
   std::vector<at::Tensor> ordered_;
@@ -214,12 +217,14 @@ struct TORCHSER_API SliceIndex {
   SliceIndex(std::int64_t index) // NOLINT(google-explicit-constructor)
       : select(index) {}
   /// A range (Python's `x[start:stop]`).
-  SliceIndex(std::optional<std::int64_t> start, std::optional<std::int64_t> stop)
+  SliceIndex(
+      std::optional<std::int64_t> start, std::optional<std::int64_t> stop)
       : start(start), stop(stop) {}
 
   std::optional<std::int64_t> select; ///< one position, or none for a range
-  std::optional<std::int64_t> start; ///< the range's start (none: 0)
-  std::optional<std::int64_t> stop; ///< the range's end (none: the dimension's size)
+  std::optional<std::int64_t> start;  ///< the range's start (none: 0)
+  std::optional<std::int64_t>
+      stop; ///< the range's end (none: the dimension's size)
 };
 
 class SafeOpen;
@@ -255,8 +260,7 @@ class TORCHSER_API SafeOpen {
  public:
   /// Opens and validates the file at `path`.
   explicit SafeOpen(
-      const std::filesystem::path& path,
-      const SafeOpenOptions& options = {});
+      const std::filesystem::path& path, const SafeOpenOptions& options = {});
   /// A safetensors file stored at bytes [offset, offset + length) of a
   /// larger file (a DDUF archive entry). Rules and messages as for a file.
   SafeOpen(
@@ -307,13 +311,11 @@ class TORCHSER_API SafeOpen {
 
 /// `safetensors.torch.load_file`: every tensor of `path`, in data order.
 TORCHSER_API StateDict load_file(
-    const std::filesystem::path& path,
-    const SafeOpenOptions& options = {});
+    const std::filesystem::path& path, const SafeOpenOptions& options = {});
 
 /// `safetensors.torch.load`: every tensor of a safetensors buffer, copied
 /// out of it, in data order. Errors are SafetensorErrors as for files.
 TORCHSER_API StateDict load(
-    std::string_view bytes,
-    const c10::Device& device = c10::Device(c10::kCPU));
+    std::string_view bytes, const c10::Device& device = c10::Device(c10::kCPU));
 
 } // namespace torchser

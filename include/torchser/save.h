@@ -15,7 +15,8 @@
 ///   holds an exclusive flock on the directory and load_torch_model a shared
 ///   one, so a concurrent load never sees a commit halfway. (The README's
 ///   "Crash-safe" table says which guarantee holds where.)
-/// - Stale files of the pattern are matched by whole name (`model.safetensors.bak`
+/// - Stale files of the pattern are matched by whole name
+/// (`model.safetensors.bak`
 ///   survives), and the pattern is never read as a regex.
 /// - Inputs are never mutated; a user `format` other than "pt" is a ValueError;
 ///   overlapping views are grouped by the running end of the group.
@@ -72,7 +73,8 @@ struct TORCHSER_API SaveOptions {
 ///
 /// Example:
 /// ```
-/// torchser::save_torch_state_dict(sd, "out", torchser::SaveOptions().max_shard_size("200MB"));
+/// torchser::save_torch_state_dict(sd, "out",
+/// torchser::SaveOptions().max_shard_size("200MB"));
 /// ```
 TORCHSER_API void save_torch_state_dict(
     const StateDict& state_dict,
@@ -89,6 +91,7 @@ TORCHSER_API void save_torch_model(
 /// Completes or undoes an interrupted save in `directory` (see the file
 /// comment). Called by every save and load; harmless when there is nothing
 /// to do. Returns true when it changed something.
-TORCHSER_API bool recover_interrupted_save(const std::filesystem::path& directory);
+TORCHSER_API bool recover_interrupted_save(
+    const std::filesystem::path& directory);
 
 } // namespace torchser

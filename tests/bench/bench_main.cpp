@@ -26,15 +26,20 @@ using namespace torchser::bench;
 
 namespace {
 
-const std::vector<std::pair<std::string, std::function<int(const Config&)>>> kSections = {
-    {"split", bench_split},   {"safetensors", bench_safetensors}, {"pickle", bench_pickle},
-    {"model", bench_model},   {"dduf", bench_dduf},
+const std::vector<std::pair<std::string, std::function<int(const Config&)>>>
+    kSections = {
+        {"split", bench_split},
+        {"safetensors", bench_safetensors},
+        {"pickle", bench_pickle},
+        {"model", bench_model},
+        {"dduf", bench_dduf},
 };
 
 int usage(const char* argv0, int code) {
   (code == 0 ? std::cout : std::cerr)
       << "usage: " << argv0
-      << " [--quick] [--only SECTION[,SECTION...]] [--dir DIR] [--mib N] [--repeats N]\n"
+      << " [--quick] [--only SECTION[,SECTION...]] [--dir DIR] [--mib N] "
+         "[--repeats N]\n"
          "       [--max-tensors N] [--python-max-tensors N] [--no-python]\n"
          "sections: split safetensors pickle model dduf (default: all)\n";
   return code;
@@ -44,7 +49,8 @@ int usage(const char* argv0, int code) {
 
 int main(int argc, char** argv) {
   Config config;
-  config.dir = (std::filesystem::temp_directory_path() / "torchser-bench").string();
+  config.dir =
+      (std::filesystem::temp_directory_path() / "torchser-bench").string();
   std::string only;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
@@ -84,9 +90,12 @@ int main(int argc, char** argv) {
   char date[32];
   const std::time_t now = std::time(nullptr);
   std::strftime(date, sizeof date, "%Y-%m-%d", std::gmtime(&now));
-  std::cout << "# torchser benchmark report" << (config.quick ? " (quick mode: sizes too small to mean much)" : "")
+  std::cout << "# torchser benchmark report"
+            << (config.quick ? " (quick mode: sizes too small to mean much)"
+                             : "")
             << "\n\n"
-            << date << ", " << ::sysconf(_SC_NPROCESSORS_ONLN) << " cores, Linux " << host.release
+            << date << ", " << ::sysconf(_SC_NPROCESSORS_ONLN)
+            << " cores, Linux " << host.release
             << "; every ratio compares two figures of the same run.\n"
             << std::flush;
   int failures = 0;

@@ -31,8 +31,9 @@ int torchser::bench::bench_pickle(const Config& config) {
   const torchser::StateDict& sd = work.sd;
   const std::vector<at::Tensor>& tensors = work.tensors;
   const double total = work.total;
-  std::cout << "# " << count << " float32 tensors, " << total / (1 << 20) << " MiB, medians of " << repeats
-            << " runs, files in " << dir << "\n\n";
+  std::cout << "# " << count << " float32 tensors, " << total / (1 << 20)
+            << " MiB, medians of " << repeats << " runs, files in " << dir
+            << "\n\n";
 
   const auto raw_path = dir / "raw.bin";
   const auto bin_path = dir / "pytorch_model.bin";
@@ -42,41 +43,75 @@ int torchser::bench::bench_pickle(const Config& config) {
     ::sync();
   };
   const auto fresh_memory = [] { ::malloc_trim(0); };
-  const auto raw_write = [&] { write_raw(raw_path, tensors, /*durable=*/false); };
+  const auto raw_write = [&] {
+    write_raw(raw_path, tensors, /*durable=*/false);
+  };
   const auto memcpy_fresh = [&] { memcpy_into_new(tensors); };
 
-  const Paired save = paired(repeats, raw_write, [&] { torchser::torch_save(sd, bin_path, /*durable=*/false); }, settle);
+  const Paired save = paired(
+      repeats,
+      raw_write,
+      [&] { torchser::torch_save(sd, bin_path, /*durable=*/false); },
+      settle);
   torchser::torch_save(sd, bin_path, /*durable=*/false);
 
   std::int64_t rss_growth = 0;
   const double t_open = median_seconds(repeats, [&] {
     const auto before = rss_bytes();
-    const auto loaded = torchser::extract_state_dict(torchser::torch_load(bin_path));
+    const auto loaded =
+        torchser::extract_state_dict(torchser::torch_load(bin_path));
     rss_growth = rss_bytes() - before;
     if (loaded.size() != sd.size()) {
       std::exit(1);
     }
   });
-  const Paired copy_load = paired(repeats, memcpy_fresh, [&] {
-    const auto loaded = torchser::torch_load(bin_path, torchser::TorchLoadOptions().mmap(false));
-  }, fresh_memory);
-  const double t_pickle_load = median_seconds(repeats, [&] {
-    std::vector<char> bytes(std::filesystem::file_size(bin_path));
-    std::ifstream(bin_path, std::ios::binary).read(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-    const auto value = torch::jit::pickle_load(bytes);
-    if (!value.isGenericDict()) {
-      std::exit(1);
-    }
-  }, fresh_memory);
+  const Paired copy_load = paired(
+      repeats,
+      memcpy_fresh,
+      [&] {
+        const auto loaded = torchser::torch_load(
+            bin_path, torchser::TorchLoadOptions().mmap(false));
+      },
+      fresh_memory);
+  const double t_pickle_load = median_seconds(
+      repeats,
+      [&] {
+        std::vector<char> bytes(std::filesystem::file_size(bin_path));
+        std::ifstream(bin_path, std::ios::binary)
+            .read(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+        const auto value = torch::jit::pickle_load(bytes);
+        if (!value.isGenericDict()) {
+          std::exit(1);
+        }
+      },
+      fresh_memory);
 
   std::vector<Row> rows = {
-      {"memcpy into new allocations (new pages)", copy_load.baseline, total, "", 0},
+      {"memcpy into new allocations (new pages)",
+       copy_load.baseline,
+       total,
+       "",
+       0},
       {"raw write() to page cache (new file)", save.baseline, total, "", 0},
-      {"torchser torch_save (durable=false)", save.subject, total, "of raw write()", save.ratio},
-      {"torchser torch_load, mmap: open + create every tensor", t_open, 0, "", 0},
-      {"torchser torch_load, one copy per storage", copy_load.subject, total, "of memcpy into new allocations",
+      {"torchser torch_save (durable=false)",
+       save.subject,
+       total,
+       "of raw write()",
+       save.ratio},
+      {"torchser torch_load, mmap: open + create every tensor",
+       t_open,
+       0,
+       "",
+       0},
+      {"torchser torch_load, one copy per storage",
+       copy_load.subject,
+       total,
+       "of memcpy into new allocations",
        copy_load.ratio},
-      {"torch::pickle_load (reads the whole file first)", t_pickle_load, total, "of memcpy into new allocations",
+      {"torch::pickle_load (reads the whole file first)",
+       t_pickle_load,
+       total,
+       "of memcpy into new allocations",
        copy_load.baseline / t_pickle_load},
   };
 
@@ -87,17 +122,24 @@ int torchser::bench::bench_pickle(const Config& config) {
   const std::string save_script =
       "import os,sys,time,statistics\n"
       "try:\n import torch\nexcept Exception:\n print(-1); sys.exit(0)\n"
-      "sd={f'model.layers.{i}.weight': torch.rand(" + std::to_string(per_tensor) + ") for i in range(" +
-      std::to_string(count) + ")}\n"
-      "p='" + py_path.string() + "'\n"
+      "sd={f'model.layers.{i}.weight': torch.rand(" +
+      std::to_string(per_tensor) + ") for i in range(" + std::to_string(count) +
+      ")}\n"
+      "p='" +
+      py_path.string() +
+      "'\n"
       "s=[]\n"
-      "for _ in range(" + std::to_string(repeats) + "):\n"
+      "for _ in range(" +
+      std::to_string(repeats) +
+      "):\n"
       " os.path.exists(p) and os.remove(p); os.sync()\n"
-      " t=time.perf_counter(); torch.save(sd, p); s.append(time.perf_counter()-t)\n"
+      " t=time.perf_counter(); torch.save(sd, p); "
+      "s.append(time.perf_counter()-t)\n"
       "print(statistics.median(s))\n";
   const std::string load_script =
       "import time,torch\n"
-      "t=time.perf_counter(); torch.load('" + py_path.string() + "'); print(time.perf_counter()-t)\n";
+      "t=time.perf_counter(); torch.load('" +
+      py_path.string() + "'); print(time.perf_counter()-t)\n";
   const auto run_python = [](const std::string& script) {
     const auto numbers = python_numbers(script);
     return numbers.empty() ? -1.0 : numbers.front();
@@ -114,17 +156,29 @@ int torchser::bench::bench_pickle(const Config& config) {
     std::filesystem::remove(py_path);
   }
   if (py_save > 0) {
-    rows.push_back({"Python torch.save (/usr/bin/python3)", py_save, total, "of raw write()", save.baseline / py_save});
-    rows.push_back({"Python torch.load (/usr/bin/python3)", py_load, total, "of memcpy into new allocations",
-                    copy_load.baseline / py_load});
+    rows.push_back(
+        {"Python torch.save (/usr/bin/python3)",
+         py_save,
+         total,
+         "of raw write()",
+         save.baseline / py_save});
+    rows.push_back(
+        {"Python torch.load (/usr/bin/python3)",
+         py_load,
+         total,
+         "of memcpy into new allocations",
+         copy_load.baseline / py_load});
   }
   print(rows);
-  std::cout << "\nmmap open + create " << count << " tensors: " << t_open * 1e3 << " ms, resident memory growth "
-            << rss_growth / 1024 << " KiB\n";
+  std::cout << "\nmmap open + create " << count << " tensors: " << t_open * 1e3
+            << " ms, resident memory growth " << rss_growth / 1024 << " KiB\n";
   if (py_save > 0) {
-    std::cout << "torch_save vs Python torch.save: " << py_save / save.subject << "× faster; "
-              << "torch_load (copy) vs Python torch.load: " << py_load / copy_load.subject << "× faster; "
-              << "vs torch::pickle_load: " << t_pickle_load / copy_load.subject << "× faster\n";
+    std::cout << "torch_save vs Python torch.save: " << py_save / save.subject
+              << "× faster; "
+              << "torch_load (copy) vs Python torch.load: "
+              << py_load / copy_load.subject << "× faster; "
+              << "vs torch::pickle_load: " << t_pickle_load / copy_load.subject
+              << "× faster\n";
   }
   settle();
   return 0;

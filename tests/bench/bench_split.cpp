@@ -115,14 +115,20 @@ std::string ms(double seconds) {
 } // namespace
 
 int torchser::bench::bench_split(const Config& config) {
-  const std::int64_t max_tensors = config.quick ? std::min<std::int64_t>(config.max_tensors, 10'000) : config.max_tensors;
-  const std::int64_t python_max = config.quick ? std::min<std::int64_t>(config.python_max_tensors, 1'000) : config.python_max_tensors;
+  const std::int64_t max_tensors =
+      config.quick ? std::min<std::int64_t>(config.max_tensors, 10'000)
+                   : config.max_tensors;
+  const std::int64_t python_max =
+      config.quick ? std::min<std::int64_t>(config.python_max_tensors, 1'000)
+                   : config.python_max_tensors;
   std::cout << "| tensors | shards | torchser | per tensor | huggingface_hub "
                "(Python) | speed-up |\n"
             << "|---:|---:|---:|---:|---:|---:|\n";
   for (std::int64_t n = 1000; n <= max_tensors; n *= 10) {
     const auto sd = make_state_dict(n);
-    const int repeats = config.repeats > 0 ? config.repeats : config.quick ? 1 : (n >= 1'000'000 ? 3 : 7);
+    const int repeats = config.repeats > 0 ? config.repeats
+                        : config.quick     ? 1
+                                           : (n >= 1'000'000 ? 3 : 7);
     const double ours = time_torchser(sd, repeats);
     const auto shards = torchser::split_torch_state_dict_into_shards(
                             sd, torchser::SplitOptions().max_shard_size(6400))
@@ -130,7 +136,8 @@ int torchser::bench::bench_split(const Config& config) {
     std::string python = "not run";
     std::string ratio = "";
     if (n <= python_max) {
-      const double theirs = time_python(n, config.quick || n >= 100'000 ? 1 : 3);
+      const double theirs =
+          time_python(n, config.quick || n >= 100'000 ? 1 : 3);
       if (theirs >= 0) {
         python = ms(theirs);
         char buffer[32];

@@ -31,7 +31,10 @@ inline double seconds_since(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
 }
 
-inline double median_seconds(int repeats, const std::function<void()>& body, const std::function<void()>& before = {}) {
+inline double median_seconds(
+    int repeats,
+    const std::function<void()>& body,
+    const std::function<void()>& before = {}) {
   std::vector<double> times;
   for (int r = 0; r < repeats; ++r) {
     if (before) {
@@ -55,8 +58,11 @@ struct Paired {
   double subject;
   double ratio;
 };
-inline Paired paired(int repeats, const std::function<void()>& baseline, const std::function<void()>& subject,
-              const std::function<void()>& before = {}) {
+inline Paired paired(
+    int repeats,
+    const std::function<void()>& baseline,
+    const std::function<void()>& subject,
+    const std::function<void()>& before = {}) {
   std::vector<double> a;
   std::vector<double> b;
   std::vector<double> ratio;
@@ -109,7 +115,10 @@ inline void write_all(int fd, const void* data, std::size_t size) {
 
 // The physical limit of every save: the tensors' bytes written one after
 // another to a new file with plain write() (then fsync when `durable`).
-inline void write_raw(const std::filesystem::path& path, const std::vector<at::Tensor>& tensors, bool durable) {
+inline void write_raw(
+    const std::filesystem::path& path,
+    const std::vector<at::Tensor>& tensors,
+    bool durable) {
   const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
   for (const auto& t : tensors) {
     write_all(fd, t.data_ptr(), t.nbytes());
@@ -161,26 +170,39 @@ inline void print(const std::vector<Row>& rows) {
   for (const Row& r : rows) {
     char line[256];
     char gbps[32] = "";
-    if (r.bytes > 0) { // rows that move no bytes (opening, reading a directory) have no rate
+    if (r.bytes > 0) { // rows that move no bytes (opening, reading a directory)
+                       // have no rate
       std::snprintf(gbps, sizeof gbps, "%.2f", r.bytes / r.seconds / 1e9);
     }
     if (r.ratio > 0) {
-      std::snprintf(line, sizeof line, "| %s | %.1f ms | %s | %.2f× %s |", r.what.c_str(), r.seconds * 1e3, gbps,
-                    r.ratio, r.versus.c_str());
+      std::snprintf(
+          line,
+          sizeof line,
+          "| %s | %.1f ms | %s | %.2f× %s |",
+          r.what.c_str(),
+          r.seconds * 1e3,
+          gbps,
+          r.ratio,
+          r.versus.c_str());
     } else {
-      std::snprintf(line, sizeof line, "| %s | %.1f ms | %s | |", r.what.c_str(), r.seconds * 1e3, gbps);
+      std::snprintf(
+          line,
+          sizeof line,
+          "| %s | %.1f ms | %s | |",
+          r.what.c_str(),
+          r.seconds * 1e3,
+          gbps);
     }
     std::cout << line << "\n";
   }
 }
 
-
 /// What the one benchmark program was asked for (see bench_main.cpp).
 struct Config {
-  std::string dir;        ///< where the files go
-  bool quick = false;     ///< CI mode: small sizes, one repeat
-  std::int64_t mib = 0;   ///< 0: each section's default
-  int repeats = 0;        ///< 0: each section's default
+  std::string dir;                      ///< where the files go
+  bool quick = false;                   ///< CI mode: small sizes, one repeat
+  std::int64_t mib = 0;                 ///< 0: each section's default
+  int repeats = 0;                      ///< 0: each section's default
   std::int64_t max_tensors = 1'000'000; ///< largest planner workload
   std::int64_t python_max_tensors = 10'000; ///< largest one Python plans too
 };
@@ -198,7 +220,11 @@ inline std::vector<double> python_numbers(const std::string& script) {
   if (!python_enabled()) {
     return numbers;
   }
-  if (FILE* pipe = ::popen(("/usr/bin/python3 - 2>/dev/null <<'TORCHSER_EOF'\n" + script + "TORCHSER_EOF\n").c_str(), "r")) {
+  if (FILE* pipe = ::popen(
+          ("/usr/bin/python3 - 2>/dev/null <<'TORCHSER_EOF'\n" + script +
+           "TORCHSER_EOF\n")
+              .c_str(),
+          "r")) {
     double value = 0;
     while (std::fscanf(pipe, "%lf", &value) == 1) {
       numbers.push_back(value);
@@ -222,7 +248,8 @@ struct BenchArgs {
 };
 /// A section's defaults (`mib`, `tensors`, `repeats`) with the command
 /// line's overrides; quick mode shrinks them to seconds in all.
-inline BenchArgs section_args(const Config& config, std::int64_t mib, std::int64_t tensors, int repeats) {
+inline BenchArgs section_args(
+    const Config& config, std::int64_t mib, std::int64_t tensors, int repeats) {
   BenchArgs args{config.dir, mib, tensors, repeats};
   if (config.quick) {
     args.mib = 16;

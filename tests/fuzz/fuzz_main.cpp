@@ -3,7 +3,8 @@
 
 #include "fuzz_targets.h"
 
-extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
+extern "C" int LLVMFuzzerTestOneInput(
+    const std::uint8_t* data, std::size_t size) {
   torchser::fuzz::TORCHSER_FUZZ_TARGET(data, size);
   return 0;
 }

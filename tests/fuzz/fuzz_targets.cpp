@@ -30,7 +30,8 @@ void touch(const at::Tensor& t) {
   if (!t.defined() || !t.device().is_cpu() || !t.has_storage()) {
     return;
   }
-  const auto* bytes = static_cast<const volatile std::uint8_t*>(t.storage().data());
+  const auto* bytes =
+      static_cast<const volatile std::uint8_t*>(t.storage().data());
   const std::size_t nbytes = t.storage().nbytes();
   std::uint8_t sum = 0;
   for (std::size_t i = 0; i < nbytes; ++i) {
@@ -84,7 +85,9 @@ class ScratchFile {
  public:
   explicit ScratchFile(const std::string& extension) {
     const std::filesystem::path dir =
-        std::filesystem::is_directory("/dev/shm") ? "/dev/shm" : std::filesystem::temp_directory_path();
+        std::filesystem::is_directory("/dev/shm")
+            ? "/dev/shm"
+            : std::filesystem::temp_directory_path();
     path_ = dir / ("torchser-fuzz-" + std::to_string(::getpid()) + extension);
   }
   ~ScratchFile() {
@@ -92,7 +95,8 @@ class ScratchFile {
     std::filesystem::remove(path_, ignored);
   }
   const std::filesystem::path& write(const void* data, std::size_t size) {
-    const int fd = ::open(path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    const int fd =
+        ::open(path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
     if (fd < 0) {
       std::perror("fuzz scratch file");
       std::abort();
@@ -141,7 +145,8 @@ void safetensors_header(const std::uint8_t* data, std::size_t size) {
   expect_typed_errors([&] {
     const std::string_view bytes(reinterpret_cast<const char*>(data), size);
     const detail::SafetensorsSource source{"fuzz input", false};
-    const std::uint64_t n = detail::read_header_length(bytes.substr(0, 8), size, source);
+    const std::uint64_t n =
+        detail::read_header_length(bytes.substr(0, 8), size, source);
     const auto header = detail::parse_header(bytes.substr(8, n), size, source);
     // Every tensor lies inside the data the file holds.
     for (const auto& t : header.tensors) {
@@ -155,23 +160,29 @@ void safetensors_header(const std::uint8_t* data, std::size_t size) {
 void safetensors_file(const std::uint8_t* data, std::size_t size) {
   static ScratchFile scratch(".safetensors");
   expect_typed_errors([&] {
-    for (const auto& item : load(std::string_view(reinterpret_cast<const char*>(data), size))) {
+    for (const auto& item :
+         load(std::string_view(reinterpret_cast<const char*>(data), size))) {
       touch(item.value());
     }
   });
   const auto& path = scratch.write(data, size);
   for (const auto backend : {LoadBackend::kMmap, LoadBackend::kPread}) {
-    expect_typed_errors([&] { read_safetensors(SafeOpen(path, SafeOpenOptions().backend(backend))); });
+    expect_typed_errors([&] {
+      read_safetensors(SafeOpen(path, SafeOpenOptions().backend(backend)));
+    });
   }
 }
 
 void index_json(const std::uint8_t* data, std::size_t size) {
   expect_typed_errors([&] {
-    const auto index = detail::parse_index(std::string_view(reinterpret_cast<const char*>(data), size),
-                                           "fuzz.index.json", ".safetensors");
+    const auto index = detail::parse_index(
+        std::string_view(reinterpret_cast<const char*>(data), size),
+        "fuzz.index.json",
+        ".safetensors");
     for (const auto& [shard, keys] : index.shards) {
       // What the reader accepted stays inside the checkpoint directory.
-      if (detail::escapes_directory(shard) || shard.find('\0') != std::string::npos || keys.empty()) {
+      if (detail::escapes_directory(shard) ||
+          shard.find('\0') != std::string::npos || keys.empty()) {
         std::abort();
       }
     }
@@ -195,8 +206,11 @@ void dduf(const std::uint8_t* data, std::size_t size) {
       }
       (void)sum;
       const std::string& name = entry.filename;
-      if (name.size() > 12 && name.compare(name.size() - 12, 12, ".safetensors") == 0) {
-        expect_typed_errors([&] { read_safetensors(SafeOpen(path, entry.offset, entry.length)); });
+      if (name.size() > 12 &&
+          name.compare(name.size() - 12, 12, ".safetensors") == 0) {
+        expect_typed_errors([&] {
+          read_safetensors(SafeOpen(path, entry.offset, entry.length));
+        });
       }
     }
   });
@@ -218,10 +232,16 @@ void pickle_vm(const std::uint8_t* data, std::size_t size) {
   static ScratchFile scratch(".bin");
   std::string archive;
   detail::ZipWriter zip(
-      {[&](const void* p, std::size_t n) { archive.append(static_cast<const char*>(p), n); },
-       [&](const void* p, std::size_t n, std::uint64_t at) { archive.replace(at, n, static_cast<const char*>(p), n); }},
+      {[&](const void* p, std::size_t n) {
+         archive.append(static_cast<const char*>(p), n);
+       },
+       [&](const void* p, std::size_t n, std::uint64_t at) {
+         archive.replace(at, n, static_cast<const char*>(p), n);
+       }},
       {});
-  zip.add("archive/data.pkl", std::string_view(reinterpret_cast<const char*>(data), size));
+  zip.add(
+      "archive/data.pkl",
+      std::string_view(reinterpret_cast<const char*>(data), size));
   zip.add("archive/byteorder", "little");
   zip.add("archive/data/0", std::string(64, '\x11'));
   zip.add("archive/data/1", std::string(16, '\x22'));
@@ -236,9 +256,12 @@ void pickle_vm(const std::uint8_t* data, std::size_t size) {
 
 const std::vector<NamedTarget>& all_targets() {
   static const std::vector<NamedTarget> targets = {
-      {"safetensors_header", safetensors_header}, {"safetensors_file", safetensors_file},
-      {"index_json", index_json},                 {"dduf", dduf},
-      {"torch_load_file", torch_load_file},       {"pickle_vm", pickle_vm},
+      {"safetensors_header", safetensors_header},
+      {"safetensors_file", safetensors_file},
+      {"index_json", index_json},
+      {"dduf", dduf},
+      {"torch_load_file", torch_load_file},
+      {"pickle_vm", pickle_vm},
   };
   return targets;
 }

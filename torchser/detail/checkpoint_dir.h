@@ -83,7 +83,8 @@ struct TORCHSER_API Checkpoint {
 /// ValueError (the reference's "does not contain a valid checkpoint", with a
 /// hint when a pickle checkpoint is there but not allowed) and
 /// FileNotFoundError.
-TORCHSER_API Checkpoint resolve_checkpoint(const std::filesystem::path& target, const ResolveOptions& options);
+TORCHSER_API Checkpoint resolve_checkpoint(
+    const std::filesystem::path& target, const ResolveOptions& options);
 
 /// What verify_checkpoint() found.
 struct TORCHSER_API VerifyReport {
@@ -131,7 +132,8 @@ class TORCHSER_API DirectoryLock {
 
 /// The lock a load of `directory` holds while it reads: shared, after
 /// completing any interrupted save (which needs it exclusively for a moment).
-TORCHSER_API DirectoryLock lock_for_reading(const std::filesystem::path& directory);
+TORCHSER_API DirectoryLock
+lock_for_reading(const std::filesystem::path& directory);
 
 /// Completes or undoes an interrupted save; the caller holds the exclusive
 /// lock. Returns whether it changed anything.
@@ -140,7 +142,8 @@ TORCHSER_API bool recover_locked(const std::filesystem::path& directory);
 /// What an interrupted save left in or beside `directory`, said for a user
 /// (nullopt when nothing), without changing anything: verify and inspect
 /// report it. A save in progress is said as such.
-TORCHSER_API std::optional<std::string> interrupted_save(const std::filesystem::path& directory);
+TORCHSER_API std::optional<std::string> interrupted_save(
+    const std::filesystem::path& directory);
 
 // ---------------------------------------------------------------------------
 // The commit
@@ -149,9 +152,10 @@ TORCHSER_API std::optional<std::string> interrupted_save(const std::filesystem::
 /// of the pattern, with or without a shard suffix, and their index; the
 /// pattern is never a regex), minus `keep`; index files first, so that no
 /// index ever names a removed shard.
-TORCHSER_API std::vector<std::string> stale_files(const std::filesystem::path& directory,
-                                                  const FilenamePattern& pattern,
-                                                  const std::vector<std::string>& keep);
+TORCHSER_API std::vector<std::string> stale_files(
+    const std::filesystem::path& directory,
+    const FilenamePattern& pattern,
+    const std::vector<std::string>& keep);
 
 /// One save's replacement of a checkpoint (see the file comment). The
 /// constructor takes the directory's lock exclusively (waiting for other
@@ -165,7 +169,10 @@ TORCHSER_API std::vector<std::string> stale_files(const std::filesystem::path& d
 class TORCHSER_API CheckpointCommit {
  public:
   enum class Mode { kSingleFile, kSwap, kJournal };
-  CheckpointCommit(const std::filesystem::path& directory, std::size_t new_files, bool durable);
+  CheckpointCommit(
+      const std::filesystem::path& directory,
+      std::size_t new_files,
+      bool durable);
   ~CheckpointCommit();
   CheckpointCommit(const CheckpointCommit&) = delete;
   CheckpointCommit& operator=(const CheckpointCommit&) = delete;

@@ -19,9 +19,7 @@ namespace torchser::detail {
 /// Throws FileNotFoundError (ENOENT) or OSError for `path`, built from
 /// `what` ("cannot open", "cannot read", ...) and errno `error`.
 [[noreturn]] TORCHSER_API void throw_os_error(
-    const std::string& what,
-    const std::filesystem::path& path,
-    int error);
+    const std::string& what, const std::filesystem::path& path, int error);
 
 /// An open file descriptor, closed on destruction.
 class TORCHSER_API File {
@@ -80,7 +78,8 @@ class TORCHSER_API MappedFile {
   }
   /// madvise() on bytes [offset, offset + size) of the mapping (page
   /// aligned); a hint, failures are ignored.
-  void advise_range(std::uint64_t offset, std::uint64_t size, int advice) const noexcept;
+  void advise_range(
+      std::uint64_t offset, std::uint64_t size, int advice) const noexcept;
 
  private:
   MappedFile(std::uint8_t* data, std::uint64_t size, std::filesystem::path path)

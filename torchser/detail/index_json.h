@@ -13,8 +13,8 @@
 #include <vector>
 
 #include <torchser/export.h>
-#include <torchser/state_dict.h>
 #include <torchser/split.h>
+#include <torchser/state_dict.h>
 
 namespace torchser::detail {
 
@@ -27,7 +27,8 @@ TORCHSER_API std::string python_json_string(std::string_view text);
 /// {"metadata": {"total_size": N, ...metadata}, "weight_map": {...}} with
 /// indent 2 and no trailing newline. A "total_size" key in `metadata` replaces
 /// the computed value in its (first) position.
-TORCHSER_API std::string index_json(const StateDictSplit& split, const Metadata& metadata);
+TORCHSER_API std::string index_json(
+    const StateDictSplit& split, const Metadata& metadata);
 
 /// What a checkpoint's index says, validated: every shard name is a relative
 /// path inside the directory (no root, drive or ".." component, no NUL) with
@@ -48,11 +49,15 @@ struct TORCHSER_API IndexFile {
 /// every shard name must have. Throws ValueError naming the index file and
 /// what is wrong (bad JSON, no "weight_map" object, a non-string shard, an
 /// escaping or mistyped shard name).
-TORCHSER_API IndexFile parse_index(std::string_view text, const std::string& index_path,
-                                   std::string_view expected_extension);
+TORCHSER_API IndexFile parse_index(
+    std::string_view text,
+    const std::string& index_path,
+    std::string_view expected_extension);
 
 /// parse_index() of the file at `index_path` (OSError when unreadable).
-TORCHSER_API IndexFile read_index(const std::filesystem::path& index_path, std::string_view expected_extension);
+TORCHSER_API IndexFile read_index(
+    const std::filesystem::path& index_path,
+    std::string_view expected_extension);
 
 /// Whether a shard name would leave its directory: a CPython 3.12
 /// PureWindowsPath drive or root (the reference's rule), or a ".." component.

@@ -15,6 +15,9 @@ class TensorFile;
 
 /// Checks the format metadata, keys, shapes and strictness, then copies
 /// `file`'s tensors into `model` one at a time.
-LoadResult load_tensor_file_into(torch::nn::Module& model, const TensorFile& file, const LoadOptions& options);
+LoadResult load_tensor_file_into(
+    torch::nn::Module& model,
+    const TensorFile& file,
+    const LoadOptions& options);
 
 } // namespace torchser::detail

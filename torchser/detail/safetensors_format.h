@@ -44,8 +44,8 @@ struct TORCHSER_API ParsedHeader {
   /// Name → position in `tensors`.
   OrderedMap<std::size_t> index;
   std::uint64_t header_size = 0; ///< N
-  std::uint64_t data_start = 0; ///< 8 + N
-  std::uint64_t data_size = 0; ///< end of the last tensor
+  std::uint64_t data_start = 0;  ///< 8 + N
+  std::uint64_t data_size = 0;   ///< end of the last tensor
 };
 
 /// Rules 1–5: reads N from the first 8 bytes of a file of `file_size` bytes
@@ -74,7 +74,6 @@ TORCHSER_API std::string build_header(
 
 /// The official writer's order: dtype rank descending, then name byte-wise.
 TORCHSER_API bool writer_order_less(
-    const SafetensorsTensorInfo& a,
-    const SafetensorsTensorInfo& b);
+    const SafetensorsTensorInfo& a, const SafetensorsTensorInfo& b);
 
 } // namespace torchser::detail

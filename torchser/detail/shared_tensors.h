@@ -26,13 +26,15 @@ struct TORCHSER_API DroppedAliases {
 /// safetensors' `_remove_duplicate_names` applied: one name per storage
 /// (chosen as the reference chooses, `discard` honoured), the caller's dict
 /// untouched.
-TORCHSER_API DroppedAliases drop_aliases(const StateDict& state_dict, const std::vector<std::string>& discard = {});
+TORCHSER_API DroppedAliases drop_aliases(
+    const StateDict& state_dict, const std::vector<std::string>& discard = {});
 
 /// The inverse for formats that keep shared storage (torch.save): each
 /// metadata record `alias → kept` whose alias is missing and whose kept name
 /// is present becomes the alias name on the kept tensor. Other records are
 /// not aliases and are left alone. Returns how many it re-tied.
-TORCHSER_API std::size_t retie_aliases(StateDict& state_dict,
-                                       const std::vector<std::pair<std::string, std::string>>& metadata);
+TORCHSER_API std::size_t retie_aliases(
+    StateDict& state_dict,
+    const std::vector<std::pair<std::string, std::string>>& metadata);
 
 } // namespace torchser::detail

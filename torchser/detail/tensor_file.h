@@ -86,7 +86,8 @@ class TORCHSER_API TensorFile {
   }
   /// safetensors `__metadata__` (nullopt when there is none; torch.save
   /// files never have one).
-  const std::optional<std::vector<std::pair<std::string, std::string>>>& metadata() const {
+  const std::optional<std::vector<std::pair<std::string, std::string>>>&
+  metadata() const {
     return metadata_;
   }
   /// The tensor `name` (KeyError naming the file when absent).
@@ -113,24 +114,29 @@ class TORCHSER_API TensorFile {
 /// is torch.save; an 8-byte length and '{' is safetensors), by extension
 /// when the content says neither. `note` receives what contradicts the
 /// extension.
-TORCHSER_API TensorFormat sniff_format(const std::filesystem::path& path, std::string* note = nullptr);
+TORCHSER_API TensorFormat
+sniff_format(const std::filesystem::path& path, std::string* note = nullptr);
 
 /// Opens and validates a tensor file (the header for safetensors; the pickle
 /// and the ZIP directory for torch.save, tensors on mapped records).
-TORCHSER_API std::unique_ptr<TensorFile> open_tensor_file(const std::filesystem::path& path,
-                                                          const TensorFileOptions& options = {});
+TORCHSER_API std::unique_ptr<TensorFile> open_tensor_file(
+    const std::filesystem::path& path, const TensorFileOptions& options = {});
 
 /// A safetensors file stored at bytes [offset, offset + length) of `path`
 /// (a DDUF archive's entry), called `display` in messages.
-TORCHSER_API std::unique_ptr<TensorFile> open_tensor_file(const std::filesystem::path& path, std::uint64_t offset,
-                                                          std::uint64_t length, const std::string& display,
-                                                          const TensorFileOptions& options = {});
+TORCHSER_API std::unique_ptr<TensorFile> open_tensor_file(
+    const std::filesystem::path& path,
+    std::uint64_t offset,
+    std::uint64_t length,
+    const std::string& display,
+    const TensorFileOptions& options = {});
 
 /// open_tensor_file() plus what loaders take on trust: for torch.save
 /// files, every record's CRC-32 against the ZIP directory (the loaders map
 /// records without reading them, so a flipped byte would load silently).
 /// Costs one read of the file (ISA-L's CRC-32 runs far above the disk).
-TORCHSER_API std::unique_ptr<TensorFile> verify_tensor_file(const std::filesystem::path& path);
+TORCHSER_API std::unique_ptr<TensorFile> verify_tensor_file(
+    const std::filesystem::path& path);
 
 /// Every tensor of `file`, in file order.
 TORCHSER_API StateDict read_all(const TensorFile& file);

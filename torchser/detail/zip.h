@@ -39,7 +39,7 @@ struct TORCHSER_API ZipEntry {
   std::uint64_t compressed_size = 0;
   std::uint64_t uncompressed_size = 0;
   std::uint64_t local_header_offset = 0; ///< absolute, in the file
-  std::uint64_t data_offset = 0; ///< absolute, in the file
+  std::uint64_t data_offset = 0;         ///< absolute, in the file
   bool is_directory() const {
     return !name.empty() && name.back() == '/';
   }
@@ -61,15 +61,12 @@ struct TORCHSER_API ZipSource {
 TORCHSER_API std::vector<ZipEntry> read_zip_directory(const ZipSource& source);
 /// The same over bytes in memory.
 TORCHSER_API std::vector<ZipEntry> read_zip_directory(
-    const std::uint8_t* data,
-    std::uint64_t size);
+    const std::uint8_t* data, std::uint64_t size);
 
 /// The standard CRC-32 (ISO 3309, as ZIP and zlib use it), continued from
 /// `crc` (0 to start).
 TORCHSER_API std::uint32_t crc32(
-    std::uint32_t crc,
-    const void* data,
-    std::size_t size);
+    std::uint32_t crc, const void* data, std::size_t size);
 
 /// Writes an archive of stored entries in one pass: local header, data, next
 /// entry, ..., central directory. Each entry's data starts at a multiple of
@@ -105,14 +102,16 @@ class TORCHSER_API ZipWriter {
   void add(
       const std::string& name,
       std::uint64_t size,
-      const std::function<void(const std::function<void(const void*, std::size_t)>&)>& produce);
+      const std::function<
+          void(const std::function<void(const void*, std::size_t)>&)>& produce);
   /// Adds a stored entry from memory.
   void add(const std::string& name, std::string_view content);
   /// Adds a stored entry of a size not known in advance (python_zip64_layout
   /// only): `produce` writes any number of bytes.
   void add_streaming(
       const std::string& name,
-      const std::function<void(const std::function<void(const void*, std::size_t)>&)>& produce);
+      const std::function<
+          void(const std::function<void(const void*, std::size_t)>&)>& produce);
   /// Writes the central directory and the end records.
   void finish();
 
@@ -125,7 +124,8 @@ class TORCHSER_API ZipWriter {
   void add_entry(
       const std::string& name,
       std::optional<std::uint64_t> size,
-      const std::function<void(const std::function<void(const void*, std::size_t)>&)>& produce);
+      const std::function<
+          void(const std::function<void(const void*, std::size_t)>&)>& produce);
   Output output_;
   Options options_;
   std::uint64_t offset_ = 0;
