@@ -60,8 +60,9 @@ const std::string& entry_name(const Item& item) {
   return item.key();
 }
 
-// `_validate_dduf_structure`, folders in sorted order (SPEC deviation 9).
-// `has(name)` says whether the archive has an entry of that name.
+// `_validate_dduf_structure`, folders in sorted order (the reference iterates a
+// set; a sorted order makes errors reproducible). `has(name)` says whether the
+// archive has an entry of that name.
 template <typename Names, typename Has>
 void validate_structure(
     const nlohmann::json& index, const Names& names, const Has& has) {
@@ -228,7 +229,8 @@ OrderedMap<DDUFEntry> read_dduf_file(const std::filesystem::path& dduf_path) {
   try {
     zip_entries = detail::read_zip_directory(mapping->data(), mapping->size());
   } catch (const detail::ZipFormatError& e) {
-    // Python leaks zipfile.BadZipFile here (SPEC deviation 11).
+    // Python leaks zipfile.BadZipFile here; torchser says
+    // DDUFCorruptedFileError.
     throw DDUFCorruptedFileError(
         "Invalid DDUF file '" + dduf_path.string() + "': " + e.what());
   }
@@ -263,7 +265,8 @@ OrderedMap<DDUFEntry> read_dduf_file(const std::filesystem::path& dduf_path) {
           display_name(z.name) + "', file '" + dduf_path.string() + "')");
     }
     if (z.is_directory()) {
-      continue; // `zip -r` writes these; they hold nothing (SPEC deviation 11)
+      continue; // `zip -r` writes these; they hold nothing, and the reference
+                // skips them too
     }
     try {
       validate_entry_name(z.name);
@@ -301,7 +304,8 @@ OrderedMap<DDUFEntry> read_dduf_file(const std::filesystem::path& dduf_path) {
   try {
     index = parse_model_index(std::string(index_text));
   } catch (const nlohmann::json::exception& e) {
-    // Python leaks json.JSONDecodeError here (SPEC deviation 11).
+    // Python leaks json.JSONDecodeError here; torchser says
+    // DDUFCorruptedFileError.
     throw DDUFCorruptedFileError(
         "Invalid JSON in 'model_index.json' of '" + dduf_path.string() +
         "': " + e.what());

@@ -124,7 +124,8 @@ void copy_file(
 }
 
 // alias → kept entries of a checkpoint's metadata that re-tie a module key
-// the checkpoint lacks (SPEC deviation 13).
+// the checkpoint lacks (save_torch_state_dict records them; the reference never
+// re-ties them on load, so its strict loads of tied checkpoints fail).
 std::map<std::string, std::string> aliases_to_retie(
     const std::vector<std::pair<std::string, std::string>>& metadata,
     const std::set<std::string>& checkpoint_keys,

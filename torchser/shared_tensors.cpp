@@ -24,7 +24,8 @@ struct Area {
 };
 
 // One past the last byte any element of `t` occupies. From sizes and strides
-// rather than view(-1), so transposed aliases do not throw (SPEC deviation 8).
+// rather than view(-1), so transposed aliases do not throw (the reference
+// flattens, which fails on them).
 std::uintptr_t end_address(const at::Tensor& t) {
   const auto start = reinterpret_cast<std::uintptr_t>(t.data_ptr());
   if (t.numel() == 0) {

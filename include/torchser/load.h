@@ -8,7 +8,8 @@
 ///
 /// Deliberate differences from the reference:
 /// - `strict` works with sharded checkpoints: every key is checked against
-///   the index first (reference message M-T11), then shards load one by one.
+///   the index first (the reference's "Missing key(s): …" message), then shards
+///   load one by one.
 /// - Nothing is copied into the module until every key and shape has been
 ///   checked, so an error never leaves a half-loaded module.
 /// - Tied weights recorded as `alias → kept` in the metadata by the savers
@@ -81,9 +82,10 @@ struct TORCHSER_API LoadResult {
 /// is metadata), anything else through the torch.save reader (a state dict,
 /// or the one a checkpoint nests).
 ///
-/// Throws FileNotFoundError (M-T7) when `path` is not a regular file, OSError
-/// (M-T9) for bad safetensors metadata, SafetensorError / UnpicklingError for
-/// damaged files.
+/// Throws FileNotFoundError ("No checkpoint file found at …") when `path` is
+/// not a regular file, OSError
+/// ("does not contain the valid metadata") for bad safetensors metadata,
+/// SafetensorError / UnpicklingError for damaged files.
 TORCHSER_API StateDict load_state_dict_from_file(
     const std::filesystem::path& path, const LoadOptions& options = {});
 
@@ -92,8 +94,9 @@ TORCHSER_API StateDict load_state_dict_from_file(
 /// parameters stay tied, optimizers keep their references), without autograd,
 /// converting dtypes as `copy_` does. Returns the missing and unexpected keys.
 ///
-/// Throws ValueError (M-T3 no such path, M-T4 no checkpoint in the directory,
-/// M-T5/M-T6 bad shard names in an index), RuntimeError (strict mismatch,
+/// Throws ValueError ("Checkpoint path … does not exist", "… does not
+/// contain a valid checkpoint", bad shard names in an index, a `.dduf`
+/// path, map_location set), RuntimeError (strict mismatch,
 /// size mismatch, in PyTorch's or huggingface_hub's format), and the errors
 /// of the readers.
 TORCHSER_API LoadResult load_torch_model(

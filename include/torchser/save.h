@@ -69,7 +69,8 @@ struct TORCHSER_API SaveOptions {
 /// `huggingface_hub.save_torch_state_dict`. The directory must exist.
 ///
 /// Throws ValueError (bad options, empty state dict, unsaveable tensors),
-/// RuntimeError (shared tensors without a complete owner, M-T12), OSError.
+/// RuntimeError (shared tensors without a complete owner, "None is covering the
+/// entire storage"), OSError.
 ///
 /// Example:
 /// ```
