@@ -62,6 +62,7 @@ struct TORCHSER_API LoadOptions {
     backend_ = on ? LoadBackend::kMmap : LoadBackend::kPread;
     return *this;
   }
+  /// Whether the backend is kMmap.
   bool mmap() const {
     return backend_ == LoadBackend::kMmap;
   }

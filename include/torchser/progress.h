@@ -11,13 +11,15 @@
 
 namespace torchser {
 
+/// Where a save is, after one more tensor.
 struct Progress {
   /// The file being written, by its name in the checkpoint.
   std::string file;
   /// The tensor just written.
   std::string tensor;
-  /// Bytes of tensor data written so far, and in all.
+  /// Bytes of tensor data written so far.
   std::uint64_t bytes_done = 0;
+  /// Bytes of tensor data the whole operation writes.
   std::uint64_t bytes_total = 0;
 };
 
