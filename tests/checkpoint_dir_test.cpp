@@ -154,6 +154,59 @@ TEST(CheckpointCommitTest, WhereASwapCannotWorkTheJournalCommits) {
       5.0F);
 }
 
+// A filesystem without RENAME_EXCHANGE (the exchange fails with EINVAL):
+// the staged files move beside the old ones and the journal commits them.
+TEST(CheckpointCommitTest, AFilesystemWithoutTheExchangeFallsBackToTheJournal) {
+  TempDir parent;
+  const fs::path dir = parent / "ckpt";
+  fs::create_directories(dir);
+  save_torch_state_dict(generation(0), dir, SaveOptions().max_shard_size(8000));
+  write_file(dir / "config.json", "{}");
+  const ino_t before = inode_of(dir);
+  static int calls = 0;
+  calls = 0;
+  const auto previous =
+      detail::replace_exchange_for_testing([](const char*, const char*) {
+        ++calls;
+        errno = EINVAL;
+        return -1;
+      });
+  save_torch_state_dict(
+      generation(100), dir, SaveOptions().max_shard_size(16000));
+  detail::replace_exchange_for_testing(previous);
+  EXPECT_EQ(calls, 1);
+  EXPECT_EQ(inode_of(dir), before); // committed in place
+  EXPECT_EQ(
+      names_in(dir),
+      (std::vector<std::string>{
+          "config.json",
+          "model-00001-of-00002.safetensors",
+          "model-00002-of-00002.safetensors",
+          "model.safetensors.index.json"}));
+  EXPECT_EQ(names_in(parent.path()), std::vector<std::string>{"ckpt"});
+  EXPECT_EQ(
+      load_file(dir / "model-00002-of-00002.safetensors")["w5"][0]
+          .item<float>(),
+      105.0F);
+  // Any other failure of the exchange is an error naming the directory, and
+  // the old checkpoint stays.
+  const auto kept = names_in(dir);
+  const auto previous2 =
+      detail::replace_exchange_for_testing([](const char*, const char*) {
+        errno = EIO;
+        return -1;
+      });
+  EXPECT_THAT(
+      [&] {
+        save_torch_state_dict(
+            generation(7), dir, SaveOptions().max_shard_size(8000));
+      },
+      ::testing::ThrowsMessage<OSError>(HasSubstr(dir.string())));
+  detail::replace_exchange_for_testing(previous2);
+  EXPECT_EQ(names_in(dir), kept);
+  EXPECT_EQ(names_in(parent.path()), std::vector<std::string>{"ckpt"});
+}
+
 TEST(CheckpointCommitTest, ASymlinkToTheCheckpointStaysALink) {
   TempDir parent;
   fs::create_directories(parent / "real");

@@ -34,6 +34,7 @@
 #include <torchser/save.h>
 
 #include "test_utils.h"
+#include "torchser/detail/checkpoint_dir.h"
 
 namespace torchser {
 namespace {
@@ -243,6 +244,54 @@ TEST(FaultInjectionTest, FullFileSystemFailsCleanlyAndKeepsTheOldCheckpoint) {
     EXPECT_THAT(report, HasSubstr("No space left on device"));
     EXPECT_THAT(report, HasSubstr(mount_point.string()));
   }
+}
+
+// A checkpoint folder that is a mount point cannot be swapped (a rename
+// never crosses filesystems): the journal commits there.
+TEST(FaultInjectionTest, AMountPointCommitsThroughTheJournal) {
+  TempDir dir;
+  const fs::path mount_point = dir.path() / "mounted";
+  fs::create_directories(mount_point);
+  const std::string report = in_child([&]() -> std::string {
+    const uid_t uid = ::geteuid();
+    const gid_t gid = ::getegid();
+    if (::unshare(CLONE_NEWNS | (uid == 0 ? 0 : CLONE_NEWUSER)) != 0) {
+      return "skip: unshare: " + std::string(std::strerror(errno));
+    }
+    if (uid != 0) {
+      std::ofstream("/proc/self/setgroups") << "deny";
+      std::ofstream("/proc/self/uid_map") << "0 " << uid << " 1";
+      std::ofstream("/proc/self/gid_map") << "0 " << gid << " 1";
+    }
+    if (::mount("none", "/", nullptr, MS_REC | MS_PRIVATE, nullptr) != 0 ||
+        ::mount("tmpfs", mount_point.c_str(), "tmpfs", 0, "size=4m") != 0) {
+      return "skip: mount: " + std::string(std::strerror(errno));
+    }
+    StateDict sd;
+    for (int i = 0; i < 6; ++i) {
+      sd.insert(
+          "w" + std::to_string(i), at::full({1024}, static_cast<float>(i)));
+    }
+    save_torch_state_dict(sd, mount_point, SaveOptions().max_shard_size(8000));
+    {
+      const detail::CheckpointCommit commit(mount_point, 2, /*durable=*/false);
+      if (commit.mode() != detail::CheckpointCommit::Mode::kJournal) {
+        return std::string("not the journal");
+      }
+    }
+    for (auto& item : sd) {
+      item.value().add_(100);
+    }
+    save_torch_state_dict(sd, mount_point, SaveOptions().max_shard_size(8000));
+    const float w5 =
+        load_file(mount_point / "model-00006-of-00006.safetensors")["w5"][0]
+            .item<float>();
+    return w5 == 105.0F ? std::string("ok") : "w5 is " + std::to_string(w5);
+  });
+  if (report.rfind("skip: ", 0) == 0) {
+    GTEST_SKIP() << "no private tmpfs here (" << report << ")";
+  }
+  EXPECT_EQ(report, "ok");
 }
 
 TEST(FaultInjectionTest, ConcurrentLoadsNeverSeeAPartialCheckpoint) {

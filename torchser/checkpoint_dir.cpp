@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstring>
 #include <fstream>
@@ -887,6 +888,20 @@ bool carry_over(
 
 } // namespace
 
+namespace {
+
+int renameat2_exchange(const char* from, const char* to) {
+  return ::renameat2(AT_FDCWD, from, AT_FDCWD, to, RENAME_EXCHANGE);
+}
+
+std::atomic<ExchangeDirectories> exchange_directories{renameat2_exchange};
+
+} // namespace
+
+ExchangeDirectories replace_exchange_for_testing(ExchangeDirectories exchange) {
+  return exchange_directories.exchange(exchange);
+}
+
 void CheckpointCommit::commit() {
   State& s = *state_;
   std::set<std::string> new_names;
@@ -925,12 +940,8 @@ void CheckpointCommit::commit() {
       if (s.durable) {
         fsync_directory(s.staging);
       }
-      swapped = ::renameat2(
-                    AT_FDCWD,
-                    s.staging.c_str(),
-                    AT_FDCWD,
-                    s.real.c_str(),
-                    RENAME_EXCHANGE) == 0;
+      swapped =
+          exchange_directories.load()(s.staging.c_str(), s.real.c_str()) == 0;
       error = swapped ? 0 : errno;
     }
     if (swapped) {

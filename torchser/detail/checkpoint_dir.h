@@ -194,4 +194,11 @@ class TORCHSER_API CheckpointCommit {
   std::unique_ptr<State> state_;
 };
 
+/// The directory exchange a swap commits with (renameat2 with
+/// RENAME_EXCHANGE: 0, or -1 and errno). Tests replace it to stand for a
+/// filesystem without it; returns the one replaced.
+using ExchangeDirectories = int (*)(const char* from, const char* to);
+TORCHSER_API ExchangeDirectories
+replace_exchange_for_testing(ExchangeDirectories exchange);
+
 } // namespace torchser::detail
