@@ -103,19 +103,27 @@ TEST(
 
 TEST(
     CheckpointCommitTest,
-    OneNewFileIsRenamedIntoPlaceAndTheOldShardsGoIndexFirst) {
+    OneFileReplacingItselfIsRenamedAndOneReplacingShardsIsSwapped) {
   TempDir dir;
-  save_torch_state_dict(
-      generation(0), dir.path(), SaveOptions().max_shard_size(8000));
+  save_torch_state_dict(generation(0), dir.path());
   const ino_t before = inode_of(dir.path());
   {
     detail::CheckpointCommit commit(dir.path(), 1, /*durable=*/false);
     EXPECT_EQ(commit.mode(), detail::CheckpointCommit::Mode::kSingleFile);
   }
-  save_torch_state_dict(generation(7), dir.path());
+  save_torch_state_dict(generation(7), dir.path()); // over itself: one rename
   EXPECT_EQ(inode_of(dir.path()), before);
+  EXPECT_EQ(load_file(dir / "model.safetensors")["w0"][0].item<float>(), 7.0F);
+  // Over a sharded checkpoint, one file replaces several: swapped in whole,
+  // so no reader ever sees the new file beside stale shards.
+  save_torch_state_dict(
+      generation(0), dir.path(), SaveOptions().max_shard_size(8000));
+  const ino_t sharded = inode_of(dir.path());
+  save_torch_state_dict(generation(9), dir.path());
+  EXPECT_NE(inode_of(dir.path()), sharded);
   EXPECT_EQ(
       names_in(dir.path()), std::vector<std::string>{"model.safetensors"});
+  EXPECT_EQ(load_file(dir / "model.safetensors")["w0"][0].item<float>(), 9.0F);
 }
 
 TEST(CheckpointCommitTest, WhereASwapCannotWorkTheJournalCommits) {

@@ -554,6 +554,36 @@ TEST(CliTest, ConvertKeepsMetadataAndAliasRecords) {
       reloaded.head->weight.data_ptr(), reloaded.embed->weight.data_ptr());
 }
 
+// Converting a checkpoint in place (DST is SRC's folder, or a file in it)
+// replaces it, and never waits on its own read lock.
+TEST(CliTest, ConvertInPlaceReplacesTheCheckpoint) {
+  TempDir dir;
+  StateDict sd;
+  for (int i = 0; i < 4; ++i) {
+    sd.insert("w" + std::to_string(i), at::arange(i, i + 100, at::kFloat));
+  }
+  save_torch_state_dict(sd, dir.path(), SaveOptions().max_shard_size(800));
+  const CliRun same = cli_with_prefix(
+      "timeout 60 ",
+      "convert " + quoted(dir.path()) + " " + quoted(dir.path()) +
+          " --max-shard-size 400");
+  ASSERT_EQ(same.status, 0) << same.output;
+  EXPECT_TRUE(
+      std::filesystem::exists(dir / "model-00004-of-00004.safetensors"));
+  // One file named like the checkpoint's own: the shards and index go.
+  const CliRun single = cli_with_prefix(
+      "timeout 60 ",
+      "convert " + quoted(dir.path()) + " " +
+          quoted(dir / "model.safetensors"));
+  ASSERT_EQ(single.status, 0) << single.output;
+  std::vector<std::string> names;
+  for (const auto& e : std::filesystem::directory_iterator(dir.path())) {
+    names.push_back(e.path().filename().string());
+  }
+  EXPECT_EQ(names, std::vector<std::string>{"model.safetensors"});
+  EXPECT_TRUE(load_file(dir / "model.safetensors")["w3"].equal(sd["w3"]));
+}
+
 TEST(CliTest, ConvertWritesAFileWhenTheDestinationHasAFormatExtension) {
   TempDir dir;
   StateDict sd;

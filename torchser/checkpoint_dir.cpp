@@ -18,6 +18,7 @@
 #include <tuple>
 #include <utility>
 
+#include <c10/util/Exception.h>
 #include <nlohmann/json.hpp>
 
 #include <torchser/constants.h>
@@ -75,7 +76,11 @@ struct Listing {
 Listing list_directory(const fs::path& directory) {
   Listing out;
   std::error_code ec;
-  for (const auto& entry : fs::directory_iterator(directory)) {
+  fs::directory_iterator it(directory, ec);
+  if (ec) {
+    throw_os_error("Cannot list", directory, ec.value());
+  }
+  for (const auto& entry : it) {
     if (!entry.is_regular_file(ec)) {
       continue;
     }
@@ -259,7 +264,14 @@ VerifyReport verify_checkpoint(const Checkpoint& checkpoint) {
       report.notes.push_back(file->note());
     }
     pickle = pickle || file->format() == TensorFormat::kPickle;
-    std::set<std::string>& names = held[path.filename().string()];
+    // The index's own name for a shard (it may sit in a subfolder).
+    std::string shard_name = path.filename().string();
+    for (const auto& item : checkpoint.index.shards) {
+      if (checkpoint.directory / item.first == path) {
+        shard_name = item.first;
+      }
+    }
+    std::set<std::string>& names = held[shard_name];
     std::set<std::string> storages;
     for (const TensorEntry& entry : file->entries()) {
       names.insert(entry.name);
@@ -701,7 +713,11 @@ std::vector<std::string> stale_files(
   const std::set<std::string> kept(keep.begin(), keep.end());
   std::vector<std::string> stale;
   std::error_code ec;
-  for (const auto& entry : fs::directory_iterator(directory)) {
+  fs::directory_iterator it(directory, ec);
+  if (ec) {
+    throw_os_error("Cannot list", directory, ec.value());
+  }
+  for (const auto& entry : it) {
     const std::string name = entry.path().filename().string();
     if (kept.count(name) == 0 && entry.is_regular_file(ec) &&
         matches_pattern(pattern, name)) {
@@ -725,6 +741,7 @@ struct CheckpointCommit::State {
       staging; // kSwap: the sibling directory the new checkpoint is built in
   fs::path
       real; // kSwap: the directory itself, links resolved (what is swapped)
+  std::unique_ptr<DirectoryLock> staging_lock; // kSwap: the new directory's
   std::mutex mutex;
   std::vector<std::pair<std::string, fs::path>>
       staged; // final name → temporary
@@ -748,6 +765,13 @@ bool swappable(const fs::path& directory, const fs::path& parent) {
   if (::stat(directory.c_str(), &dir) != 0 ||
       ::stat(parent.c_str(), &up) != 0 || dir.st_dev != up.st_dev ||
       (dir.st_ino == up.st_ino)) {
+    return false;
+  }
+  // A bind mount has its parent's st_dev, but renames across it fail too.
+  struct statx root {};
+  if (::statx(AT_FDCWD, directory.c_str(), 0, STATX_BASIC_STATS, &root) == 0 &&
+      (root.stx_attributes_mask & STATX_ATTR_MOUNT_ROOT) != 0 &&
+      (root.stx_attributes & STATX_ATTR_MOUNT_ROOT) != 0) {
     return false;
   }
   std::error_code ec;
@@ -800,6 +824,12 @@ CheckpointCommit::CheckpointCommit(
     state_->mode = Mode::kSingleFile;
     return;
   }
+  prepare_swap();
+}
+
+void CheckpointCommit::prepare_swap() {
+  state_->mode = Mode::kJournal;
+  const fs::path& directory = state_->directory;
   const auto [parent, name] = parent_and_name(directory);
   if (name.empty() || !swappable(directory, parent)) {
     return;
@@ -812,6 +842,11 @@ CheckpointCommit::CheckpointCommit(
   state_->staging = templ;
   state_->real = parent / name;
   state_->mode = Mode::kSwap;
+  // Held until the commit returns: from the swap on, the path names this
+  // directory, and no other save or recovery may enter it before the old
+  // one is deleted.
+  state_->staging_lock = std::make_unique<DirectoryLock>(
+      state_->staging, DirectoryLock::Mode::kExclusive, /*wait=*/false);
   struct stat st {};
   if (::stat(directory.c_str(), &st) == 0) {
     // The new directory looks like the old one to its users.
@@ -851,6 +886,14 @@ void CheckpointCommit::stage(
 }
 
 void CheckpointCommit::remove(std::vector<std::string> names) {
+  // One new file replacing several old ones (a single file over a sharded
+  // checkpoint) is more than one rename: it needs the swap too, or the old
+  // shards would linger beside the new file after a kill.
+  if (state_->mode == Mode::kSingleFile && !names.empty()) {
+    TORCH_CHECK(
+        state_->staged.empty(), "CheckpointCommit::remove() after stage()");
+    prepare_swap();
+  }
   state_->removals = std::move(names);
 }
 
@@ -977,7 +1020,13 @@ void CheckpointCommit::commit() {
     // journal commits them.
     for (auto& [name, temporary] : s.staged) {
       const fs::path beside = temporary_beside(s.directory, name);
-      rename_checked(temporary, beside);
+      try {
+        rename_checked(temporary, beside);
+      } catch (...) {
+        std::error_code ignored;
+        fs::remove(beside, ignored);
+        throw;
+      }
       temporary = beside;
     }
     std::error_code ec;
@@ -993,7 +1042,15 @@ void CheckpointCommit::commit() {
   if (s.durable) {
     fsync_directory(s.directory);
   }
-  write_journal(s.directory, plan, s.durable);
+  try {
+    write_journal(s.directory, plan, s.durable);
+  } catch (...) {
+    // Renamed into place but not fsynced: committed all the same, and the
+    // next recovery needs every file it names.
+    std::error_code ec;
+    s.committed = fs::exists(s.directory / kJournalName, ec);
+    throw;
+  }
   s.committed = true;
   apply_plan(s.directory, plan, s.durable);
 }

@@ -416,6 +416,10 @@ int cmd_convert(
       file_of[entry.name] = &file;
     }
   }
+  // Every source file is open and mapped: a save replacing them now (this
+  // one, when DST is SRC's folder) renames new files in and leaves the
+  // mapped ones whole, so the read lock has done its work.
+  lock.reset();
   // Metadata and alias records travel: safetensors keeps them as metadata
   // (its writer records new aliases too); a torch.save file holds shared
   // storage itself, so the aliases become names on the kept tensors again.
@@ -436,8 +440,16 @@ int cmd_convert(
   fs::path directory = dst;
   if (to_file) {
     directory = dst.parent_path().empty() ? fs::path(".") : dst.parent_path();
-    options.filename_pattern(dst_name).max_shard_size(
-        std::numeric_limits<std::int64_t>::max());
+    // "<stem>{suffix}<ext>" in one shard: the file is DST, and the shards
+    // and index of an earlier sharded checkpoint by that name are stale.
+    const std::string ext =
+        ends_with(dst_name, ".bin") ? ".bin" : ".safetensors";
+    std::string stem;
+    for (const char c : dst_name.substr(0, dst_name.size() - ext.size())) {
+      stem += c == '{' ? "{{" : c == '}' ? "}}" : std::string(1, c);
+    }
+    options.filename_pattern(stem + "{suffix}" + ext)
+        .max_shard_size(std::numeric_limits<std::int64_t>::max());
   } else {
     // Plain bytes ("1000000") as well as size strings ("2GB"), as the
     // library's ShardSize takes both.
@@ -486,6 +498,15 @@ int cmd_convert(
       fs::remove_all(dst, ec);
     }
     throw;
+  }
+  if (!safe && !to_file && !kept_metadata.empty() &&
+      !fs::exists(directory / "pytorch_model.bin.index.json", ec)) {
+    std::cerr << "torchser: the output is one torch.save file, which has no "
+                 "metadata; not kept:";
+    for (const auto& item : kept_metadata) {
+      std::cerr << " " << item.key();
+    }
+    std::cerr << "\n";
   }
   progress.finish();
   std::cout << "Converted " << all.size() << " tensors (" << human(total)

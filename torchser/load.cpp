@@ -1,6 +1,7 @@
 #include <torchser/load.h>
 
 #include <algorithm>
+#include <cstring>
 #include <functional>
 #include <map>
 #include <set>
@@ -360,10 +361,19 @@ LoadResult load_torch_model(
         "loading).");
   }
   std::optional<detail::DirectoryLock> lock;
-  if (std::filesystem::is_directory(checkpoint_path, ec)) {
+  const std::string given = checkpoint_path.filename().string();
+  const bool index_given = given.size() > std::strlen(kIndexSuffix) &&
+                           given.compare(
+                               given.size() - std::strlen(kIndexSuffix),
+                               std::string::npos,
+                               kIndexSuffix) == 0;
+  if (std::filesystem::is_directory(checkpoint_path, ec) || index_given) {
     // Held until the last tensor is copied: a concurrent save's commit is
     // never seen halfway (see detail/checkpoint_dir.h).
-    lock.emplace(detail::lock_for_reading(checkpoint_path));
+    const std::filesystem::path parent = checkpoint_path.parent_path();
+    lock.emplace(detail::lock_for_reading(
+        index_given ? (parent.empty() ? std::filesystem::path(".") : parent)
+                    : checkpoint_path));
   }
   detail::ResolveOptions resolve;
   resolve.filename_pattern = options.filename_pattern();

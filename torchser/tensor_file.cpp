@@ -8,6 +8,7 @@
 #include <cstring>
 #include <map>
 #include <set>
+#include <unordered_map>
 
 #include <torchser/errors.h>
 #include <torchser/pickle.h>
@@ -218,6 +219,10 @@ class PickleFile final : public TensorFile {
            static_cast<std::uint64_t>(
                t.numel() == 0 ? 0 : t.storage().nbytes())});
     }
+    for (const TensorEntry& entry : entries_) {
+      last_user_[entry.storage] = entry.name;
+      storage_of_[entry.name] = entry.storage;
+    }
   }
   at::Tensor get(const std::string& name) const override {
     const at::Tensor* t = tensors_.find(name);
@@ -229,8 +234,12 @@ class PickleFile final : public TensorFile {
   void release(const std::string& name) const override {
     // The record's pages of the private file mapping: dropped, they are
     // read from the file again if touched (as SafeOpen::release_pages).
+    // Only after the last tensor on the storage: a record copied to the
+    // heap (misaligned in the archive) would read back as zeros.
     const at::Tensor* t = tensors_.find(name);
-    if (!mapped_ || t == nullptr || t->numel() == 0 || !t->device().is_cpu()) {
+    const auto last_user = last_user_.find(storage_of(name));
+    if (!mapped_ || t == nullptr || t->numel() == 0 || !t->device().is_cpu() ||
+        last_user == last_user_.end() || last_user->second != name) {
       return;
     }
     const auto page = static_cast<std::uintptr_t>(::sysconf(_SC_PAGESIZE));
@@ -243,8 +252,16 @@ class PickleFile final : public TensorFile {
   }
 
  private:
+  std::string storage_of(const std::string& name) const {
+    const auto it = storage_of_.find(name);
+    return it == storage_of_.end() ? "" : it->second;
+  }
+
   StateDict tensors_;
   bool mapped_;
+  std::unordered_map<std::string, std::string>
+      last_user_; // storage → its last tensor
+  std::unordered_map<std::string, std::string> storage_of_; // tensor → storage
 };
 
 } // namespace

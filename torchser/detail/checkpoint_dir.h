@@ -160,10 +160,10 @@ TORCHSER_API std::vector<std::string> stale_files(
 /// One save's replacement of a checkpoint (see the file comment). The
 /// constructor takes the directory's lock exclusively (waiting for other
 /// saves), completes any interrupted save, and picks how to commit:
-/// - one new file: no swap is needed, since renaming it over its name is
-///   atomic for every reader; then the stale files go, index first (until
-///   the old index is gone, readers follow it to the whole old shards);
-/// - several: swap, or journal where a swap cannot work.
+/// - one new file replacing at most itself: renaming it over its name is
+///   atomic for every reader;
+/// - several files, or one replacing others (a single file over a sharded
+///   checkpoint): swap, or journal where a swap cannot work.
 /// Destroying an uncommitted commit removes everything it staged, leaving
 /// the old checkpoint as it was.
 class TORCHSER_API CheckpointCommit {
@@ -184,12 +184,14 @@ class TORCHSER_API CheckpointCommit {
   std::filesystem::path target(const std::string& name) const;
   /// Records the temporary that becomes `name` at commit. Thread-safe.
   void stage(const std::string& name, const std::filesystem::path& temporary);
-  /// Files of the old checkpoint the new one does not keep.
+  /// Files of the old checkpoint the new one does not keep; called before
+  /// the first target().
   void remove(std::vector<std::string> names);
   /// The commit point and everything after it.
   void commit();
 
  private:
+  void prepare_swap();
   struct State;
   std::unique_ptr<State> state_;
 };
