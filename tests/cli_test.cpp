@@ -17,6 +17,7 @@
 
 #include <torchser/dduf.h>
 #include <torchser/load.h>
+#include <torchser/module.h>
 #include <torchser/pickle.h>
 #include <torchser/safetensors.h>
 #include <torchser/save.h>
@@ -826,6 +827,78 @@ TEST(CliTest, ACheckpointWithSeveralStateDictsIsNeverCutSilently) {
   EXPECT_THAT(
       usual.output,
       HasSubstr("state dict taken from key 'model'; ignored: epoch"));
+}
+
+} // namespace
+} // namespace torchser
+
+namespace torchser {
+namespace {
+
+// A DataParallel checkpoint becomes a Hub one: names stripped and renamed,
+// floats in bf16, one block only, with the alias records following.
+TEST(CliTest, ConvertRenamesCastsAndSelectsTensors) {
+  TempDir dir;
+  torchser::testing::TiedNet net;
+  StateDict prefixed;
+  for (const auto& item : state_dict(net)) {
+    prefixed.insert("module." + item.key(), item.value());
+  }
+  std::filesystem::create_directories(dir / "src");
+  save_torch_state_dict(
+      prefixed, dir / "src", SaveOptions().safe_serialization(false));
+  const CliRun run =
+      cli("convert " + quoted(dir / "src") + " " + quoted(dir / "out") +
+          " --strip-prefix module. --rename '^blocks\\.(\\d+)\\.=layers.\\1.'"
+          " --dtype bf16");
+  ASSERT_EQ(run.status, 0) << run.output;
+  const StateDict out = load_state_dict_from_file(dir / "out/model.safetensors");
+  EXPECT_TRUE(out.contains("layers.1.weight"));
+  EXPECT_FALSE(out.contains("module.embed.weight"));
+  EXPECT_EQ(out["layers.1.weight"].scalar_type(), at::kBFloat16);
+  EXPECT_EQ(out["norm.num_batches_tracked"].scalar_type(), at::kLong);
+  EXPECT_TRUE(out["layers.1.weight"].equal(
+      net.blocks->ptr<torch::nn::LinearImpl>(1)->weight.to(at::kBFloat16)));
+  // The tied head is an alias record under the new names.
+  torchser::testing::TiedNet loaded;
+  loaded.to(at::kBFloat16);
+  loaded.head->weight.set_data(loaded.embed->weight);
+  const LoadResult result = load_torch_model(
+      loaded,
+      dir / "out",
+      LoadOptions().strict(true).key_mapping(
+          KeyMapping().rename("^layers\\.", "blocks.")));
+  EXPECT_TRUE(result.missing_keys.empty());
+
+  const CliRun one =
+      cli("convert " + quoted(dir / "src") + " " + quoted(dir / "b1.bin") +
+          " --only-prefix module.blocks.1. --strip-prefix module.blocks.1.");
+  ASSERT_EQ(one.status, 0) << one.output;
+  std::vector<std::string> keys = load_state_dict_from_file(dir / "b1.bin").keys();
+  std::sort(keys.begin(), keys.end());
+  EXPECT_EQ(keys, (std::vector<std::string>{"bias", "weight"}));
+}
+
+TEST(CliTest, ConvertOptionsThatCannotWorkSayWhy) {
+  TempDir dir;
+  save_torch_state_dict(
+      StateDict{{"enc.w", at::ones({2})}, {"dec.w", at::ones({2})}}, dir.path());
+  const std::string src = quoted(dir / "model.safetensors");
+  const CliRun dtype = cli("convert " + src + " " + quoted(dir / "o") + " --dtype int8");
+  EXPECT_EQ(dtype.status, 2) << dtype.output;
+  EXPECT_THAT(dtype.output, HasSubstr("--dtype int8"));
+  const CliRun rename =
+      cli("convert " + src + " " + quoted(dir / "o") + " --rename nothing");
+  EXPECT_EQ(rename.status, 2) << rename.output;
+  const CliRun merge = cli(
+      "convert " + src + " " + quoted(dir / "o") + " --rename '^(enc|dec)\\.='");
+  EXPECT_EQ(merge.status, 1) << merge.output;
+  EXPECT_THAT(merge.output, HasSubstr("'dec.w' and 'enc.w'"));
+  const CliRun none =
+      cli("convert " + src + " " + quoted(dir / "o") + " --only-prefix x.");
+  EXPECT_EQ(none.status, 1) << none.output;
+  EXPECT_THAT(none.output, HasSubstr("--only-prefix"));
+  EXPECT_FALSE(std::filesystem::exists(dir / "o"));
 }
 
 } // namespace

@@ -3,6 +3,8 @@
 //   torchser inspect PATH [--json]
 //   torchser verify PATH
 //   torchser convert SRC DST [--to safetensors|pickle] [--max-shard-size SIZE]
+//                    [--dtype bf16|fp16|fp32] [--only-prefix P] [--strip-prefix P]
+//                    [--rename REGEX=REPL] [--add-prefix P] [--key KEY]
 //   torchser recover DIR
 //   torchser pack FOLDER OUT.dduf
 //   torchser unpack IN.dduf FOLDER
@@ -28,6 +30,7 @@
 
 #include <torchser/dduf.h>
 #include <torchser/errors.h>
+#include <torchser/key_mapping.h>
 #include <torchser/save.h>
 #include <torchser/version.h>
 
@@ -341,12 +344,37 @@ bool ends_with(const std::string& name, const std::string& suffix) {
              0;
 }
 
+// What convert changes on the way: names, selection, dtype.
+struct ConvertChanges {
+  std::vector<std::string> only_prefixes;
+  torchser::KeyMapping mapping;
+  std::optional<c10::ScalarType> dtype;
+};
+
+c10::ScalarType parse_dtype(const std::string& name) {
+  if (name == "bf16" || name == "bfloat16") {
+    return c10::ScalarType::BFloat16;
+  }
+  if (name == "fp16" || name == "float16" || name == "half") {
+    return c10::ScalarType::Half;
+  }
+  if (name == "fp32" || name == "float32" || name == "float") {
+    return c10::ScalarType::Float;
+  }
+  if (name == "fp64" || name == "float64" || name == "double") {
+    return c10::ScalarType::Double;
+  }
+  throw UsageError(
+      "--dtype " + name + ": expected bf16, fp16, fp32 or fp64");
+}
+
 int cmd_convert(
     const fs::path& src,
     const fs::path& dst,
     std::string to,
     const std::string& max_shard_size,
-    const std::optional<std::string>& key) {
+    const std::optional<std::string>& key,
+    const ConvertChanges& changes) {
   // Read as load_torch_model reads: under the directory's lock, after
   // completing any interrupted save (a journal's folder mixes two saves).
   std::error_code ec;
@@ -385,7 +413,11 @@ int cmd_convert(
   // The source, on its mapped files: tensors are views, read as they are
   // written and released after (resident memory stays near one tensor).
   std::vector<std::unique_ptr<torchser::detail::TensorFile>> files;
-  std::map<std::string, const torchser::detail::TensorFile*> file_of;
+  // Written name → the file holding it and its name there.
+  std::map<std::string, std::pair<const torchser::detail::TensorFile*, std::string>>
+      file_of;
+  std::vector<std::pair<const torchser::detail::TensorFile*, std::string>>
+      selected;
   torchser::StateDict all;
   std::vector<std::pair<std::string, std::string>> metadata =
       checkpoint.index.metadata;
@@ -412,9 +444,61 @@ int cmd_convert(
       metadata = *file.metadata();
     }
     for (const auto& entry : file.entries()) {
-      all.insert(entry.name, file.get(entry.name));
-      file_of[entry.name] = &file;
+      const bool wanted = changes.only_prefixes.empty() ||
+                          std::any_of(
+                              changes.only_prefixes.begin(),
+                              changes.only_prefixes.end(),
+                              [&](const std::string& p) {
+                                return entry.name.compare(0, p.size(), p) == 0;
+                              });
+      if (wanted) {
+        selected.emplace_back(&file, entry.name);
+      }
     }
+  }
+  if (selected.empty()) {
+    throw torchser::ValueError(
+        "Nothing to convert: no tensor of '" + src.string() +
+        "' starts with the --only-prefix given.");
+  }
+  {
+    std::vector<std::string> names;
+    for (const auto& item : selected) {
+      names.push_back(item.second);
+    }
+    const auto mapped =
+        torchser::map_keys(names, changes.mapping, "'" + src.string() + "'");
+    std::map<std::string, std::string> written_name(mapped.begin(), mapped.end());
+    for (const auto& [file, name] : selected) {
+      const auto it = written_name.find(name);
+      if (it == written_name.end()) {
+        continue; // dropped by the mapping
+      }
+      all.insert(it->second, file->get(name));
+      file_of[it->second] = {file, name};
+    }
+    // Alias records (alias → a tensor's name) follow their tensors' names,
+    // or go with them; user metadata stays as it is.
+    std::set<std::string> source_names;
+    for (const auto& file : files) {
+      for (const auto& entry : file->entries()) {
+        source_names.insert(entry.name);
+      }
+    }
+    std::vector<std::pair<std::string, std::string>> renamed_metadata;
+    for (const auto& [alias, kept] : metadata) {
+      if (source_names.count(kept) == 0) {
+        renamed_metadata.emplace_back(alias, kept);
+        continue;
+      }
+      const auto kept_name = written_name.find(kept);
+      const std::optional<std::string> alias_name =
+          torchser::map_key(alias, changes.mapping);
+      if (kept_name != written_name.end() && alias_name.has_value()) {
+        renamed_metadata.emplace_back(*alias_name, kept_name->second);
+      }
+    }
+    metadata = std::move(renamed_metadata);
   }
   // Every source file is open and mapped: a save replacing them now (this
   // one, when DST is SRC's folder) renames new files in and leaves the
@@ -436,7 +520,7 @@ int cmd_convert(
   }
 
   torchser::SaveOptions options;
-  options.safe_serialization(safe).metadata(kept_metadata);
+  options.safe_serialization(safe).metadata(kept_metadata).dtype(changes.dtype);
   fs::path directory = dst;
   if (to_file) {
     directory = dst.parent_path().empty() ? fs::path(".") : dst.parent_path();
@@ -477,7 +561,7 @@ int cmd_convert(
     progress.set_total(p.bytes_total);
     progress.step(p.file + ": " + p.tensor, p.bytes_done);
     if (const auto it = file_of.find(p.tensor); it != file_of.end()) {
-      it->second->release(p.tensor);
+      it->second.first->release(it->second.second);
     }
     total = p.bytes_total;
   });
@@ -641,6 +725,31 @@ int main(int argc, char** argv) {
       "--max-shard-size",
       max_shard_size,
       "largest shard, e.g. 2GB or 1000000 bytes (default 5GB)");
+  std::string dtype;
+  convert_cmd->add_option(
+      "--dtype",
+      dtype,
+      "write floating-point tensors as bf16, fp16, fp32 or fp64 (integer and "
+      "bool tensors keep theirs)");
+  std::vector<std::string> only_prefixes;
+  convert_cmd->add_option(
+      "--only-prefix",
+      only_prefixes,
+      "convert only the tensors whose names start with this (repeatable)");
+  std::string strip_prefix;
+  std::string add_prefix;
+  std::vector<std::string> renames;
+  convert_cmd->add_option(
+      "--strip-prefix",
+      strip_prefix,
+      "remove this prefix from the names that have it (e.g. module.)");
+  convert_cmd->add_option(
+      "--rename",
+      renames,
+      "REGEX=REPLACEMENT, applied in order after --strip-prefix, like "
+      "Python's re.sub (\\1 or $1 for groups; repeatable)");
+  convert_cmd->add_option(
+      "--add-prefix", add_prefix, "prepend this to every name (e.g. model.)");
 
   std::string folder;
   std::string archive;
@@ -684,12 +793,27 @@ int main(int argc, char** argv) {
       return cmd_verify(verify_path);
     }
     if (convert_cmd->parsed()) {
+      ConvertChanges changes;
+      changes.only_prefixes = only_prefixes;
+      changes.mapping.strip_prefix(strip_prefix).add_prefix(add_prefix);
+      for (const std::string& rename : renames) {
+        const std::size_t eq = rename.find('=');
+        if (eq == std::string::npos) {
+          throw UsageError(
+              "--rename " + rename + ": expected REGEX=REPLACEMENT");
+        }
+        changes.mapping.rename(rename.substr(0, eq), rename.substr(eq + 1));
+      }
+      if (!dtype.empty()) {
+        changes.dtype = parse_dtype(dtype);
+      }
       return cmd_convert(
           src,
           dst,
           to,
           max_shard_size,
-          key.empty() ? std::nullopt : std::optional<std::string>(key));
+          key.empty() ? std::nullopt : std::optional<std::string>(key),
+          changes);
     }
     if (recover_cmd->parsed()) {
       return cmd_recover(recover_path);

@@ -4,6 +4,8 @@
 #include <cstring>
 #include <functional>
 #include <map>
+#include <memory>
+#include <regex>
 #include <set>
 #include <utility>
 
@@ -43,166 +45,530 @@ std::string quoted_list(
   return out;
 }
 
-// Copies values into the module's tensors after everything was checked.
-class ModuleLoader {
+// Which checkpoint tensors a load takes (LoadOptions::prefixes) and which
+// module names it never reports (LoadOptions::ignore_keys).
+class KeyFilter {
  public:
-  explicit ModuleLoader(torch::nn::Module& model)
-      : model_(model), targets_(state_dict(model)) {}
-
-  const StateDict& targets() const {
-    return targets_;
-  }
-  std::string class_name() const {
-    std::string name = model_.name();
-    // LibTorch names modules after their Impl class: "torch::nn::LinearImpl".
-    if (has_suffix(name, "Impl")) {
-      name.resize(name.size() - 4);
-    }
-    const std::size_t colon = name.rfind("::");
-    return colon == std::string::npos ? name : name.substr(colon + 2);
-  }
-
-  // PyTorch's message for size mismatches (collected, raised together).
-  void check_shape(const std::string& key, c10::IntArrayRef from_checkpoint) {
-    const at::Tensor* target = targets_.find(key);
-    if (target != nullptr && target->sizes() != from_checkpoint) {
-      errors_.push_back(
-          "size mismatch for " + key + ": copying a param with shape " +
-          torch_size(from_checkpoint) +
-          " from checkpoint, the shape in current model is " +
-          torch_size(target->sizes()) + ".");
-    }
-  }
-  std::vector<std::string>& errors() {
-    return errors_;
-  }
-  void raise_if_errors() const {
-    if (!errors_.empty()) {
-      std::string message =
-          "Error(s) in loading state_dict for " + class_name() + ":";
-      for (const std::string& e : errors_) {
-        message += "\n\t" + e;
+  explicit KeyFilter(const LoadOptions& options)
+      : prefixes_(options.prefixes()) {
+    for (const std::string& pattern : options.ignore_keys()) {
+      try {
+        ignore_.emplace_back(pattern, std::regex::ECMAScript);
+      } catch (const std::regex_error& e) {
+        throw ValueError(
+            "LoadOptions::ignore_keys: '" + pattern +
+            "' is not a valid regular expression: " + e.what());
       }
-      throw RuntimeError(message);
     }
   }
-
-  void copy(const std::string& key, const at::Tensor& value) {
-    at::Tensor* target = targets_.find(key);
-    if (target == nullptr) {
-      return;
-    }
-    at::NoGradGuard no_grad;
-    target->copy_(value);
+  bool selected(const std::string& checkpoint_key) const {
+    return prefixes_.empty() ||
+           std::any_of(
+               prefixes_.begin(), prefixes_.end(), [&](const std::string& p) {
+                 return checkpoint_key.compare(0, p.size(), p) == 0;
+               });
+  }
+  bool ignored(const std::string& module_key) const {
+    return std::any_of(ignore_.begin(), ignore_.end(), [&](const auto& re) {
+      return std::regex_search(module_key, re);
+    });
   }
 
  private:
-  torch::nn::Module& model_;
-  StateDict targets_;
-  std::vector<std::string> errors_;
+  std::vector<std::string> prefixes_;
+  std::vector<std::regex> ignore_;
 };
 
-// Copies every tensor of a file into the module (and into the aliases
-// re-tied to it), one at a time, dropping each tensor's mapped pages once
-// copied: resident memory grows by about one tensor, not one file.
-void copy_file(
-    const detail::TensorFile& file,
-    ModuleLoader& loader,
-    const std::map<std::string, std::string>& retied) {
-  std::multimap<std::string, std::string> aliases_of;
-  for (const auto& [alias, kept] : retied) {
-    aliases_of.emplace(kept, alias);
+// The longest common prefix of `keys` that ends with a '.'.
+std::string common_dotted_prefix(const std::vector<std::string>& keys) {
+  if (keys.empty()) {
+    return "";
   }
-  for (const detail::TensorEntry& entry : file.entries()) {
-    const at::Tensor value = file.get(entry.name);
-    loader.copy(entry.name, value);
-    const auto [first, last] = aliases_of.equal_range(entry.name);
-    for (auto it = first; it != last; ++it) {
-      loader.copy(it->second, value);
+  std::string prefix = keys.front();
+  for (const std::string& key : keys) {
+    std::size_t n = 0;
+    while (n < prefix.size() && n < key.size() && prefix[n] == key[n]) {
+      ++n;
     }
-    file.release(entry.name);
+    prefix.resize(n);
+  }
+  const std::size_t dot = prefix.rfind('.');
+  return dot == std::string::npos ? "" : prefix.substr(0, dot + 1);
+}
+
+// A prefix change that turns unexpected names into missing ones ("module."
+// → "", "" → "model.", "model." → "transformer."), said as the KeyMapping
+// that does it; empty when none helps.
+std::string prefix_hint(
+    const std::vector<std::string>& unexpected,
+    const std::vector<std::string>& missing) {
+  if (unexpected.empty() || missing.empty()) {
+    return "";
+  }
+  std::string from = common_dotted_prefix(unexpected);
+  std::string to = common_dotted_prefix(missing);
+  // "module.h.0." vs "h.0.": only the leading difference matters.
+  while (!from.empty() && !to.empty()) {
+    const std::size_t f = from.rfind('.', from.size() - 2);
+    const std::size_t t = to.rfind('.', to.size() - 2);
+    const std::string from_last =
+        from.substr(f == std::string::npos ? 0 : f + 1);
+    const std::string to_last = to.substr(t == std::string::npos ? 0 : t + 1);
+    if (from_last != to_last) {
+      break;
+    }
+    from.resize(from.size() - from_last.size());
+    to.resize(to.size() - to_last.size());
+  }
+  if (from == to) {
+    return "";
+  }
+  const std::set<std::string> wanted(missing.begin(), missing.end());
+  std::size_t matched = 0;
+  for (const std::string& key : unexpected) {
+    matched += wanted.count(to + key.substr(from.size()));
+  }
+  if (matched == 0) {
+    return "";
+  }
+  std::string mapping;
+  if (!from.empty()) {
+    mapping += ".strip_prefix(\"" + from + "\")";
+  }
+  if (!to.empty()) {
+    mapping += ".add_prefix(\"" + to + "\")";
+  }
+  std::string said = from.empty()
+      ? "the missing keys start with '" + to + "' and the checkpoint's do not"
+      : to.empty()
+      ? "the unexpected keys start with '" + from + "' and the module's do not"
+      : "the unexpected keys start with '" + from + "', the missing ones with '" +
+          to + "'";
+  return "Hint: " + said + "; LoadOptions().key_mapping(KeyMapping()" +
+         mapping + ") matches " + std::to_string(matched) + " of the " +
+         std::to_string(missing.size()) + " missing keys.";
+}
+
+// A tensor's shape and size before its data is read.
+struct Shape {
+  std::vector<std::int64_t> sizes;
+  std::uint64_t nbytes = 0;
+};
+
+using Visitor = std::function<void(
+    const std::string& file, const std::string& key, const at::Tensor& value)>;
+
+// What a load reads: checkpoint tensors by name, in one or more files (or
+// in memory). Headers come before values, so that nothing is copied unless
+// everything fits.
+class Source {
+ public:
+  virtual ~Source() = default;
+  /// The checkpoint in messages: a file, an index, or "the state dict".
+  virtual std::string where() const = 0;
+  /// Whether strict errors take huggingface_hub's sharded format.
+  virtual bool sharded() const {
+    return false;
+  }
+  /// Every tensor name, before any header of a shard is read.
+  virtual std::vector<std::string> keys() const = 0;
+  /// alias → kept records of tied weights (the savers' metadata).
+  virtual std::vector<std::pair<std::string, std::string>> metadata() const {
+    return {};
+  }
+  /// The shapes of `wanted`, opening only what holds them.
+  virtual std::map<std::string, Shape> shapes(
+      const std::set<std::string>& wanted) = 0;
+  /// Each of `wanted` once; mapped pages are dropped after `visit` returns.
+  virtual void for_each(
+      const std::set<std::string>& wanted, const Visitor& visit) = 0;
+};
+
+class MemorySource final : public Source {
+ public:
+  explicit MemorySource(const StateDict& state_dict)
+      : state_dict_(state_dict) {}
+  std::string where() const override {
+    return "the state dict";
+  }
+  std::vector<std::string> keys() const override {
+    return state_dict_.keys();
+  }
+  std::map<std::string, Shape> shapes(
+      const std::set<std::string>& wanted) override {
+    std::map<std::string, Shape> out;
+    for (const std::string& key : wanted) {
+      const at::Tensor& t = state_dict_[key];
+      out[key] = Shape{t.sizes().vec(), static_cast<std::uint64_t>(t.nbytes())};
+    }
+    return out;
+  }
+  void for_each(const std::set<std::string>& wanted, const Visitor& visit)
+      override {
+    for (const auto& item : state_dict_) {
+      if (wanted.count(item.key()) != 0) {
+        visit("", item.key(), item.value());
+      }
+    }
+  }
+
+ private:
+  const StateDict& state_dict_;
+};
+
+void warn_note(const detail::TensorFile& file) {
+  if (!file.note().empty()) {
+    TORCH_WARN(file.note());
   }
 }
 
-// alias → kept entries of a checkpoint's metadata that re-tie a module key
-// the checkpoint lacks (save_torch_state_dict records them; the reference never
-// re-ties them on load, so its strict loads of tied checkpoints fail).
-std::map<std::string, std::string> aliases_to_retie(
-    const std::vector<std::pair<std::string, std::string>>& metadata,
-    const std::set<std::string>& checkpoint_keys,
-    const StateDict& targets) {
-  std::map<std::string, std::string> out;
-  for (const auto& [alias, kept] : metadata) {
-    if (targets.contains(alias) && checkpoint_keys.count(alias) == 0 &&
-        checkpoint_keys.count(kept) != 0) {
-      out.emplace(alias, kept);
+Shape shape_of(const detail::TensorEntry& entry) {
+  return Shape{entry.shape, entry.nbytes};
+}
+
+// Each wanted tensor of one file, in file order.
+void visit_file(
+    const detail::TensorFile& file,
+    const std::set<std::string>& wanted,
+    const std::string& name,
+    const Visitor& visit) {
+  for (const detail::TensorEntry& entry : file.entries()) {
+    if (wanted.count(entry.name) != 0) {
+      visit(name, entry.name, file.get(entry.name));
+      file.release(entry.name);
     }
+  }
+}
+
+class FileSource final : public Source {
+ public:
+  explicit FileSource(const detail::TensorFile& file) : file_(file) {
+    warn_note(file_);
+    file_.check_format_metadata();
+  }
+  std::string where() const override {
+    return file_.display_name();
+  }
+  std::vector<std::string> keys() const override {
+    std::vector<std::string> out;
+    out.reserve(file_.entries().size());
+    for (const detail::TensorEntry& entry : file_.entries()) {
+      out.push_back(entry.name);
+    }
+    return out;
+  }
+  std::vector<std::pair<std::string, std::string>> metadata() const override {
+    return file_.metadata().value_or(
+        std::vector<std::pair<std::string, std::string>>{});
+  }
+  std::map<std::string, Shape> shapes(
+      const std::set<std::string>& wanted) override {
+    std::map<std::string, Shape> out;
+    for (const detail::TensorEntry& entry : file_.entries()) {
+      if (wanted.count(entry.name) != 0) {
+        out[entry.name] = shape_of(entry);
+      }
+    }
+    return out;
+  }
+  void for_each(const std::set<std::string>& wanted, const Visitor& visit)
+      override {
+    visit_file(
+        file_, wanted, std::filesystem::path(file_.display_name()).filename(),
+        visit);
+  }
+
+ private:
+  const detail::TensorFile& file_;
+};
+
+// The shards an index names; a shard is opened only when it holds a wanted
+// tensor, and then once for the headers and the values.
+class ShardedSource final : public Source {
+ public:
+  ShardedSource(
+      const detail::Checkpoint& checkpoint,
+      const detail::TensorFileOptions& open)
+      : checkpoint_(checkpoint), open_(open) {}
+  std::string where() const override {
+    return checkpoint_.index_path.string();
+  }
+  bool sharded() const override {
+    return true;
+  }
+  std::vector<std::string> keys() const override {
+    return {checkpoint_.index.keys.begin(), checkpoint_.index.keys.end()};
+  }
+  std::vector<std::pair<std::string, std::string>> metadata() const override {
+    return checkpoint_.index.metadata;
+  }
+  std::map<std::string, Shape> shapes(
+      const std::set<std::string>& wanted) override {
+    std::map<std::string, Shape> out;
+    for (const auto& [shard, names] : checkpoint_.index.shards) {
+      std::vector<std::string> here;
+      for (const std::string& name : names) {
+        if (wanted.count(name) != 0) {
+          here.push_back(name);
+        }
+      }
+      if (here.empty()) {
+        continue;
+      }
+      auto file = detail::open_tensor_file(checkpoint_.directory / shard, open_);
+      warn_note(*file);
+      file->check_format_metadata();
+      std::map<std::string, const detail::TensorEntry*> entries;
+      for (const detail::TensorEntry& entry : file->entries()) {
+        entries.emplace(entry.name, &entry);
+      }
+      for (const std::string& name : here) {
+        const auto entry = entries.find(name);
+        if (entry == entries.end()) {
+          // Loading on would leave the tensor silently unloaded.
+          throw ValueError(
+              "Index " + checkpoint_.index_path.string() + " places '" + name +
+              "' in " + shard + ", but " + file->display_name() +
+              " does not hold it");
+        }
+        out[name] = shape_of(*entry->second);
+      }
+      opened_.emplace_back(shard, std::set<std::string>(here.begin(), here.end()));
+      files_.push_back(std::move(file));
+    }
+    return out;
+  }
+  void for_each(const std::set<std::string>& wanted, const Visitor& visit)
+      override {
+    for (std::size_t i = 0; i < files_.size(); ++i) {
+      std::set<std::string> here;
+      for (const std::string& name : opened_[i].second) {
+        if (wanted.count(name) != 0) {
+          here.insert(name);
+        }
+      }
+      visit_file(*files_[i], here, opened_[i].first, visit);
+      files_[i].reset(); // unmapped as soon as its values are in
+    }
+  }
+
+ private:
+  const detail::Checkpoint& checkpoint_;
+  detail::TensorFileOptions open_;
+  std::vector<std::pair<std::string, std::set<std::string>>> opened_;
+  std::vector<std::unique_ptr<detail::TensorFile>> files_;
+};
+
+std::string class_name(const torch::nn::Module& model) {
+  std::string name = model.name();
+  // LibTorch names modules after their Impl class: "torch::nn::LinearImpl".
+  if (has_suffix(name, "Impl")) {
+    name.resize(name.size() - 4);
+  }
+  const std::size_t colon = name.rfind("::");
+  return colon == std::string::npos ? name : name.substr(colon + 2);
+}
+
+// huggingface_hub's strict error for an index.
+std::string sharded_strict_error(
+    const std::string& module_class, const LoadResult& keys) {
+  std::string message = "Error(s) in loading state_dict for " + module_class;
+  if (!keys.missing_keys.empty()) {
+    message += "\nMissing key(s): " + quoted_list(keys.missing_keys, ",") + ".";
+  }
+  if (!keys.unexpected_keys.empty()) {
+    message +=
+        "\nUnexpected key(s): " + quoted_list(keys.unexpected_keys, ",") + ".";
+  }
+  return message;
+}
+
+// PyTorch's load_state_dict lines for one file or a state dict (raised with
+// the size mismatches).
+std::vector<std::string> strict_errors(const LoadResult& keys) {
+  std::vector<std::string> out;
+  if (!keys.missing_keys.empty()) {
+    out.push_back(
+        "Missing key(s) in state_dict: " + quoted_list(keys.missing_keys, ", ") +
+        ". ");
+  }
+  if (!keys.unexpected_keys.empty()) {
+    out.push_back(
+        "Unexpected key(s) in state_dict: " +
+        quoted_list(keys.unexpected_keys, ", ") + ". ");
   }
   return out;
 }
 
-LoadResult key_differences(
-    const StateDict& targets,
-    const std::set<std::string>& loaded,
-    const std::map<std::string, std::string>& retied) {
+// The one loading procedure, for every source: select, map, check keys,
+// check shapes, then copy.
+LoadResult load_into(
+    torch::nn::Module& model, Source& source, const LoadOptions& options) {
+  const StateDict targets = state_dict(model);
+  const KeyFilter filter(options);
+  std::vector<std::string> selected;
+  for (std::string& key : source.keys()) {
+    if (filter.selected(key)) {
+      selected.push_back(std::move(key));
+    }
+  }
+  const auto mapped =
+      map_keys(selected, options.key_mapping(), source.where());
+
   LoadResult result;
+  std::map<std::string, std::string> module_of; // checkpoint → module name
+  std::set<std::string> loaded;
+  for (const auto& [checkpoint_key, module_key] : mapped) {
+    if (filter.ignored(module_key)) {
+      continue;
+    }
+    if (targets.contains(module_key)) {
+      module_of.emplace(checkpoint_key, module_key);
+      loaded.insert(module_key);
+    } else {
+      result.unexpected_keys.push_back(module_key);
+    }
+  }
+  // alias → kept records re-tie a module key the checkpoint lacks (the
+  // reference never re-ties them, so its strict loads of tied checkpoints
+  // fail).
+  std::map<std::string, std::string> retied; // module alias → checkpoint kept
+  for (const auto& [alias, kept] : source.metadata()) {
+    if (module_of.count(kept) == 0 || !filter.selected(alias)) {
+      continue;
+    }
+    const std::optional<std::string> name =
+        map_key(alias, options.key_mapping());
+    if (name.has_value() && targets.contains(*name) &&
+        loaded.count(*name) == 0 && !filter.ignored(*name)) {
+      retied.emplace(*name, kept);
+    }
+  }
   for (const auto& item : targets) {
-    if (loaded.count(item.key()) == 0 && retied.count(item.key()) == 0) {
+    if (loaded.count(item.key()) == 0 && retied.count(item.key()) == 0 &&
+        !filter.ignored(item.key())) {
       result.missing_keys.push_back(item.key());
     }
   }
-  for (const std::string& key : loaded) {
-    if (!targets.contains(key)) {
-      result.unexpected_keys.push_back(key);
+  std::sort(result.unexpected_keys.begin(), result.unexpected_keys.end());
+  std::sort(result.missing_keys.begin(), result.missing_keys.end());
+  const std::string hint =
+      prefix_hint(result.unexpected_keys, result.missing_keys);
+  const std::string module_class = class_name(model);
+  std::vector<std::string> errors;
+  if (options.strict() &&
+      (!result.missing_keys.empty() || !result.unexpected_keys.empty())) {
+    if (source.sharded()) {
+      // Before any shard is opened.
+      throw RuntimeError(
+          sharded_strict_error(module_class, result) +
+          (hint.empty() ? "" : "\n" + hint));
+    }
+    errors = strict_errors(result);
+  }
+  const bool keys_failed = !errors.empty();
+
+  // Shapes, from the headers (or the mapped pickles): nothing is copied
+  // unless everything fits.
+  std::set<std::string> wanted;
+  for (const auto& item : module_of) {
+    wanted.insert(item.first);
+  }
+  const std::map<std::string, Shape> shapes = source.shapes(wanted);
+  const auto check_shape = [&](const std::string& module_key,
+                               const Shape& shape) {
+    const at::Tensor& target = targets[module_key];
+    if (target.sizes() == c10::IntArrayRef(shape.sizes)) {
+      return true;
+    }
+    errors.push_back(
+        "size mismatch for " + module_key + ": copying a param with shape " +
+        torch_size(shape.sizes) +
+        " from checkpoint, the shape in current model is " +
+        torch_size(target.sizes()) + ".");
+    return false;
+  };
+  std::uint64_t bytes_total = 0;
+  for (const auto& [checkpoint_key, module_key] : module_of) {
+    const Shape& shape = shapes.at(checkpoint_key);
+    check_shape(module_key, shape);
+    bytes_total += shape.nbytes;
+  }
+  std::multimap<std::string, std::string> aliases_of; // checkpoint kept → alias
+  for (const auto& [alias, kept] : retied) {
+    // An alias of another shape (a slice) cannot be rebuilt from its name.
+    if (targets[alias].sizes() == c10::IntArrayRef(shapes.at(kept).sizes)) {
+      aliases_of.emplace(kept, alias);
+      loaded.insert(alias);
+    } else if (options.strict()) {
+      check_shape(alias, shapes.at(kept));
+    } else {
+      result.missing_keys.push_back(alias);
     }
   }
   std::sort(result.missing_keys.begin(), result.missing_keys.end());
-  return result; // unexpected keys come sorted from the set
-}
+  if (!errors.empty()) {
+    std::string message =
+        "Error(s) in loading state_dict for " + module_class + ":";
+    for (const std::string& e : errors) {
+      message += "\n\t" + e;
+    }
+    if (keys_failed && !hint.empty()) {
+      message += "\n\t" + hint;
+    }
+    throw RuntimeError(message);
+  }
 
-// Loads one file's tensors into the module: `shapes` and `metadata` come
-// from the file's header (or mapped pickle), `copy_all` copies the values once
-// everything was checked.
-LoadResult load_one_file(
-    ModuleLoader& loader,
-    const std::map<std::string, std::vector<std::int64_t>>& shapes,
-    const std::vector<std::pair<std::string, std::string>>& metadata,
-    const LoadOptions& options,
-    const std::function<void(const std::map<std::string, std::string>&)>&
-        copy_all) {
-  std::set<std::string> keys;
-  for (const auto& [key, shape] : shapes) {
-    keys.insert(key);
-    loader.check_shape(key, shape);
-  }
-  auto retied = aliases_to_retie(metadata, keys, loader.targets());
-  for (auto it = retied.begin(); it != retied.end();) {
-    // An alias of a different shape (a slice) cannot be rebuilt from its name.
-    it = loader.targets()[it->first].sizes() ==
-                 c10::IntArrayRef(shapes.at(it->second))
-             ? std::next(it)
-             : retied.erase(it);
-  }
-  const LoadResult result = key_differences(loader.targets(), keys, retied);
-  if (options.strict() &&
-      (!result.missing_keys.empty() || !result.unexpected_keys.empty())) {
-    // PyTorch's load_state_dict format.
-    std::vector<std::string> messages;
-    if (!result.missing_keys.empty()) {
-      messages.push_back(
-          "Missing key(s) in state_dict: " +
-          quoted_list(result.missing_keys, ", ") + ". ");
+  // Then the values, file by file.
+  at::NoGradGuard no_grad;
+  std::uint64_t bytes_done = 0;
+  const auto copy = [&](const std::string& module_key,
+                        const at::Tensor& value) {
+    at::Tensor target = targets[module_key];
+    if (target.scalar_type() != value.scalar_type()) {
+      result.dtype_changes.push_back(
+          DtypeChange{module_key, value.scalar_type(), target.scalar_type()});
     }
-    if (!result.unexpected_keys.empty()) {
-      messages.push_back(
-          "Unexpected key(s) in state_dict: " +
-          quoted_list(result.unexpected_keys, ", ") + ". ");
+    target.copy_(value);
+  };
+  source.for_each(
+      wanted,
+      [&](const std::string& file,
+          const std::string& key,
+          const at::Tensor& value) {
+        copy(module_of.at(key), value);
+        const auto [first, last] = aliases_of.equal_range(key);
+        for (auto it = first; it != last; ++it) {
+          copy(it->second, value);
+        }
+        bytes_done += shapes.at(key).nbytes;
+        if (options.progress()) {
+          options.progress()(Progress{file, key, bytes_done, bytes_total});
+        }
+      });
+
+  result.loaded_keys.assign(loaded.begin(), loaded.end());
+  for (const auto& [checkpoint_key, module_key] : module_of) {
+    if (checkpoint_key != module_key) {
+      result.renamed_keys.emplace_back(checkpoint_key, module_key);
     }
-    loader.errors().insert(
-        loader.errors().begin(), messages.begin(), messages.end());
   }
-  loader.raise_if_errors();
-  copy_all(retied);
+  std::sort(
+      result.dtype_changes.begin(),
+      result.dtype_changes.end(),
+      [](const DtypeChange& a, const DtypeChange& b) { return a.key < b.key; });
+  if (loaded.empty() && !targets.is_empty()) {
+    std::string warning = selected.empty()
+        ? "Nothing was loaded: no tensor of " + source.where() +
+            (options.prefixes().empty() ? " (it holds none)"
+                                        : " starts with the given prefixes")
+        : "Nothing was loaded: none of the " + std::to_string(selected.size()) +
+            " tensors of " + source.where() + " matched a key of " +
+            module_class + " (" + std::to_string(targets.size()) + " keys)";
+    warning += hint.empty() ? "." : ". " + hint;
+    TORCH_WARN(warning);
+    result.warnings.push_back(std::move(warning));
+  }
   return result;
 }
 
@@ -212,97 +578,23 @@ detail::TensorFileOptions file_options(const LoadOptions& options) {
   return out;
 }
 
-void warn_note(const detail::TensorFile& file) {
-  if (!file.note().empty()) {
-    TORCH_WARN(file.note());
+// What loading into a module refuses: it copies into the module's tensors,
+// which decide device and dtype.
+void check_module_options(const LoadOptions& options) {
+  if (options.map_location().has_value()) {
+    throw ValueError(
+        "LoadOptions::map_location applies to load_state_dict_from_file; "
+        "load_torch_model copies into "
+        "the module's own tensors, wherever they are (move the module with "
+        "->to(device) before or after "
+        "loading).");
   }
-}
-
-// One file (or DDUF entry) into the module: its header's keys and shapes are
-// checked first, then every tensor copied.
-LoadResult load_file_into(
-    torch::nn::Module& model,
-    const detail::TensorFile& file,
-    const LoadOptions& options) {
-  warn_note(file);
-  file.check_format_metadata();
-  std::map<std::string, std::vector<std::int64_t>> shapes;
-  for (const detail::TensorEntry& entry : file.entries()) {
-    shapes[entry.name] = entry.shape;
+  if (options.dtype().has_value()) {
+    throw ValueError(
+        "LoadOptions::dtype applies to load_state_dict_from_file; loading "
+        "into a module converts to the module's own dtypes (cast the module "
+        "with ->to(dtype); LoadResult::dtype_changes lists the conversions).");
   }
-  ModuleLoader loader(model);
-  return load_one_file(
-      loader,
-      shapes,
-      file.metadata().value_or(
-          std::vector<std::pair<std::string, std::string>>{}),
-      options,
-      [&](const std::map<std::string, std::string>& retied) {
-        copy_file(file, loader, retied);
-      });
-}
-
-LoadResult load_sharded(
-    torch::nn::Module& model,
-    const detail::Checkpoint& checkpoint,
-    const LoadOptions& options) {
-  // Every shard name was checked before any file is opened.
-  const detail::IndexFile& index = checkpoint.index;
-  const auto& index_keys = index.keys;
-  const auto& metadata = index.metadata;
-  ModuleLoader loader(model);
-  const auto retied = aliases_to_retie(metadata, index_keys, loader.targets());
-  const LoadResult result =
-      key_differences(loader.targets(), index_keys, retied);
-  if (options.strict() &&
-      (!result.missing_keys.empty() || !result.unexpected_keys.empty())) {
-    std::string message =
-        "Error(s) in loading state_dict for " + loader.class_name();
-    if (!result.missing_keys.empty()) {
-      message +=
-          "\nMissing key(s): " + quoted_list(result.missing_keys, ",") + ".";
-    }
-    if (!result.unexpected_keys.empty()) {
-      message +=
-          "\nUnexpected key(s): " + quoted_list(result.unexpected_keys, ",") +
-          ".";
-    }
-    throw RuntimeError(message);
-  }
-  // Shapes first, from the headers (or the mapped pickles): nothing is copied
-  // unless everything fits.
-  std::map<std::string, std::vector<std::int64_t>> shapes;
-  for (const std::filesystem::path& path : checkpoint.files) {
-    const auto file = detail::open_tensor_file(path, file_options(options));
-    warn_note(*file);
-    file->check_format_metadata();
-    for (const detail::TensorEntry& entry : file->entries()) {
-      shapes[entry.name] = entry.shape;
-      loader.check_shape(entry.name, entry.shape);
-    }
-  }
-  std::map<std::string, std::string> retie;
-  for (const auto& [alias, kept] : retied) {
-    const auto shape = shapes.find(kept);
-    if (shape != shapes.end() &&
-        loader.targets()[alias].sizes() == c10::IntArrayRef(shape->second)) {
-      retie.emplace(alias, kept);
-    }
-  }
-  loader.raise_if_errors();
-  // Then one shard at a time.
-  for (const std::filesystem::path& path : checkpoint.files) {
-    copy_file(
-        *detail::open_tensor_file(path, file_options(options)), loader, retie);
-  }
-  LoadResult out = result;
-  for (const auto& [alias, kept] : retied) {
-    if (retie.count(alias) == 0) {
-      out.missing_keys.push_back(alias);
-    }
-  }
-  std::sort(out.missing_keys.begin(), out.missing_keys.end());
-  return out;
 }
 
 } // namespace
@@ -313,10 +605,21 @@ LoadResult load_tensor_file_into(
     torch::nn::Module& model,
     const TensorFile& file,
     const LoadOptions& options) {
-  return load_file_into(model, file, options);
+  check_module_options(options);
+  FileSource source(file);
+  return load_into(model, source, options);
 }
 
 } // namespace detail
+
+LoadResult load_state_dict(
+    torch::nn::Module& model,
+    const StateDict& state_dict,
+    const LoadOptions& options) {
+  check_module_options(options);
+  MemorySource source(state_dict);
+  return load_into(model, source, options);
+}
 
 StateDict load_state_dict_from_file(
     const std::filesystem::path& path, const LoadOptions& options) {
@@ -332,15 +635,45 @@ StateDict load_state_dict_from_file(
   const auto file = detail::open_tensor_file(path, open);
   warn_note(*file);
   file->check_format_metadata();
-  return detail::read_all(*file);
-}
-
-LoadResult load_single_file(
-    torch::nn::Module& model,
-    const std::filesystem::path& path,
-    const LoadOptions& options) {
-  return load_file_into(
-      model, *detail::open_tensor_file(path, file_options(options)), options);
+  const KeyFilter filter(options);
+  std::vector<std::string> selected;
+  std::map<std::string, std::uint64_t> nbytes;
+  std::uint64_t bytes_total = 0;
+  for (const detail::TensorEntry& entry : file->entries()) {
+    if (filter.selected(entry.name)) {
+      selected.push_back(entry.name);
+      nbytes[entry.name] = entry.nbytes;
+    }
+  }
+  auto mapped = map_keys(selected, options.key_mapping(), file->display_name());
+  mapped.erase(
+      std::remove_if(
+          mapped.begin(),
+          mapped.end(),
+          [&](const auto& item) { return filter.ignored(item.second); }),
+      mapped.end());
+  for (const auto& item : mapped) {
+    bytes_total += nbytes[item.first];
+  }
+  const std::string name = path.filename().string();
+  StateDict out;
+  out.reserve(mapped.size());
+  std::uint64_t bytes_done = 0;
+  for (const auto& [key, module_key] : mapped) {
+    at::Tensor value = file->get(key);
+    if (options.dtype().has_value() && value.is_floating_point() &&
+        value.scalar_type() != *options.dtype()) {
+      // The mapped view is read once, into the cast tensor.
+      value = value.to(*options.dtype());
+      file->release(key);
+    }
+    out.insert(module_key, std::move(value));
+    bytes_done += nbytes[key];
+    if (options.progress()) {
+      options.progress()(Progress{name, key, bytes_done, bytes_total});
+    }
+  }
+  return out;
 }
 
 LoadResult load_torch_model(
@@ -352,21 +685,11 @@ LoadResult load_torch_model(
     throw ValueError(
         "Checkpoint path " + checkpoint_path.string() + " does not exist");
   }
-  if (options.map_location().has_value()) {
-    throw ValueError(
-        "LoadOptions::map_location applies to load_state_dict_from_file; "
-        "load_torch_model copies into "
-        "the module's own tensors, wherever they are (move the module with "
-        "->to(device) before or after "
-        "loading).");
-  }
+  check_module_options(options);
   std::optional<detail::DirectoryLock> lock;
   const std::string given = checkpoint_path.filename().string();
   const bool index_given = given.size() > std::strlen(kIndexSuffix) &&
-                           given.compare(
-                               given.size() - std::strlen(kIndexSuffix),
-                               std::string::npos,
-                               kIndexSuffix) == 0;
+                           has_suffix(given, kIndexSuffix);
   if (std::filesystem::is_directory(checkpoint_path, ec) || index_given) {
     // Held until the last tensor is copied: a concurrent save's commit is
     // never seen halfway (see detail/checkpoint_dir.h).
@@ -381,9 +704,13 @@ LoadResult load_torch_model(
   const detail::Checkpoint checkpoint =
       detail::resolve_checkpoint(checkpoint_path, resolve);
   if (checkpoint.kind == detail::Checkpoint::Kind::kSharded) {
-    return load_sharded(model, checkpoint, options);
+    ShardedSource source(checkpoint, file_options(options));
+    return load_into(model, source, options);
   }
-  return load_single_file(model, checkpoint.files.front(), options);
+  const auto file =
+      detail::open_tensor_file(checkpoint.files.front(), file_options(options));
+  FileSource source(*file);
+  return load_into(model, source, options);
 }
 
 } // namespace torchser

@@ -139,11 +139,22 @@ at::ScalarType to_torch_dtype(SafetensorsDtype dtype) {
 // ---------------------------------------------------------------------------
 // Writer
 
+namespace {
+
+// The dtype `t` is written in: `cast` for floating-point tensors.
+c10::ScalarType written_dtype(
+    const at::Tensor& t, std::optional<c10::ScalarType> cast) {
+  return cast.has_value() && t.is_floating_point() ? *cast : t.scalar_type();
+}
+
+} // namespace
+
 SafetensorsWriter::SafetensorsWriter(
     const StateDict& tensors,
     const std::optional<SafetensorsMetadata>& metadata,
-    bool force_contiguous)
-    : force_contiguous_(force_contiguous) {
+    bool force_contiguous,
+    std::optional<c10::ScalarType> cast)
+    : force_contiguous_(force_contiguous), cast_(cast) {
   std::vector<std::pair<SafetensorsTensorInfo, at::Tensor>> prepared;
   prepared.reserve(tensors.size());
   for (const auto& item : tensors) {
@@ -176,9 +187,10 @@ SafetensorsWriter::SafetensorsWriter(
           "time, or simply call `.contiguous()` on your tensor to pack it "
           "before saving.");
     }
+    const c10::ScalarType dtype = written_dtype(t, cast);
     SafetensorsDtype code{};
     try {
-      code = to_safetensors_dtype(t.scalar_type());
+      code = to_safetensors_dtype(dtype);
     } catch (const ValueError& e) {
       throw ValueError("Tensor '" + name + "': " + e.what());
     }
@@ -205,8 +217,8 @@ SafetensorsWriter::SafetensorsWriter(
   infos_.reserve(prepared.size());
   ordered_.reserve(prepared.size());
   for (auto& [info, tensor] : prepared) {
-    const std::uint64_t nbytes =
-        static_cast<std::uint64_t>(tensor.numel()) * tensor.element_size();
+    const std::uint64_t nbytes = static_cast<std::uint64_t>(tensor.numel()) *
+                                 c10::elementSize(written_dtype(tensor, cast));
     info.begin = offset;
     info.end = offset + nbytes;
     offset = info.end;
@@ -251,6 +263,9 @@ void SafetensorsWriter::write(
       t = t.to(at::kCPU);
     }
     t = t.resolve_conj().resolve_neg();
+    if (t.scalar_type() != written_dtype(t, cast_)) {
+      t = t.to(written_dtype(t, cast_)); // contiguous, one tensor at a time
+    }
     if (!t.is_contiguous()) {
       TORCH_INTERNAL_ASSERT(force_contiguous_);
       t = t.contiguous();

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <atomic>
 #include <exception>
+#include <map>
 #include <mutex>
 #include <string>
 #include <system_error>
@@ -12,6 +13,7 @@
 #include <torchser/errors.h>
 #include <torchser/module.h>
 #include <torchser/safetensors.h>
+#include <torchser/storage.h>
 
 #include "torchser/detail/checkpoint_dir.h"
 #include "torchser/detail/file.h"
@@ -21,6 +23,60 @@
 #include "torchser/detail/shared_tensors.h"
 
 namespace torchser {
+namespace {
+
+// The state dict under the written names (the same tensors, no copy).
+StateDict renamed(const StateDict& state_dict, const KeyMapping& mapping) {
+  StateDict out;
+  out.reserve(state_dict.size());
+  for (const auto& [from, to] :
+       map_keys(state_dict.keys(), mapping, "the state dict")) {
+    out.insert(to, state_dict[from]);
+  }
+  return out;
+}
+
+// A storage's bytes once cast: what `model.to(dtype)` gives it.
+std::uint64_t cast_storage_size(
+    const at::Tensor& t, std::optional<c10::ScalarType> dtype) {
+  const std::uint64_t size = get_torch_storage_size(t);
+  if (!dtype.has_value() || !t.is_floating_point()) {
+    return size;
+  }
+  return size / t.element_size() * c10::elementSize(*dtype);
+}
+
+// `tensors` with floating-point storages cast to `dtype`, each storage
+// once, so that tensors viewing one storage still view one (ties stay tied
+// in torch.save files).
+StateDict cast_storages(const StateDict& tensors, c10::ScalarType dtype) {
+  std::map<const void*, at::Tensor> cast_base; // by storage data
+  StateDict out;
+  out.reserve(tensors.size());
+  for (const auto& item : tensors) {
+    const at::Tensor& t = item.value();
+    if (!t.is_floating_point() || t.scalar_type() == dtype) {
+      out.insert(item.key(), t);
+      continue;
+    }
+    const auto storage = t.storage();
+    const auto whole = static_cast<std::int64_t>(storage.nbytes()) /
+                       static_cast<std::int64_t>(t.element_size());
+    auto it = cast_base.find(storage.data());
+    if (it == cast_base.end() || it->second.numel() != whole ||
+        it->second.scalar_type() != dtype) {
+      at::Tensor base = at::empty({0}, t.options());
+      base.set_(storage, 0, {whole}, {1});
+      it = cast_base.insert_or_assign(storage.data(), base.to(dtype)).first;
+    }
+    out.insert(
+        item.key(),
+        it->second.as_strided(t.sizes(), t.strides(), t.storage_offset()));
+  }
+  return out;
+}
+
+} // namespace
 
 bool recover_interrupted_save(const std::filesystem::path& directory) {
   // A save in progress holds the lock: its files are not leftovers, and it
@@ -34,6 +90,19 @@ void save_torch_state_dict(
     const StateDict& state_dict,
     const std::filesystem::path& save_directory,
     const SaveOptions& options) {
+  if (!options.key_mapping().empty()) {
+    SaveOptions written = options;
+    std::vector<std::string> discard;
+    for (const std::string& name : options.shared_tensors_to_discard()) {
+      if (auto mapped = map_key(name, options.key_mapping())) {
+        discard.push_back(std::move(*mapped));
+      }
+    }
+    written.key_mapping(KeyMapping()).shared_tensors_to_discard(discard);
+    save_torch_state_dict(
+        renamed(state_dict, options.key_mapping()), save_directory, written);
+    return;
+  }
   const bool safe = options.safe_serialization();
   const std::string pattern_text = options.filename_pattern().value_or(
       safe ? kSafetensorsWeightsFilePattern : kPytorchWeightsFilePattern);
@@ -67,11 +136,18 @@ void save_torch_state_dict(
     tied.kept = state_dict;
   }
   const StateDict& tensors = tied.kept;
-  const StateDictSplit split = split_torch_state_dict_into_shards(
-      tensors,
-      SplitOptions()
-          .filename_pattern(pattern_text)
-          .max_shard_size(options.max_shard_size()));
+  const SplitOptions split_options = SplitOptions()
+                                         .filename_pattern(pattern_text)
+                                         .max_shard_size(options.max_shard_size());
+  const StateDictSplit split = options.dtype().has_value()
+      ? split_state_dict_into_shards_factory(
+            tensors,
+            [&](const at::Tensor& t) {
+              return cast_storage_size(t, options.dtype());
+            },
+            [](const at::Tensor& t) { return get_torch_storage_id(t); },
+            split_options)
+      : split_torch_state_dict_into_shards(tensors, split_options);
   const std::string index_name = pattern.format("") + kIndexSuffix;
 
   // Takes the directory's lock and finishes any interrupted save first.
@@ -125,7 +201,10 @@ void save_torch_state_dict(
         }
       }
       const SafetensorsWriter writer(
-          shard_dict, file_metadata, options.force_contiguous());
+          shard_dict,
+          file_metadata,
+          options.force_contiguous(),
+          options.dtype());
       file.preallocate(writer.size());
       writer.write(
           [&](const void* data, std::size_t size) { file.write(data, size); },
@@ -137,7 +216,9 @@ void save_torch_state_dict(
       const std::string stem =
           std::filesystem::path(shard.key()).stem().string();
       detail::write_torch_save(
-          shard_dict,
+          options.dtype().has_value()
+              ? cast_storages(shard_dict, *options.dtype())
+              : shard_dict,
           file,
           stem.empty() ? "archive" : stem,
           [&](const std::vector<std::string>& names, std::uint64_t bytes) {

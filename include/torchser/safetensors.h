@@ -136,11 +136,14 @@ class TORCHSER_API SafetensorsWriter {
  public:
   /// Prepares `tensors` with `metadata` (the `__metadata__` map, none when
   /// nullopt); `force_contiguous` writes non-contiguous tensors as contiguous
-  /// copies instead of rejecting them.
+  /// copies instead of rejecting them. `cast`, when set, writes
+  /// floating-point tensors in that dtype, converting one tensor at a time
+  /// while writing (integer and bool tensors keep theirs).
   SafetensorsWriter(
       const StateDict& tensors,
       const std::optional<SafetensorsMetadata>& metadata = std::nullopt,
-      bool force_contiguous = false);
+      bool force_contiguous = false,
+      std::optional<c10::ScalarType> cast = std::nullopt);
 
   /// Total file size in bytes.
   std::uint64_t size() const noexcept {
@@ -166,6 +169,7 @@ class TORCHSER_API SafetensorsWriter {
   std::string header_;
   std::uint64_t data_size_ = 0;
   bool force_contiguous_;
+  std::optional<c10::ScalarType> cast_;
 };
 
 /// Options of save_file().

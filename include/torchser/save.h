@@ -28,9 +28,11 @@
 #include <string>
 #include <vector>
 
+#include <c10/core/ScalarType.h>
 #include <torch/arg.h>
 
 #include <torchser/export.h>
+#include <torchser/key_mapping.h>
 #include <torchser/ordered_map.h>
 #include <torchser/progress.h>
 #include <torchser/shared_tensors.h>
@@ -64,6 +66,17 @@ struct TORCHSER_API SaveOptions {
   TORCH_ARG(bool, durable) = true;
   /// Called after each tensor is written (see progress.h). Default: none.
   TORCH_ARG(ProgressCallback, progress);
+  /// The module's names → the written names (see key_mapping.h): the names
+  /// the Hub expects from a module whose names differ (a load's
+  /// `strip_prefix("module.")` is a save's `add_prefix("module.")`, its
+  /// inverse()). `shared_tensors_to_discard` names are mapped too.
+  TORCH_ARG(KeyMapping, key_mapping);
+  /// Write floating-point tensors in this dtype (a float32 module saved as
+  /// bfloat16), as `model.to(dtype)` would have them: the shard plan uses the
+  /// cast sizes, tied weights stay tied, integer and bool tensors keep their
+  /// dtype. safetensors files cast one tensor at a time while writing;
+  /// torch.save files, which write whole storages, one shard at a time.
+  TORCH_ARG(std::optional<c10::ScalarType>, dtype) = std::nullopt;
 };
 
 /// `huggingface_hub.save_torch_state_dict`. The directory must exist.
