@@ -30,12 +30,14 @@
 
 #include <torchser/dduf.h>
 #include <torchser/errors.h>
+#include <torchser/hub_cache.h>
 #include <torchser/key_mapping.h>
 #include <torchser/save.h>
 #include <torchser/version.h>
 
 #include "torchser/detail/checkpoint_dir.h"
 #include "torchser/detail/file.h"
+#include "torchser/detail/hub_cache.h"
 #include "torchser/detail/shared_tensors.h"
 #include "torchser/detail/tensor_file.h"
 
@@ -291,6 +293,27 @@ int cmd_inspect(const fs::path& path, bool as_json) {
 
 int cmd_verify(const fs::path& path) {
   const torchser::detail::Checkpoint checkpoint = resolve(path);
+  // In the Hugging Face cache, each file's blob name is its digest: a file
+  // that differs is said as such before any format rule is checked.
+  if (!torchser::detail::snapshot_of(path).empty()) {
+    bool corrupted = false;
+    std::size_t checked = 0;
+    for (const auto& check : torchser::detail::check_cached_blobs(path)) {
+      ++checked;
+      if (!check.ok()) {
+        corrupted = true;
+        std::cout << "CORRUPTED: " << check.file.string() << ": its "
+                  << check.algorithm << " is " << check.actual
+                  << ", the cache's blob name says " << check.blob
+                  << " (download it again)\n";
+      }
+    }
+    if (corrupted) {
+      return 1;
+    }
+    std::cerr << "torchser: " << checked
+              << " cached file(s) match their blob digests\n";
+  }
   if (checkpoint.kind == torchser::detail::Checkpoint::Kind::kDDUF) {
     const auto entries = torchser::read_dduf_file(
         checkpoint.files.front()); // every rule of the archive
@@ -683,7 +706,8 @@ int main(int argc, char** argv) {
       ->add_option(
           "PATH",
           path,
-          "a .safetensors, .bin or .dduf file, or a checkpoint directory")
+          "a .safetensors, .bin or .dduf file, a checkpoint directory, or "
+          "ORG/NAME[@REVISION][/FILE] in the Hugging Face cache")
       ->required();
   inspect_cmd->add_flag("--json", as_json, "machine-readable output");
 
@@ -691,7 +715,11 @@ int main(int argc, char** argv) {
   auto* verify_cmd = app.add_subcommand(
       "verify", "Check every rule of the format; exit 0 when valid");
   verify_cmd
-      ->add_option("PATH", verify_path, "a file or a checkpoint directory")
+      ->add_option(
+          "PATH",
+          verify_path,
+          "a file, a checkpoint directory, or ORG/NAME[@REVISION][/FILE] in "
+          "the Hugging Face cache")
       ->required();
 
   std::string src;
@@ -700,7 +728,11 @@ int main(int argc, char** argv) {
   std::string max_shard_size = "5GB";
   auto* convert_cmd = app.add_subcommand(
       "convert", "Convert a checkpoint between pickle .bin and safetensors");
-  convert_cmd->add_option("SRC", src, "a file or a checkpoint directory")
+  convert_cmd->add_option(
+          "SRC",
+          src,
+          "a file, a checkpoint directory, or ORG/NAME[@REVISION][/FILE] in "
+          "the Hugging Face cache")
       ->required();
   convert_cmd
       ->add_option(
@@ -786,6 +818,13 @@ int main(int argc, char** argv) {
     to = "pickle";
   }
   try {
+    // Inputs may name a checkpoint in the Hugging Face cache (hub_cache.h).
+    for (std::string* input :
+         {&path, &verify_path, &src, &folder, &unpack_archive}) {
+      if (!input->empty()) {
+        *input = torchser::resolve_hub_path(*input).string();
+      }
+    }
     if (inspect_cmd->parsed()) {
       return cmd_inspect(path, as_json);
     }

@@ -8,6 +8,7 @@ KeyError::~KeyError() = default;
 RuntimeError::~RuntimeError() = default;
 OSError::~OSError() = default;
 FileNotFoundError::~FileNotFoundError() = default;
+LocalEntryNotFoundError::~LocalEntryNotFoundError() = default;
 SafetensorError::~SafetensorError() = default;
 UnpicklingError::~UnpicklingError() = default;
 DDUFError::~DDUFError() = default;

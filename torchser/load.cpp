@@ -13,6 +13,7 @@
 #include <torch/nn/module.h>
 
 #include <torchser/constants.h>
+#include <torchser/hub_cache.h>
 #include <torchser/module.h>
 
 #include "torchser/detail/checkpoint_dir.h"
@@ -622,7 +623,8 @@ LoadResult load_state_dict(
 }
 
 StateDict load_state_dict_from_file(
-    const std::filesystem::path& path, const LoadOptions& options) {
+    const std::filesystem::path& path_or_repo, const LoadOptions& options) {
+  const std::filesystem::path path = resolve_hub_path(path_or_repo);
   std::error_code ec;
   if (!std::filesystem::is_regular_file(path, ec)) {
     throw FileNotFoundError(
@@ -678,8 +680,9 @@ StateDict load_state_dict_from_file(
 
 LoadResult load_torch_model(
     torch::nn::Module& model,
-    const std::filesystem::path& checkpoint_path,
+    const std::filesystem::path& path_or_repo,
     const LoadOptions& options) {
+  const std::filesystem::path checkpoint_path = resolve_hub_path(path_or_repo);
   std::error_code ec;
   if (!std::filesystem::exists(checkpoint_path, ec)) {
     throw ValueError(

@@ -64,6 +64,15 @@ class TORCHSER_API FileNotFoundError : public OSError {
   ~FileNotFoundError() override;
 };
 
+/// `huggingface_hub.errors.LocalEntryNotFoundError`: a repo, revision or file
+/// is not in the local Hugging Face cache (torchser never downloads). A
+/// FileNotFoundError, as in Python.
+class TORCHSER_API LocalEntryNotFoundError : public FileNotFoundError {
+ public:
+  using FileNotFoundError::FileNotFoundError;
+  ~LocalEntryNotFoundError() override;
+};
+
 /// `safetensors_rust.SafetensorError`: a safetensors file or buffer breaks a
 /// rule of the format. kind() says which rule (the official reader's error
 /// variants, plus torchser's own UnsupportedDtype); the message starts with

@@ -8,13 +8,17 @@
 #include <torchser/dduf.h>
 #include <torchser/errors.h>
 #include <torchser/export.h>
+#include <torchser/hub_cache.h>
+#include <torchser/key_mapping.h>
 #include <torchser/load.h>
 #include <torchser/load_backend.h>
 #include <torchser/module.h>
 #include <torchser/ordered_map.h>
 #include <torchser/pickle.h>
+#include <torchser/progress.h>
 #include <torchser/safetensors.h>
 #include <torchser/save.h>
+#include <torchser/shared_tensors.h>
 #include <torchser/split.h>
 #include <torchser/state_dict.h>
 #include <torchser/storage.h>

@@ -1,0 +1,290 @@
+// Checkpoints in the local Hugging Face cache, laid out as huggingface_hub's
+// file_download.py writes them: blobs named by digest, snapshots of symlinks
+// into ../../blobs, refs/ holding commit hashes, .no_exist/ markers.
+
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <map>
+#include <optional>
+#include <string>
+
+#include <ATen/ops/arange.h>
+#include <ATen/ops/full.h>
+#include <torch/nn/modules/linear.h>
+
+#include <torchser/errors.h>
+#include <torchser/hub_cache.h>
+#include <torchser/load.h>
+#include <torchser/module.h>
+#include <torchser/save.h>
+
+#include "test_utils.h"
+
+namespace torchser {
+namespace {
+
+namespace fs = std::filesystem;
+using ::testing::HasSubstr;
+using torchser::testing::read_file;
+using torchser::testing::TempDir;
+using torchser::testing::write_file;
+
+std::string shell(const std::string& command) {
+  FILE* pipe = ::popen((command + " 2>&1").c_str(), "r");
+  std::string out;
+  char buffer[4096];
+  while (std::fgets(buffer, sizeof buffer, pipe) != nullptr) {
+    out += buffer;
+  }
+  ::pclose(pipe);
+  while (!out.empty() && (out.back() == '\n' || out.back() == ' ')) {
+    out.pop_back();
+  }
+  return out;
+}
+
+// The blob name huggingface_hub gives a file: the LFS sha256 for weights,
+// the git blob sha1 (the etag) for small text files. Computed by coreutils
+// and git, not by torchser.
+std::string blob_name(const fs::path& file) {
+  if (file.extension() == ".json") {
+    return shell("git hash-object '" + file.string() + "'");
+  }
+  const std::string line = shell("sha256sum '" + file.string() + "'");
+  return line.substr(0, 64);
+}
+
+const std::string kCommitA = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa1";
+const std::string kCommitB = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb2";
+
+// A state dict of a Linear(3, 2) whose values say which revision holds it.
+StateDict linear_values(float value) {
+  return StateDict{
+      {"weight", at::full({2, 3}, value)}, {"bias", at::full({2}, value)}};
+}
+
+// Writes the files of `folder` into the cache as one snapshot of `repo`.
+void add_snapshot(
+    const fs::path& cache,
+    const std::string& repo_folder,
+    const std::string& commit,
+    const fs::path& folder) {
+  const fs::path repo = cache / repo_folder;
+  fs::create_directories(repo / "blobs");
+  for (const auto& entry : fs::recursive_directory_iterator(folder)) {
+    if (!entry.is_regular_file()) {
+      continue;
+    }
+    const fs::path relative = fs::relative(entry.path(), folder);
+    const std::string blob = blob_name(entry.path());
+    fs::copy_file(
+        entry.path(), repo / "blobs" / blob, fs::copy_options::skip_existing);
+    const fs::path link = repo / "snapshots" / commit / relative;
+    fs::create_directories(link.parent_path());
+    fs::path up;
+    const auto depth = std::distance(relative.begin(), relative.end());
+    for (std::ptrdiff_t i = 0; i <= depth; ++i) {
+      up /= "..";
+    }
+    fs::create_symlink(up / "blobs" / blob, link);
+  }
+}
+
+void add_ref(
+    const fs::path& cache,
+    const std::string& repo_folder,
+    const std::string& name,
+    const std::string& commit) {
+  fs::create_directories((cache / repo_folder / "refs" / name).parent_path());
+  write_file(cache / repo_folder / "refs" / name, commit); // no newline
+}
+
+// Sets an environment variable for one scope.
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const std::optional<std::string>& value)
+      : name_(name) {
+    if (const char* old = std::getenv(name)) {
+      old_ = old;
+    }
+    if (value) {
+      ::setenv(name, value->c_str(), 1);
+    } else {
+      ::unsetenv(name);
+    }
+  }
+  ~ScopedEnv() {
+    if (old_) {
+      ::setenv(name_, old_->c_str(), 1);
+    } else {
+      ::unsetenv(name_);
+    }
+  }
+
+ private:
+  const char* name_;
+  std::optional<std::string> old_;
+};
+
+// org/tiny: main → commit A (one safetensors file, config.json), tag v1.0 →
+// commit B (sharded, other values); .no_exist records pytorch_model.bin.
+struct CachedRepo {
+  TempDir dir;
+  fs::path cache = dir / "hub";
+  CachedRepo() {
+    const fs::path a = dir / "a";
+    const fs::path b = dir / "b";
+    fs::create_directories(a);
+    fs::create_directories(b);
+    save_torch_state_dict(linear_values(1.0F), a);
+    write_file(a / "config.json", "{\"model_type\": \"tiny\"}\n");
+    save_torch_state_dict(
+        linear_values(2.0F), b, SaveOptions().max_shard_size(1));
+    add_snapshot(cache, "models--org--tiny", kCommitA, a);
+    add_snapshot(cache, "models--org--tiny", kCommitB, b);
+    add_ref(cache, "models--org--tiny", "main", kCommitA);
+    add_ref(cache, "models--org--tiny", "v1.0", kCommitB);
+    fs::create_directories(cache / "models--org--tiny/.no_exist" / kCommitA);
+    write_file(
+        cache / "models--org--tiny/.no_exist" / kCommitA / "pytorch_model.bin",
+        "");
+  }
+};
+
+float loaded_value(const std::string& reference) {
+  torch::nn::Linear linear(3, 2);
+  const LoadResult result =
+      load_torch_model(*linear, reference, LoadOptions().strict(true));
+  EXPECT_TRUE(result.missing_keys.empty()) << reference;
+  return linear->bias[0].item<float>();
+}
+
+TEST(HubCacheTest, TheCacheFolderFollowsHuggingfaceHubsVariables) {
+  ScopedEnv hub("HF_HUB_CACHE", std::nullopt);
+  ScopedEnv legacy("HUGGINGFACE_HUB_CACHE", std::nullopt);
+  ScopedEnv home("HF_HOME", std::nullopt);
+  ScopedEnv xdg("XDG_CACHE_HOME", std::nullopt);
+  ScopedEnv user_home("HOME", "/home/u");
+  EXPECT_EQ(hf_hub_cache(), fs::path("/home/u/.cache/huggingface/hub"));
+  {
+    ScopedEnv x("XDG_CACHE_HOME", "/x");
+    EXPECT_EQ(hf_hub_cache(), fs::path("/x/huggingface/hub"));
+    ScopedEnv h("HF_HOME", "~/hf");
+    EXPECT_EQ(hf_hub_cache(), fs::path("/home/u/hf/hub"));
+    ScopedEnv l("HUGGINGFACE_HUB_CACHE", "/legacy");
+    EXPECT_EQ(hf_hub_cache(), fs::path("/legacy"));
+    ScopedEnv c("HF_HUB_CACHE", "$HOME/${XDG_CACHE_HOME}/c");
+    EXPECT_EQ(hf_hub_cache(), fs::path("/home/u//x/c"));
+  }
+}
+
+TEST(HubCacheTest, ReferencesParseAsRepoIdsRevisionsAndFiles) {
+  const auto ref = parse_hub_reference("org/name@v1.0/unet/model.safetensors");
+  ASSERT_TRUE(ref.has_value());
+  EXPECT_EQ(ref->repo_id, "org/name");
+  EXPECT_EQ(ref->revision, "v1.0");
+  EXPECT_EQ(ref->filename, "unet/model.safetensors");
+  const auto plain = parse_hub_reference("org/name/config.json");
+  ASSERT_TRUE(plain.has_value());
+  EXPECT_EQ(plain->revision, "main");
+  EXPECT_EQ(plain->filename, "config.json");
+  EXPECT_EQ(parse_hub_reference("gpt2")->repo_id, "gpt2");
+  for (const char* not_one :
+       {"/abs/path", "./rel", "../up", "~/x", "a--b/c", "a/../b", "org/name@",
+        "-org/name", "org/name/", "org//name", "org/name/../../etc"}) {
+    EXPECT_FALSE(parse_hub_reference(not_one).has_value()) << not_one;
+  }
+}
+
+TEST(HubCacheTest, LoadsByRepoBranchTagAndCommit) {
+  CachedRepo repo;
+  ScopedEnv hub("HF_HUB_CACHE", repo.cache.string());
+  EXPECT_EQ(loaded_value("org/tiny"), 1.0F);
+  EXPECT_EQ(loaded_value("org/tiny@main"), 1.0F);
+  EXPECT_EQ(loaded_value("org/tiny@v1.0"), 2.0F); // sharded, through refs/
+  EXPECT_EQ(loaded_value("org/tiny@" + kCommitB), 2.0F);
+  const StateDict sd = load_state_dict_from_file("org/tiny/model.safetensors");
+  EXPECT_TRUE(sd["bias"].equal(at::full({2}, 1.0F)));
+  EXPECT_EQ(
+      cached_snapshot("org/tiny", "v1.0"),
+      repo.cache / "models--org--tiny/snapshots" / kCommitB);
+  EXPECT_EQ(
+      cached_file("org/tiny", "config.json", "main", repo.cache),
+      repo.cache / "models--org--tiny/snapshots" / kCommitA / "config.json");
+}
+
+TEST(HubCacheTest, WhatIsNotCachedIsATypedErrorSayingWhereItLooked) {
+  CachedRepo repo;
+  ScopedEnv hub("HF_HUB_CACHE", repo.cache.string());
+  const auto message = [](const auto& call) -> std::string {
+    try {
+      call();
+    } catch (const LocalEntryNotFoundError& e) {
+      return e.what();
+    }
+    return "no LocalEntryNotFoundError";
+  };
+  const std::string no_repo =
+      message([] { loaded_value("org/missing"); });
+  EXPECT_THAT(no_repo, HasSubstr("models--org--missing"));
+  EXPECT_THAT(no_repo, HasSubstr(repo.cache.string()));
+  const std::string no_revision =
+      message([] { cached_snapshot("org/tiny", "v2.0"); });
+  EXPECT_THAT(no_revision, HasSubstr("revision 'v2.0'"));
+  EXPECT_THAT(no_revision, HasSubstr("main -> aaaaaaaaaaaa"));
+  EXPECT_THAT(no_revision, HasSubstr("v1.0 -> bbbbbbbbbbbb"));
+  const std::string absent =
+      message([] { cached_file("org/tiny", "pytorch_model.bin"); });
+  EXPECT_THAT(absent, HasSubstr("records that the repo does not have it"));
+  const std::string no_file =
+      message([] { load_state_dict_from_file("org/tiny/other.safetensors"); });
+  EXPECT_THAT(no_file, HasSubstr("config.json, model.safetensors"));
+  EXPECT_THROW(cached_file("org/tiny", "../x"), ValueError);
+}
+
+TEST(HubCacheTest, SymlinksLeavingTheRepoFolderOrDanglingAreRefused) {
+  CachedRepo repo;
+  ScopedEnv hub("HF_HUB_CACHE", repo.cache.string());
+  const fs::path snapshot =
+      repo.cache / "models--org--tiny/snapshots" / kCommitA;
+  write_file(repo.dir / "outside.json", "{}");
+  fs::create_symlink(repo.dir / "outside.json", snapshot / "evil.json");
+  try {
+    loaded_value("org/tiny");
+    FAIL() << "no error";
+  } catch (const OSError& e) {
+    EXPECT_THAT(e.what(), HasSubstr("evil.json"));
+    EXPECT_THAT(e.what(), HasSubstr("leads outside"));
+  }
+  fs::remove(snapshot / "evil.json");
+  fs::create_symlink("../../blobs/0000", snapshot / "gone.json");
+  try {
+    cached_snapshot("org/tiny");
+    FAIL() << "no error";
+  } catch (const OSError& e) {
+    EXPECT_THAT(e.what(), HasSubstr("gone.json"));
+    EXPECT_THAT(e.what(), HasSubstr("missing blob"));
+  }
+  // A refs file naming something other than a commit.
+  add_ref(repo.cache, "models--org--tiny", "bad", "../../../etc");
+  EXPECT_THROW(cached_snapshot("org/tiny", "bad"), OSError);
+}
+
+TEST(HubCacheTest, ALocalPathWinsOverTheCache) {
+  CachedRepo repo;
+  ScopedEnv hub("HF_HUB_CACHE", repo.cache.string());
+  const fs::path cwd = fs::current_path();
+  fs::create_directories(repo.dir / "work/org/tiny");
+  save_torch_state_dict(linear_values(7.0F), repo.dir / "work/org/tiny");
+  fs::current_path(repo.dir / "work");
+  const float local = loaded_value("org/tiny");
+  fs::current_path(cwd);
+  EXPECT_EQ(local, 7.0F);
+}
+
+} // namespace
+} // namespace torchser
