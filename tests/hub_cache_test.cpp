@@ -286,5 +286,59 @@ TEST(HubCacheTest, ALocalPathWinsOverTheCache) {
   EXPECT_EQ(local, 7.0F);
 }
 
+struct CliRun {
+  int status;
+  std::string output;
+};
+
+CliRun cli(const fs::path& cache, const std::string& arguments) {
+  FILE* pipe = ::popen(
+      ("HF_HUB_CACHE='" + cache.string() + "' " + TORCHSER_CLI + " " +
+       arguments + " 2>&1")
+          .c_str(),
+      "r");
+  std::string out;
+  char buffer[4096];
+  while (std::fgets(buffer, sizeof buffer, pipe) != nullptr) {
+    out += buffer;
+  }
+  const int status = ::pclose(pipe);
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
+}
+
+TEST(HubCacheTest, EveryCliCommandTakesARepoAndVerifyChecksTheBlobs) {
+  CachedRepo repo;
+  const CliRun inspect = cli(repo.cache, "inspect org/tiny@v1.0");
+  EXPECT_EQ(inspect.status, 0) << inspect.output;
+  EXPECT_THAT(inspect.output, HasSubstr("model-00001-of-00002.safetensors"));
+  const CliRun verify = cli(repo.cache, "verify org/tiny");
+  EXPECT_EQ(verify.status, 0) << verify.output;
+  EXPECT_THAT(verify.output, HasSubstr("2 cached file(s) match"));
+  const CliRun file = cli(repo.cache, "verify org/tiny/model.safetensors");
+  EXPECT_EQ(file.status, 0) << file.output;
+  TempDir out;
+  const CliRun convert = cli(
+      repo.cache,
+      "convert org/tiny@" + kCommitB + " '" + (out / "x.bin").string() + "'");
+  EXPECT_EQ(convert.status, 0) << convert.output;
+  const CliRun missing = cli(repo.cache, "inspect org/none");
+  EXPECT_EQ(missing.status, 1);
+  EXPECT_THAT(missing.output, HasSubstr("models--org--none"));
+
+  // One flipped byte in a blob: verify names the file and both digests.
+  const fs::path link =
+      repo.cache / "models--org--tiny/snapshots" / kCommitA / "model.safetensors";
+  const fs::path blob = fs::canonical(link);
+  std::string bytes = read_file(blob);
+  bytes[bytes.size() - 1] ^= 1;
+  fs::permissions(blob, fs::perms::owner_write, fs::perm_options::add);
+  write_file(blob, bytes);
+  const CliRun corrupted = cli(repo.cache, "verify org/tiny");
+  EXPECT_EQ(corrupted.status, 1) << corrupted.output;
+  EXPECT_THAT(corrupted.output, HasSubstr("CORRUPTED: "));
+  EXPECT_THAT(corrupted.output, HasSubstr("model.safetensors: its sha256 is"));
+  EXPECT_THAT(corrupted.output, HasSubstr(blob.filename().string()));
+}
+
 } // namespace
 } // namespace torchser
