@@ -28,6 +28,7 @@
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
+#include <torchser/constants.h>
 #include <torchser/dduf.h>
 #include <torchser/errors.h>
 #include <torchser/hub_cache.h>
@@ -369,6 +370,7 @@ bool ends_with(const std::string& name, const std::string& suffix) {
 
 // What convert changes on the way: names, selection, dtype.
 struct ConvertChanges {
+  bool checksums = false;
   std::vector<std::string> only_prefixes;
   torchser::KeyMapping mapping;
   std::optional<c10::ScalarType> dtype;
@@ -535,7 +537,7 @@ int cmd_convert(
     torchser::detail::retie_aliases(all, metadata);
   }
   for (const auto& [key, value] : metadata) {
-    if (key == "format" ||
+    if (key == "format" || key == torchser::kChecksumMetadataKey ||
         (!safe && all.contains(key) && all.contains(value))) {
       continue;
     }
@@ -543,7 +545,8 @@ int cmd_convert(
   }
 
   torchser::SaveOptions options;
-  options.safe_serialization(safe).metadata(kept_metadata).dtype(changes.dtype);
+  options.safe_serialization(safe).metadata(kept_metadata).dtype(changes.dtype).checksums(
+      changes.checksums);
   fs::path directory = dst;
   if (to_file) {
     directory = dst.parent_path().empty() ? fs::path(".") : dst.parent_path();
@@ -763,6 +766,12 @@ int main(int argc, char** argv) {
       dtype,
       "write floating-point tensors as bf16, fp16, fp32 or fp64 (integer and "
       "bool tensors keep theirs)");
+  bool checksums = false;
+  convert_cmd->add_flag(
+      "--checksums",
+      checksums,
+      "record each tensor's CRC-32C in the safetensors metadata (checked by "
+      "the loaders and verify)");
   std::vector<std::string> only_prefixes;
   convert_cmd->add_option(
       "--only-prefix",
@@ -833,6 +842,7 @@ int main(int argc, char** argv) {
     }
     if (convert_cmd->parsed()) {
       ConvertChanges changes;
+      changes.checksums = checksums;
       changes.only_prefixes = only_prefixes;
       changes.mapping.strip_prefix(strip_prefix).add_prefix(add_prefix);
       for (const std::string& rename : renames) {

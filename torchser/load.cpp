@@ -17,6 +17,7 @@
 #include <torchser/module.h>
 
 #include "torchser/detail/checkpoint_dir.h"
+#include "torchser/detail/checksum.h"
 #include "torchser/detail/load_file.h"
 #include "torchser/detail/tensor_file.h"
 
@@ -243,7 +244,8 @@ void visit_file(
 
 class FileSource final : public Source {
  public:
-  explicit FileSource(const detail::TensorFile& file) : file_(file) {
+  FileSource(const detail::TensorFile& file, bool verify_checksums)
+      : file_(file), verify_checksums_(verify_checksums) {
     warn_note(file_);
     file_.check_format_metadata();
   }
@@ -270,6 +272,9 @@ class FileSource final : public Source {
         out[entry.name] = shape_of(entry);
       }
     }
+    if (verify_checksums_ && !wanted.empty()) {
+      detail::check_checksums(file_, wanted);
+    }
     return out;
   }
   void for_each(const std::set<std::string>& wanted, const Visitor& visit)
@@ -281,6 +286,7 @@ class FileSource final : public Source {
 
  private:
   const detail::TensorFile& file_;
+  bool verify_checksums_;
 };
 
 // The shards an index names; a shard is opened only when it holds a wanted
@@ -289,8 +295,11 @@ class ShardedSource final : public Source {
  public:
   ShardedSource(
       const detail::Checkpoint& checkpoint,
-      const detail::TensorFileOptions& open)
-      : checkpoint_(checkpoint), open_(open) {}
+      const detail::TensorFileOptions& open,
+      bool verify_checksums)
+      : checkpoint_(checkpoint),
+        open_(open),
+        verify_checksums_(verify_checksums) {}
   std::string where() const override {
     return checkpoint_.index_path.string();
   }
@@ -334,6 +343,9 @@ class ShardedSource final : public Source {
         }
         out[name] = shape_of(*entry->second);
       }
+      if (verify_checksums_) {
+        detail::check_checksums(*file, {here.begin(), here.end()});
+      }
       opened_.emplace_back(shard, std::set<std::string>(here.begin(), here.end()));
       files_.push_back(std::move(file));
     }
@@ -356,6 +368,7 @@ class ShardedSource final : public Source {
  private:
   const detail::Checkpoint& checkpoint_;
   detail::TensorFileOptions open_;
+  bool verify_checksums_;
   std::vector<std::pair<std::string, std::set<std::string>>> opened_;
   std::vector<std::unique_ptr<detail::TensorFile>> files_;
 };
@@ -607,7 +620,7 @@ LoadResult load_tensor_file_into(
     const TensorFile& file,
     const LoadOptions& options) {
   check_module_options(options);
-  FileSource source(file);
+  FileSource source(file, options.verify_checksums());
   return load_into(model, source, options);
 }
 
@@ -654,8 +667,13 @@ StateDict load_state_dict_from_file(
           mapped.end(),
           [&](const auto& item) { return filter.ignored(item.second); }),
       mapped.end());
+  std::set<std::string> read;
   for (const auto& item : mapped) {
     bytes_total += nbytes[item.first];
+    read.insert(item.first);
+  }
+  if (options.verify_checksums() && !read.empty()) {
+    detail::check_checksums(*file, read);
   }
   const std::string name = path.filename().string();
   StateDict out;
@@ -707,12 +725,13 @@ LoadResult load_torch_model(
   const detail::Checkpoint checkpoint =
       detail::resolve_checkpoint(checkpoint_path, resolve);
   if (checkpoint.kind == detail::Checkpoint::Kind::kSharded) {
-    ShardedSource source(checkpoint, file_options(options));
+    ShardedSource source(
+        checkpoint, file_options(options), options.verify_checksums());
     return load_into(model, source, options);
   }
   const auto file =
       detail::open_tensor_file(checkpoint.files.front(), file_options(options));
-  FileSource source(*file);
+  FileSource source(*file, options.verify_checksums());
   return load_into(model, source, options);
 }
 

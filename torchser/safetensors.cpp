@@ -14,6 +14,9 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 
+#include <torchser/constants.h>
+
+#include "torchser/detail/checksum.h"
 #include "torchser/detail/file.h"
 #include "torchser/detail/safetensors_format.h"
 #include "torchser/detail/torch_version.h"
@@ -153,8 +156,12 @@ SafetensorsWriter::SafetensorsWriter(
     const StateDict& tensors,
     const std::optional<SafetensorsMetadata>& metadata,
     bool force_contiguous,
-    std::optional<c10::ScalarType> cast)
-    : force_contiguous_(force_contiguous), cast_(cast) {
+    std::optional<c10::ScalarType> cast,
+    bool checksums)
+    : force_contiguous_(force_contiguous),
+      cast_(cast),
+      metadata_(metadata),
+      checksums_(checksums) {
   std::vector<std::pair<SafetensorsTensorInfo, at::Tensor>> prepared;
   prepared.reserve(tensors.size());
   for (const auto& item : tensors) {
@@ -226,7 +233,15 @@ SafetensorsWriter::SafetensorsWriter(
     ordered_.push_back(std::move(tensor));
   }
   data_size_ = offset;
-  header_ = detail::build_header(metadata, infos_);
+  if (checksums_) {
+    // Placeholders of the final width: the header's size is fixed now.
+    crcs_.assign(infos_.size(), 0);
+    if (!metadata_) {
+      metadata_.emplace();
+    }
+    (*metadata_)[kChecksumMetadataKey] = checksum_text();
+  }
+  header_ = detail::build_header(metadata_, infos_);
   if (header_.size() > detail::kMaxHeaderSize) {
     throw SafetensorError(
         Kind::kHeaderTooLarge,
@@ -271,10 +286,33 @@ void SafetensorsWriter::write(
       t = t.contiguous();
     }
     sink(t.data_ptr(), static_cast<std::size_t>(nbytes));
+    if (checksums_) {
+      crcs_[i] = detail::crc32c(t.data_ptr(), static_cast<std::size_t>(nbytes));
+    }
     if (written) {
       written(i);
     }
   }
+}
+
+std::string SafetensorsWriter::checksum_text() const {
+  std::vector<std::pair<std::string, std::uint32_t>> checksums;
+  checksums.reserve(infos_.size());
+  for (std::size_t i = 0; i < infos_.size(); ++i) {
+    checksums.emplace_back(infos_[i].name, crcs_[i]);
+  }
+  return detail::checksum_metadata(checksums);
+}
+
+std::string SafetensorsWriter::final_header() const {
+  if (!checksums_) {
+    return header_;
+  }
+  SafetensorsMetadata metadata = *metadata_;
+  metadata[kChecksumMetadataKey] = checksum_text();
+  std::string header = detail::build_header(metadata, infos_);
+  TORCH_INTERNAL_ASSERT(header.size() == header_.size());
+  return header;
 }
 
 void save_file(
@@ -282,11 +320,20 @@ void save_file(
     const std::filesystem::path& path,
     const std::optional<SafetensorsMetadata>& metadata,
     const SaveFileOptions& options) {
-  const SafetensorsWriter writer(tensors, metadata, options.force_contiguous());
+  const SafetensorsWriter writer(
+      tensors,
+      metadata,
+      options.force_contiguous(),
+      std::nullopt,
+      options.checksums());
   detail::AtomicFile file(path);
   file.preallocate(writer.size());
   writer.write(
       [&](const void* data, std::size_t size) { file.write(data, size); });
+  if (options.checksums()) {
+    const std::string header = writer.final_header();
+    file.patch(header.data(), header.size(), 8);
+  }
   file.commit(options.durable());
 }
 

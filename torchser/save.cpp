@@ -107,7 +107,13 @@ void save_torch_state_dict(
   const std::string pattern_text = options.filename_pattern().value_or(
       safe ? kSafetensorsWeightsFilePattern : kPytorchWeightsFilePattern);
   const detail::FilenamePattern pattern(pattern_text);
-  Metadata metadata = options.metadata();
+  Metadata metadata;
+  for (const auto& item : options.metadata()) {
+    // torchser's own record of the bytes is written fresh, or not at all.
+    if (item.key() != kChecksumMetadataKey) {
+      metadata.insert(item.key(), item.value());
+    }
+  }
   if (const std::string* format = metadata.find("format");
       format != nullptr && *format != "pt") {
     throw ValueError(
@@ -204,7 +210,8 @@ void save_torch_state_dict(
           shard_dict,
           file_metadata,
           options.force_contiguous(),
-          options.dtype());
+          options.dtype(),
+          options.checksums());
       file.preallocate(writer.size());
       writer.write(
           [&](const void* data, std::size_t size) { file.write(data, size); },
@@ -212,6 +219,10 @@ void save_torch_state_dict(
             const auto& info = writer.tensors()[t];
             report(shard.key(), info.name, info.end - info.begin);
           });
+      if (options.checksums()) {
+        const std::string header = writer.final_header();
+        file.patch(header.data(), header.size(), 8);
+      }
     } else {
       const std::string stem =
           std::filesystem::path(shard.key()).stem().string();

@@ -1,3 +1,4 @@
+#include "torchser/detail/checksum.h"
 #include "torchser/detail/tensor_file.h"
 
 #include <sys/mman.h>
@@ -410,8 +411,10 @@ std::unique_ptr<TensorFile> verify_tensor_file(const fs::path& path) {
   if (sniff_format(path) == TensorFormat::kPickle) {
     verify_zip_crcs(path);
   }
-  return open_tensor_file(
+  auto file = open_tensor_file(
       path); // the header, or the pickle: every rule of the format
+  check_checksums(*file); // the CRC-32Cs SaveOptions::checksums records
+  return file;
 }
 
 StateDict read_all(const TensorFile& file) {

@@ -23,6 +23,10 @@ inline constexpr const char* kSafetensorsIndexFile =
 inline constexpr const char* kPytorchWeightsName = "pytorch_model.bin";
 /// Appended to a pattern formatted with an empty suffix to name the index.
 inline constexpr const char* kIndexSuffix = ".index.json";
+/// The safetensors `__metadata__` key of SaveOptions::checksums: a JSON
+/// object of tensor name → CRC-32C (Castagnoli) of its bytes, 8 lowercase
+/// hex digits. Other readers ignore it.
+inline constexpr const char* kChecksumMetadataKey = "torchser.crc32c";
 /// `MAX_SHARD_SIZE = "5GB"`, in bytes (sizes are decimal, as in Python).
 inline constexpr std::int64_t kMaxShardSize = 5'000'000'000;
 

@@ -95,6 +95,11 @@ struct TORCHSER_API LoadOptions {
   /// refuse it: the module's tensors decide, and LoadResult::dtype_changes
   /// lists the conversions.
   TORCH_ARG(std::optional<c10::ScalarType>, dtype) = std::nullopt;
+  /// Check the per-tensor CRC-32Cs a file records (SaveOptions::checksums)
+  /// before anything is copied or returned: OSError naming the file and the
+  /// tensor whose bytes changed. It reads every selected byte once more.
+  /// Files without checksums are not affected. Default: true.
+  TORCH_ARG(bool, verify_checksums) = true;
   /// Called after each tensor is copied (see progress.h); bytes_total is the
   /// size of every tensor the load copies. Default: none.
   TORCH_ARG(ProgressCallback, progress);

@@ -138,12 +138,17 @@ class TORCHSER_API SafetensorsWriter {
   /// nullopt); `force_contiguous` writes non-contiguous tensors as contiguous
   /// copies instead of rejecting them. `cast`, when set, writes
   /// floating-point tensors in that dtype, converting one tensor at a time
-  /// while writing (integer and bool tensors keep theirs).
+  /// while writing (integer and bool tensors keep theirs). `checksums`
+  /// records each tensor's CRC-32C under kChecksumMetadataKey: the header
+  /// then holds placeholders until write() has seen the bytes, and
+  /// final_header() has the values (same size), for the caller to write over
+  /// the first one.
   SafetensorsWriter(
       const StateDict& tensors,
       const std::optional<SafetensorsMetadata>& metadata = std::nullopt,
       bool force_contiguous = false,
-      std::optional<c10::ScalarType> cast = std::nullopt);
+      std::optional<c10::ScalarType> cast = std::nullopt,
+      bool checksums = false);
 
   /// Total file size in bytes.
   std::uint64_t size() const noexcept {
@@ -162,14 +167,21 @@ class TORCHSER_API SafetensorsWriter {
   void write(
       const ByteSink& sink,
       const std::function<void(std::size_t)>& written = {}) const;
+  /// After write(): the header with the checksums of the bytes written (the
+  /// header itself without checksums).
+  std::string final_header() const;
 
  private:
+  std::string checksum_text() const;
   std::vector<at::Tensor> ordered_;
   std::vector<SafetensorsTensorInfo> infos_;
   std::string header_;
   std::uint64_t data_size_ = 0;
   bool force_contiguous_;
   std::optional<c10::ScalarType> cast_;
+  std::optional<SafetensorsMetadata> metadata_;
+  bool checksums_ = false;
+  mutable std::vector<std::uint32_t> crcs_;
 };
 
 /// Options of save_file().
@@ -180,6 +192,8 @@ struct TORCHSER_API SaveFileOptions {
   /// fsync the file before the rename and the directory after it, so that
   /// the new file survives a power loss. Default: true.
   TORCH_ARG(bool, durable) = true;
+  /// Record each tensor's CRC-32C in the metadata (see SaveOptions).
+  TORCH_ARG(bool, checksums) = false;
 };
 
 /// `safetensors.torch.save_file`: writes `tensors` to `path` under a

@@ -77,6 +77,12 @@ struct TORCHSER_API SaveOptions {
   /// dtype. safetensors files cast one tensor at a time while writing;
   /// torch.save files, which write whole storages, one shard at a time.
   TORCH_ARG(std::optional<c10::ScalarType>, dtype) = std::nullopt;
+  /// Record each tensor's CRC-32C in every safetensors file's metadata
+  /// (kChecksumMetadataKey): the loaders and `torchser verify` check them
+  /// and name the tensor whose bytes changed. Other readers ignore the key;
+  /// the files are otherwise byte-identical. torch.save files carry ZIP
+  /// CRC-32s of their own and are unchanged. Default: false.
+  TORCH_ARG(bool, checksums) = false;
 };
 
 /// `huggingface_hub.save_torch_state_dict`. The directory must exist.

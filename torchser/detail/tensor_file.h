@@ -133,7 +133,8 @@ TORCHSER_API std::unique_ptr<TensorFile> open_tensor_file(
 
 /// open_tensor_file() plus what loaders take on trust: for torch.save
 /// files, every record's CRC-32 against the ZIP directory (the loaders map
-/// records without reading them, so a flipped byte would load silently).
+/// records without reading them, so a flipped byte would load silently);
+/// for safetensors files, the per-tensor CRC-32Cs they record, if any.
 /// Costs one read of the file (ISA-L's CRC-32 runs far above the disk).
 TORCHSER_API std::unique_ptr<TensorFile> verify_tensor_file(
     const std::filesystem::path& path);

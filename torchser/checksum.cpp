@@ -1,0 +1,162 @@
+#include "torchser/detail/checksum.h"
+
+#include <isa-l/crc.h>
+
+#include <algorithm>
+#include <atomic>
+#include <climits>
+#include <cstdio>
+#include <exception>
+#include <thread>
+
+#include <nlohmann/json.hpp>
+
+#include <torchser/constants.h>
+#include <torchser/errors.h>
+
+#include "torchser/detail/tensor_file.h"
+
+namespace torchser::detail {
+namespace {
+
+std::string hex8(std::uint32_t crc) {
+  char text[9];
+  std::snprintf(text, sizeof text, "%08x", crc);
+  return text;
+}
+
+} // namespace
+
+std::uint32_t crc32c(const void* data, std::size_t size, std::uint32_t crc) {
+  // ISA-L's crc32_iscsi keeps the register un-inverted and takes an int.
+  const auto* p = static_cast<const unsigned char*>(data);
+  std::uint32_t state = ~crc;
+  while (size > 0) {
+    const std::size_t n = std::min<std::size_t>(size, std::size_t{1} << 30);
+    state = crc32_iscsi(
+        const_cast<unsigned char*>(p), static_cast<int>(n), state);
+    p += n;
+    size -= n;
+  }
+  return ~state;
+}
+
+std::uint32_t crc32c_of(const at::Tensor& tensor) {
+  at::Tensor t = tensor;
+  if (!t.device().is_cpu()) {
+    t = t.to(at::kCPU);
+  }
+  t = t.contiguous();
+  return t.numel() == 0 ? 0
+                        : crc32c(t.data_ptr(), static_cast<std::size_t>(t.nbytes()));
+}
+
+std::string checksum_metadata(
+    const std::vector<std::pair<std::string, std::uint32_t>>& checksums) {
+  nlohmann::ordered_json out = nlohmann::ordered_json::object();
+  for (const auto& [name, crc] : checksums) {
+    out[name] = hex8(crc);
+  }
+  return out.dump();
+}
+
+std::map<std::string, std::uint32_t> recorded_checksums(const TensorFile& file) {
+  std::map<std::string, std::uint32_t> out;
+  if (!file.metadata().has_value()) {
+    return out;
+  }
+  const std::string* text = nullptr;
+  for (const auto& [key, value] : *file.metadata()) {
+    if (key == kChecksumMetadataKey) {
+      text = &value;
+    }
+  }
+  if (text == nullptr) {
+    return out;
+  }
+  const std::string where = file.display_name() + "'s metadata '" +
+                            kChecksumMetadataKey + "'";
+  nlohmann::json parsed;
+  try {
+    parsed = nlohmann::json::parse(*text);
+  } catch (const nlohmann::json::exception&) {
+    throw ValueError(where + " is not a JSON object of tensor checksums");
+  }
+  if (!parsed.is_object()) {
+    throw ValueError(where + " is not a JSON object of tensor checksums");
+  }
+  std::set<std::string> names;
+  for (const TensorEntry& entry : file.entries()) {
+    names.insert(entry.name);
+  }
+  for (const auto& [name, value] : parsed.items()) {
+    const bool hex = value.is_string() && value.get<std::string>().size() == 8 &&
+                     value.get<std::string>().find_first_not_of(
+                         "0123456789abcdef") == std::string::npos;
+    if (!hex) {
+      throw ValueError(
+          where + ": the checksum of tensor '" + name + "' is " + value.dump() +
+          ", not 8 lowercase hex digits");
+    }
+    if (names.count(name) == 0) {
+      throw ValueError(
+          where + " has a checksum for tensor '" + name +
+          "', which the file does not hold");
+    }
+    out[name] = static_cast<std::uint32_t>(
+        std::stoul(value.get<std::string>(), nullptr, 16));
+  }
+  return out;
+}
+
+void check_checksums(const TensorFile& file, const std::set<std::string>& names) {
+  const std::map<std::string, std::uint32_t> recorded = recorded_checksums(file);
+  std::vector<std::pair<std::string, std::uint32_t>> work;
+  for (const TensorEntry& entry : file.entries()) {
+    const auto it = recorded.find(entry.name);
+    if (it != recorded.end() && (names.empty() || names.count(entry.name) != 0)) {
+      work.emplace_back(entry.name, it->second);
+    }
+  }
+  if (work.empty()) {
+    return;
+  }
+  std::vector<std::exception_ptr> failures(work.size());
+  std::atomic<std::size_t> next{0};
+  const auto worker = [&] {
+    for (std::size_t i = next++; i < work.size(); i = next++) {
+      try {
+        const auto& [name, expected] = work[i];
+        const std::uint32_t actual = crc32c_of(file.get(name));
+        file.release(name);
+        if (actual != expected) {
+          throw OSError(
+              "Checksum mismatch in " + file.display_name() + ": tensor '" +
+              name + "' has CRC-32C " + hex8(actual) + ", the file records " +
+              hex8(expected) + " (its bytes changed since it was saved)");
+        }
+      } catch (...) {
+        failures[i] = std::current_exception();
+        next = work.size();
+      }
+    }
+  };
+  const std::size_t threads = std::min<std::size_t>(
+      work.size(),
+      std::clamp<std::size_t>(std::thread::hardware_concurrency(), 1, 4));
+  std::vector<std::thread> pool;
+  for (std::size_t t = 1; t < threads; ++t) {
+    pool.emplace_back(worker);
+  }
+  worker();
+  for (std::thread& t : pool) {
+    t.join();
+  }
+  for (const std::exception_ptr& failure : failures) {
+    if (failure) {
+      std::rethrow_exception(failure);
+    }
+  }
+}
+
+} // namespace torchser::detail

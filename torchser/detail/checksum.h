@@ -1,0 +1,47 @@
+#pragma once
+
+// Per-tensor CRC-32C checksums (SaveOptions::checksums): written in a
+// safetensors file's metadata under kChecksumMetadataKey, checked by the
+// loaders and `torchser verify`. CRC-32C rather than a cryptographic hash:
+// it finds flipped bits at the speed of ISA-L's crc32 instruction kernel,
+// and the Hub's blob digests already cover tampering.
+
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <set>
+#include <string>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+
+#include <torchser/export.h>
+
+namespace torchser::detail {
+
+class TensorFile;
+
+/// The standard CRC-32C of `size` bytes, continuing `crc` (0 to start).
+TORCHSER_API std::uint32_t crc32c(
+    const void* data, std::size_t size, std::uint32_t crc = 0);
+
+/// CRC-32C of a tensor's bytes as a file stores them (contiguous, on CPU).
+TORCHSER_API std::uint32_t crc32c_of(const at::Tensor& tensor);
+
+/// The metadata value: {"name": "1a2b3c4d", …} in the order given.
+TORCHSER_API std::string checksum_metadata(
+    const std::vector<std::pair<std::string, std::uint32_t>>& checksums);
+
+/// The checksums `file` records (empty when it records none). ValueError
+/// naming the file and the tensor for a value that is not 8 hex digits, a
+/// name the file does not hold, or text that is not a JSON object.
+TORCHSER_API std::map<std::string, std::uint32_t> recorded_checksums(
+    const TensorFile& file);
+
+/// Checks the recorded checksum of each tensor of `file` in `names` (all
+/// when empty), on up to four threads. OSError naming the file, the tensor
+/// and both values at the first mismatch.
+TORCHSER_API void check_checksums(
+    const TensorFile& file, const std::set<std::string>& names = {});
+
+} // namespace torchser::detail
