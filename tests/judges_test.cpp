@@ -27,7 +27,9 @@
 #include <torch/nn/module.h>
 #include <nlohmann/json.hpp>
 
+#include <torchser/constants.h>
 #include <torchser/dduf.h>
+#include <torchser/hub_cache.h>
 #include <torchser/load.h>
 #include <torchser/module.h>
 #include <torchser/pickle.h>
@@ -35,6 +37,7 @@
 #include <torchser/save.h>
 #include <torchser/split.h>
 
+#include "cached_repo.h"
 #include "test_utils.h"
 #include "tied_net.h"
 
@@ -914,6 +917,78 @@ TEST(JudgeTest, AKilledSaveIsWholeForReadersThatDoNotKnowTorchser) {
             << out.value("mixed", json::array()).size() << " times\n";
   EXPECT_GT(killed["safetensors"], 0);
   EXPECT_GT(killed["pickle"], 0);
+}
+
+} // namespace
+} // namespace torchser
+
+namespace torchser {
+namespace {
+
+// The cache layout the tests build is the one huggingface_hub reads, and
+// torchser finds what try_to_load_from_cache finds.
+TEST(JudgeTest, HuggingfaceHubResolvesTheCacheAsTorchserDoes) {
+  REQUIRE_PYTHON_JUDGES();
+  torchser::testing::CachedRepo repo;
+  const std::vector<std::vector<std::string>> queries = {
+      {"org/tiny", "model.safetensors", "main"},
+      {"org/tiny", "config.json", "main"},
+      {"org/tiny", "model.safetensors.index.json", "v1.0"},
+      {"org/tiny", "model-00001-of-00002.safetensors",
+       torchser::testing::kCommitB},
+      {"org/tiny", "pytorch_model.bin", "main"},
+      {"org/tiny", "model.safetensors", "v9"},
+      {"org/none", "model.safetensors", "main"}};
+  const json q = queries;
+  torchser::testing::write_file(repo.dir / "queries.json", q.dump());
+  const json out = judge(
+      {"hub-cache", repo.cache.string(), (repo.dir / "queries.json").string()});
+  print_tools(out, "huggingface_hub.try_to_load_from_cache");
+  ASSERT_EQ(out.at("answers").size(), queries.size()) << out.dump();
+  for (std::size_t i = 0; i < queries.size(); ++i) {
+    const json& answer = out.at("answers")[i];
+    std::string ours;
+    try {
+      ours = cached_file(queries[i][0], queries[i][1], queries[i][2], repo.cache)
+                 .string();
+    } catch (const LocalEntryNotFoundError& e) {
+      ours = std::string(e.what()).find("does not have it") != std::string::npos
+          ? "no_exist"
+          : "";
+    }
+    if (answer.is_null()) {
+      EXPECT_EQ(ours, "") << queries[i][1] << "@" << queries[i][2];
+    } else {
+      EXPECT_EQ(ours, answer.get<std::string>())
+          << queries[i][1] << "@" << queries[i][2];
+    }
+  }
+  const json& tiny = out.at("repos").at("org/tiny");
+  EXPECT_EQ(tiny.at("refs"), json({"main", "v1.0"}));
+  EXPECT_EQ(tiny.at("revisions").size(), 2U);
+}
+
+// A checksummed, bf16-cast file is an ordinary file for the official reader,
+// and the recorded CRC-32Cs are those of the bytes it reads.
+TEST(JudgeTest, TheOfficialReaderReadsChecksummedCastFiles) {
+  REQUIRE_PYTHON_JUDGES();
+  TempDir dir;
+  StateDict sd;
+  sd.insert("w", at::arange(300, at::kFloat).reshape({30, 10}) / 7);
+  sd.insert("ids", at::arange(5, at::kLong));
+  save_torch_state_dict(
+      sd, dir.path(), SaveOptions().checksums(true).dtype(at::kBFloat16));
+  const json out =
+      judge({"st-checksums", (dir / "model.safetensors").string()});
+  print_tools(out, "safetensors.safe_open");
+  const json recorded =
+      json::parse(out.at("metadata").at(kChecksumMetadataKey).get<std::string>());
+  EXPECT_EQ(out.at("metadata").at("format"), "pt");
+  for (const char* name : {"w", "ids"}) {
+    EXPECT_EQ(recorded.at(name), out.at("tensors").at(name).at("crc32c")) << name;
+  }
+  EXPECT_EQ(out.at("tensors").at("w").at("dtype"), "torch.bfloat16");
+  EXPECT_EQ(out.at("tensors").at("ids").at("dtype"), "torch.int64");
 }
 
 } // namespace

@@ -191,6 +191,60 @@ def hub_dduf(path):
     emit({"entries": entries, "versions": versions()})
 
 
+def hub_cache(cache, queries_path):
+    """try_to_load_from_cache for each (repo_id, filename, revision) query, and
+    scan_cache_dir's view of the cache torchser's tests built."""
+    from huggingface_hub import scan_cache_dir, try_to_load_from_cache
+    from huggingface_hub.file_download import _CACHED_NO_EXIST
+
+    with open(queries_path) as f:
+        queries = json.load(f)
+    answers = []
+    for repo_id, filename, revision in queries:
+        found = try_to_load_from_cache(repo_id, filename, cache_dir=cache, revision=revision)
+        answers.append("no_exist" if found is _CACHED_NO_EXIST else found)
+    repos = {}
+    for repo in scan_cache_dir(cache).repos:
+        repos[repo.repo_id] = {
+            "revisions": sorted(r.commit_hash for r in repo.revisions),
+            "refs": sorted(ref for r in repo.revisions for ref in r.refs),
+            "files": sorted(f.file_name for r in repo.revisions for f in r.files)}
+    emit({"answers": answers, "repos": repos, "versions": versions()})
+
+
+def crc32c(data):
+    """CRC-32C (Castagnoli), bit by bit through a table: no torchser code."""
+    table = getattr(crc32c, "table", None)
+    if table is None:
+        table = []
+        for i in range(256):
+            c = i
+            for _ in range(8):
+                c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
+            table.append(c)
+        crc32c.table = table
+    crc = 0xFFFFFFFF
+    for b in data:
+        crc = table[(crc ^ b) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def st_checksums(path):
+    """The official reader over a checksummed file: its metadata, each tensor's
+    dtype and the CRC-32C of its bytes computed here."""
+    import torch
+    from safetensors import safe_open
+
+    out = {}
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata()
+        for name in f.keys():
+            t = f.get_tensor(name).contiguous()
+            raw = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+            out[name] = {"dtype": str(t.dtype), "crc32c": f"{crc32c(raw):08x}"}
+    emit({"metadata": metadata, "tensors": out, "versions": versions()})
+
+
 # --- transformers --------------------------------------------------------
 
 def tf_model(arch):
@@ -394,7 +448,7 @@ def kill_check(manifest_path):
 
 
 COMMANDS = {"kill-check": kill_check, "st-roundtrip": st_roundtrip, "pickle-roundtrip": pickle_roundtrip, "st-supported": st_supported, "hub-save": hub_save, "hub-load": hub_load,
-            "hub-split": hub_split, "hub-dduf": hub_dduf, "tf-save": tf_save, "tf-load": tf_load, "dcp": dcp,
+            "hub-split": hub_split, "hub-dduf": hub_dduf, "hub-cache": hub_cache, "st-checksums": st_checksums, "tf-save": tf_save, "tf-load": tf_load, "dcp": dcp,
             "versions": lambda: emit(versions())}
 
 if __name__ == "__main__":
