@@ -5,7 +5,7 @@
 // Python torch and huggingface_hub via /usr/bin/python3 when importable),
 // alternating them round by round, and prints ratios of the same run.
 //
-// Usage: torchser_bench [--quick] [--only split,safetensors,pickle,model,dduf]
+// Usage: torchser_bench [--quick] [--only split,safetensors,pickle,model,load,dduf]
 //                       [--dir DIR] [--mib N] [--repeats N] [--max-tensors N]
 //                       [--python-max-tensors N] [--no-python]
 //   --quick   CI mode: 16 MiB workloads, one repeat, planner up to 10k tensors
@@ -32,6 +32,7 @@ const std::vector<std::pair<std::string, std::function<int(const Config&)>>>
         {"safetensors", bench_safetensors},
         {"pickle", bench_pickle},
         {"model", bench_model},
+        {"load", bench_load_options},
         {"dduf", bench_dduf},
 };
 
@@ -41,7 +42,7 @@ int usage(const char* argv0, int code) {
       << " [--quick] [--only SECTION[,SECTION...]] [--dir DIR] [--mib N] "
          "[--repeats N]\n"
          "       [--max-tensors N] [--python-max-tensors N] [--no-python]\n"
-         "sections: split safetensors pickle model dduf (default: all)\n";
+         "sections: split safetensors pickle model load dduf (default: all)\n";
   return code;
 }
 

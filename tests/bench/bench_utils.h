@@ -270,6 +270,7 @@ int bench_split(const Config& config);
 int bench_safetensors(const Config& config);
 int bench_pickle(const Config& config);
 int bench_model(const Config& config);
+int bench_load_options(const Config& config);
 int bench_dduf(const Config& config);
 
 } // namespace torchser::bench
