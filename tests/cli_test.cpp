@@ -852,7 +852,8 @@ TEST(CliTest, ConvertRenamesCastsAndSelectsTensors) {
           " --strip-prefix module. --rename '^blocks\\.(\\d+)\\.=layers.\\1.'"
           " --dtype bf16");
   ASSERT_EQ(run.status, 0) << run.output;
-  const StateDict out = load_state_dict_from_file(dir / "out/model.safetensors");
+  const StateDict out =
+      load_state_dict_from_file(dir / "out/model.safetensors");
   EXPECT_TRUE(out.contains("layers.1.weight"));
   EXPECT_FALSE(out.contains("module.embed.weight"));
   EXPECT_EQ(out["layers.1.weight"].scalar_type(), at::kBFloat16);
@@ -874,7 +875,8 @@ TEST(CliTest, ConvertRenamesCastsAndSelectsTensors) {
       cli("convert " + quoted(dir / "src") + " " + quoted(dir / "b1.bin") +
           " --only-prefix module.blocks.1. --strip-prefix module.blocks.1.");
   ASSERT_EQ(one.status, 0) << one.output;
-  std::vector<std::string> keys = load_state_dict_from_file(dir / "b1.bin").keys();
+  std::vector<std::string> keys =
+      load_state_dict_from_file(dir / "b1.bin").keys();
   std::sort(keys.begin(), keys.end());
   EXPECT_EQ(keys, (std::vector<std::string>{"bias", "weight"}));
 }
@@ -882,16 +884,19 @@ TEST(CliTest, ConvertRenamesCastsAndSelectsTensors) {
 TEST(CliTest, ConvertOptionsThatCannotWorkSayWhy) {
   TempDir dir;
   save_torch_state_dict(
-      StateDict{{"enc.w", at::ones({2})}, {"dec.w", at::ones({2})}}, dir.path());
+      StateDict{{"enc.w", at::ones({2})}, {"dec.w", at::ones({2})}},
+      dir.path());
   const std::string src = quoted(dir / "model.safetensors");
-  const CliRun dtype = cli("convert " + src + " " + quoted(dir / "o") + " --dtype int8");
+  const CliRun dtype =
+      cli("convert " + src + " " + quoted(dir / "o") + " --dtype int8");
   EXPECT_EQ(dtype.status, 2) << dtype.output;
   EXPECT_THAT(dtype.output, HasSubstr("--dtype int8"));
   const CliRun rename =
       cli("convert " + src + " " + quoted(dir / "o") + " --rename nothing");
   EXPECT_EQ(rename.status, 2) << rename.output;
-  const CliRun merge = cli(
-      "convert " + src + " " + quoted(dir / "o") + " --rename '^(enc|dec)\\.='");
+  const CliRun merge =
+      cli("convert " + src + " " + quoted(dir / "o") +
+          " --rename '^(enc|dec)\\.='");
   EXPECT_EQ(merge.status, 1) << merge.output;
   EXPECT_THAT(merge.output, HasSubstr("'dec.w' and 'enc.w'"));
   const CliRun none =

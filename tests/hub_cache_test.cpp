@@ -29,14 +29,14 @@ namespace torchser {
 namespace {
 
 namespace fs = std::filesystem;
+using ::testing::HasSubstr;
+using torchser::testing::add_ref;
 using torchser::testing::CachedRepo;
 using torchser::testing::kCommitA;
 using torchser::testing::kCommitB;
-using torchser::testing::ScopedEnv;
-using torchser::testing::add_ref;
 using torchser::testing::linear_values;
-using ::testing::HasSubstr;
 using torchser::testing::read_file;
+using torchser::testing::ScopedEnv;
 using torchser::testing::TempDir;
 using torchser::testing::write_file;
 
@@ -79,8 +79,17 @@ TEST(HubCacheTest, ReferencesParseAsRepoIdsRevisionsAndFiles) {
   EXPECT_EQ(plain->filename, "config.json");
   EXPECT_EQ(parse_hub_reference("gpt2")->repo_id, "gpt2");
   for (const char* not_one :
-       {"/abs/path", "./rel", "../up", "~/x", "a--b/c", "a/../b", "org/name@",
-        "-org/name", "org/name/", "org//name", "org/name/../../etc"}) {
+       {"/abs/path",
+        "./rel",
+        "../up",
+        "~/x",
+        "a--b/c",
+        "a/../b",
+        "org/name@",
+        "-org/name",
+        "org/name/",
+        "org//name",
+        "org/name/../../etc"}) {
     EXPECT_FALSE(parse_hub_reference(not_one).has_value()) << not_one;
   }
 }
@@ -113,8 +122,7 @@ TEST(HubCacheTest, WhatIsNotCachedIsATypedErrorSayingWhereItLooked) {
     }
     return "no LocalEntryNotFoundError";
   };
-  const std::string no_repo =
-      message([] { loaded_value("org/missing"); });
+  const std::string no_repo = message([] { loaded_value("org/missing"); });
   EXPECT_THAT(no_repo, HasSubstr("models--org--missing"));
   EXPECT_THAT(no_repo, HasSubstr(repo.cache.string()));
   const std::string no_revision =
@@ -211,8 +219,8 @@ TEST(HubCacheTest, EveryCliCommandTakesARepoAndVerifyChecksTheBlobs) {
   EXPECT_THAT(missing.output, HasSubstr("models--org--none"));
 
   // One flipped byte in a blob: verify names the file and both digests.
-  const fs::path link =
-      repo.cache / "models--org--tiny/snapshots" / kCommitA / "model.safetensors";
+  const fs::path link = repo.cache / "models--org--tiny/snapshots" / kCommitA /
+                        "model.safetensors";
   const fs::path blob = fs::canonical(link);
   std::string bytes = read_file(blob);
   bytes[bytes.size() - 1] ^= 1;

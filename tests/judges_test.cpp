@@ -934,7 +934,8 @@ TEST(JudgeTest, HuggingfaceHubResolvesTheCacheAsTorchserDoes) {
       {"org/tiny", "model.safetensors", "main"},
       {"org/tiny", "config.json", "main"},
       {"org/tiny", "model.safetensors.index.json", "v1.0"},
-      {"org/tiny", "model-00001-of-00002.safetensors",
+      {"org/tiny",
+       "model-00001-of-00002.safetensors",
        torchser::testing::kCommitB},
       {"org/tiny", "pytorch_model.bin", "main"},
       {"org/tiny", "model.safetensors", "v9"},
@@ -949,12 +950,13 @@ TEST(JudgeTest, HuggingfaceHubResolvesTheCacheAsTorchserDoes) {
     const json& answer = out.at("answers")[i];
     std::string ours;
     try {
-      ours = cached_file(queries[i][0], queries[i][1], queries[i][2], repo.cache)
-                 .string();
+      ours =
+          cached_file(queries[i][0], queries[i][1], queries[i][2], repo.cache)
+              .string();
     } catch (const LocalEntryNotFoundError& e) {
       ours = std::string(e.what()).find("does not have it") != std::string::npos
-          ? "no_exist"
-          : "";
+                 ? "no_exist"
+                 : "";
     }
     if (answer.is_null()) {
       EXPECT_EQ(ours, "") << queries[i][1] << "@" << queries[i][2];
@@ -981,11 +983,12 @@ TEST(JudgeTest, TheOfficialReaderReadsChecksummedCastFiles) {
   const json out =
       judge({"st-checksums", (dir / "model.safetensors").string()});
   print_tools(out, "safetensors.safe_open");
-  const json recorded =
-      json::parse(out.at("metadata").at(kChecksumMetadataKey).get<std::string>());
+  const json recorded = json::parse(
+      out.at("metadata").at(kChecksumMetadataKey).get<std::string>());
   EXPECT_EQ(out.at("metadata").at("format"), "pt");
   for (const char* name : {"w", "ids"}) {
-    EXPECT_EQ(recorded.at(name), out.at("tensors").at(name).at("crc32c")) << name;
+    EXPECT_EQ(recorded.at(name), out.at("tensors").at(name).at("crc32c"))
+        << name;
   }
   EXPECT_EQ(out.at("tensors").at("w").at("dtype"), "torch.bfloat16");
   EXPECT_EQ(out.at("tensors").at("ids").at("dtype"), "torch.int64");

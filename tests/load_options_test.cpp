@@ -83,14 +83,14 @@ void expect_same_values(torch::nn::Module& a, torch::nn::Module& b) {
 // KeyMapping itself
 
 TEST(KeyMappingTest, StepsApplyInOrderWithPythonGroupReferences) {
-  const KeyMapping mapping = KeyMapping()
-                                 .strip_prefix("module.")
-                                 .rename(R"(^h\.(\d+)\.)", R"(layers.\1.)")
-                                 .rename(R"(layers\.(\d+)\.attn)", "$1.attention")
-                                 .rename(R"(gamma$)", R"(\g<0>_)")
-                                 .add_prefix("model.");
-  EXPECT_EQ(
-      map_key("module.h.3.attn.w", mapping), "model.3.attention.w");
+  const KeyMapping mapping =
+      KeyMapping()
+          .strip_prefix("module.")
+          .rename(R"(^h\.(\d+)\.)", R"(layers.\1.)")
+          .rename(R"(layers\.(\d+)\.attn)", "$1.attention")
+          .rename(R"(gamma$)", R"(\g<0>_)")
+          .add_prefix("model.");
+  EXPECT_EQ(map_key("module.h.3.attn.w", mapping), "model.3.attention.w");
   EXPECT_EQ(map_key("norm.gamma", mapping), "model.norm.gamma_");
   EXPECT_EQ(map_key("other", KeyMapping().strip_prefix("module.")), "other");
 }
@@ -146,7 +146,9 @@ TEST(LoadKeyMappingTest, AModulePrefixIsStrippedInEveryFormat) {
     for (const std::int64_t max : {std::int64_t{200}, std::int64_t{1} << 30}) {
       TempDir dir;
       save_torch_state_dict(
-          sd, dir.path(), SaveOptions().safe_serialization(safe).max_shard_size(max));
+          sd,
+          dir.path(),
+          SaveOptions().safe_serialization(safe).max_shard_size(max));
       TiedNet net;
       const LoadResult result = load_torch_model(
           net,
@@ -162,7 +164,8 @@ TEST(LoadKeyMappingTest, AModulePrefixIsStrippedInEveryFormat) {
           get_torch_storage_id(net.embed->weight)); // still tied
       EXPECT_THAT(
           result.renamed_keys,
-          ::testing::Contains(Pair("module.blocks.0.weight", "blocks.0.weight")));
+          ::testing::Contains(
+              Pair("module.blocks.0.weight", "blocks.0.weight")));
     }
   }
 }
@@ -198,12 +201,11 @@ TEST(LoadKeyMappingTest, ANonStrictLoadOfNothingWarnsWithThePrefix) {
   ASSERT_EQ(result.warnings.size(), 1U);
   EXPECT_THAT(result.warnings[0], HasSubstr("Nothing was loaded"));
   EXPECT_THAT(
-      result.warnings[0],
-      HasSubstr("KeyMapping().strip_prefix(\"module.\")"));
+      result.warnings[0], HasSubstr("KeyMapping().strip_prefix(\"module.\")"));
   EXPECT_TRUE(result.loaded_keys.empty());
   // A load that copies something is no warning.
-  const LoadResult partly = load_state_dict(
-      net, StateDict{{"norm.running_mean", at::zeros({8})}});
+  const LoadResult partly =
+      load_state_dict(net, StateDict{{"norm.running_mean", at::zeros({8})}});
   EXPECT_TRUE(partly.warnings.empty());
   EXPECT_THAT(partly.loaded_keys, ElementsAre("norm.running_mean"));
 }
@@ -243,7 +245,9 @@ TEST(LoadKeyMappingTest, AMappingThatMergesTwoKeysNamesBothAndTheFile) {
   TiedNet net;
   try {
     load_torch_model(
-        net, dir.path(), LoadOptions().key_mapping(KeyMapping().rename("^[ab]\\.", "")));
+        net,
+        dir.path(),
+        LoadOptions().key_mapping(KeyMapping().rename("^[ab]\\.", "")));
     FAIL() << "no error";
   } catch (const ValueError& e) {
     EXPECT_THAT(e.what(), HasSubstr("'a.w' and 'b.w'"));
@@ -323,8 +327,8 @@ TEST(LoadStateDictTest, DtypeConversionsAreListedAndModuleOptionsRefused) {
   EXPECT_EQ(result.dtype_changes[0].key, "blocks.0.bias");
   EXPECT_EQ(result.dtype_changes[0].from, at::kDouble);
   EXPECT_EQ(result.dtype_changes[0].to, at::kFloat);
-  EXPECT_TRUE(net.blocks->ptr<torch::nn::LinearImpl>(0)->bias.equal(
-      at::ones({8})));
+  EXPECT_TRUE(
+      net.blocks->ptr<torch::nn::LinearImpl>(0)->bias.equal(at::ones({8})));
   EXPECT_THROW(
       load_state_dict(net, sd, LoadOptions().dtype(at::kHalf)), ValueError);
   EXPECT_THROW(
@@ -368,7 +372,8 @@ TEST(PartialLoadTest, IgnoredKeysAreNeitherMissingNorUnexpected) {
   StateDict sd = without(state_dict(source), "norm.running_var");
   sd.insert("extra.masked_bias", at::ones({1}));
   TempDir dir;
-  save_torch_state_dict(sd, dir.path(), SaveOptions().safe_serialization(false));
+  save_torch_state_dict(
+      sd, dir.path(), SaveOptions().safe_serialization(false));
   TiedNet net;
   const LoadResult result = load_torch_model(
       net,
@@ -388,7 +393,8 @@ TEST(PartialLoadTest, AnIndexEntryItsShardLacksIsAnError) {
       StateDict{{"a", at::ones({4})}, {"b", at::ones({4})}},
       dir.path(),
       SaveOptions().max_shard_size(1));
-  auto index = nlohmann::json::parse(read_file(dir / "model.safetensors.index.json"));
+  auto index =
+      nlohmann::json::parse(read_file(dir / "model.safetensors.index.json"));
   index["weight_map"]["c"] = index["weight_map"]["a"];
   write_file(dir / "model.safetensors.index.json", index.dump());
   struct Three : torch::nn::Module {
@@ -447,12 +453,14 @@ TEST(DtypeTest, ASaveInBf16IsWhatACastStateDictSaves) {
     TempDir b;
     const auto options =
         SaveOptions().safe_serialization(safe).max_shard_size(300);
-    save_torch_model(source, a.path(), SaveOptions(options).dtype(at::kBFloat16));
+    save_torch_model(
+        source, a.path(), SaveOptions(options).dtype(at::kBFloat16));
     save_torch_state_dict(cast, b.path(), options);
     for (const auto& entry : std::filesystem::directory_iterator(b.path())) {
       const auto name = entry.path().filename();
       ASSERT_TRUE(std::filesystem::exists(a / name)) << name;
-      if (name.extension() != ".bin") { // torch.save archives name records by id
+      if (name.extension() !=
+          ".bin") { // torch.save archives name records by id
         EXPECT_EQ(read_file(a / name), read_file(entry.path())) << name;
       }
     }
@@ -461,7 +469,8 @@ TEST(DtypeTest, ASaveInBf16IsWhatACastStateDictSaves) {
     back.head->weight.set_data(back.embed->weight);
     load_torch_model(back, a.path(), LoadOptions().safe(safe).strict(true));
     for (const auto& item : state_dict(back)) {
-      EXPECT_TRUE(item.value().equal(cast[item.key()].to(item.value().scalar_type())))
+      EXPECT_TRUE(
+          item.value().equal(cast[item.key()].to(item.value().scalar_type())))
           << item.key();
     }
   }
@@ -492,9 +501,11 @@ TEST(SaveKeyMappingTest, WritesTheHubsNamesAndTheAliasesUnderThem) {
       SaveOptions()
           .key_mapping(load_mapping.inverse())
           .shared_tensors_to_discard({"embed.weight"}));
-  const StateDict written = load_state_dict_from_file(dir / "model.safetensors");
-  EXPECT_TRUE(written.contains("model.embed.weight") ^
-              written.contains("model.head.weight"));
+  const StateDict written =
+      load_state_dict_from_file(dir / "model.safetensors");
+  EXPECT_TRUE(
+      written.contains("model.embed.weight") ^
+      written.contains("model.head.weight"));
   EXPECT_FALSE(written.contains("model.embed.weight")); // discard was mapped
   TiedNet net;
   const LoadResult result = load_torch_model(

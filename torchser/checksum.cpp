@@ -33,8 +33,8 @@ std::uint32_t crc32c(const void* data, std::size_t size, std::uint32_t crc) {
   std::uint32_t state = ~crc;
   while (size > 0) {
     const std::size_t n = std::min<std::size_t>(size, std::size_t{1} << 30);
-    state = crc32_iscsi(
-        const_cast<unsigned char*>(p), static_cast<int>(n), state);
+    state =
+        crc32_iscsi(const_cast<unsigned char*>(p), static_cast<int>(n), state);
     p += n;
     size -= n;
   }
@@ -47,8 +47,9 @@ std::uint32_t crc32c_of(const at::Tensor& tensor) {
     t = t.to(at::kCPU);
   }
   t = t.contiguous();
-  return t.numel() == 0 ? 0
-                        : crc32c(t.data_ptr(), static_cast<std::size_t>(t.nbytes()));
+  return t.numel() == 0
+             ? 0
+             : crc32c(t.data_ptr(), static_cast<std::size_t>(t.nbytes()));
 }
 
 std::string checksum_metadata(
@@ -60,7 +61,8 @@ std::string checksum_metadata(
   return out.dump();
 }
 
-std::map<std::string, std::uint32_t> recorded_checksums(const TensorFile& file) {
+std::map<std::string, std::uint32_t> recorded_checksums(
+    const TensorFile& file) {
   std::map<std::string, std::uint32_t> out;
   if (!file.metadata().has_value()) {
     return out;
@@ -74,8 +76,8 @@ std::map<std::string, std::uint32_t> recorded_checksums(const TensorFile& file) 
   if (text == nullptr) {
     return out;
   }
-  const std::string where = file.display_name() + "'s metadata '" +
-                            kChecksumMetadataKey + "'";
+  const std::string where =
+      file.display_name() + "'s metadata '" + kChecksumMetadataKey + "'";
   nlohmann::json parsed;
   try {
     parsed = nlohmann::json::parse(*text);
@@ -90,9 +92,10 @@ std::map<std::string, std::uint32_t> recorded_checksums(const TensorFile& file) 
     names.insert(entry.name);
   }
   for (const auto& [name, value] : parsed.items()) {
-    const bool hex = value.is_string() && value.get<std::string>().size() == 8 &&
-                     value.get<std::string>().find_first_not_of(
-                         "0123456789abcdef") == std::string::npos;
+    const bool hex =
+        value.is_string() && value.get<std::string>().size() == 8 &&
+        value.get<std::string>().find_first_not_of("0123456789abcdef") ==
+            std::string::npos;
     if (!hex) {
       throw ValueError(
           where + ": the checksum of tensor '" + name + "' is " + value.dump() +
@@ -109,12 +112,15 @@ std::map<std::string, std::uint32_t> recorded_checksums(const TensorFile& file) 
   return out;
 }
 
-void check_checksums(const TensorFile& file, const std::set<std::string>& names) {
-  const std::map<std::string, std::uint32_t> recorded = recorded_checksums(file);
+void check_checksums(
+    const TensorFile& file, const std::set<std::string>& names) {
+  const std::map<std::string, std::uint32_t> recorded =
+      recorded_checksums(file);
   std::vector<std::pair<std::string, std::uint32_t>> work;
   for (const TensorEntry& entry : file.entries()) {
     const auto it = recorded.find(entry.name);
-    if (it != recorded.end() && (names.empty() || names.count(entry.name) != 0)) {
+    if (it != recorded.end() &&
+        (names.empty() || names.count(entry.name) != 0)) {
       work.emplace_back(entry.name, it->second);
     }
   }

@@ -3,7 +3,8 @@
 //   torchser inspect PATH [--json]
 //   torchser verify PATH
 //   torchser convert SRC DST [--to safetensors|pickle] [--max-shard-size SIZE]
-//                    [--dtype bf16|fp16|fp32] [--only-prefix P] [--strip-prefix P]
+//                    [--dtype bf16|fp16|fp32] [--only-prefix P] [--strip-prefix
+//                    P]
 //                    [--rename REGEX=REPL] [--add-prefix P] [--key KEY]
 //   torchser recover DIR
 //   torchser pack FOLDER OUT.dduf
@@ -389,8 +390,7 @@ c10::ScalarType parse_dtype(const std::string& name) {
   if (name == "fp64" || name == "float64" || name == "double") {
     return c10::ScalarType::Double;
   }
-  throw UsageError(
-      "--dtype " + name + ": expected bf16, fp16, fp32 or fp64");
+  throw UsageError("--dtype " + name + ": expected bf16, fp16, fp32 or fp64");
 }
 
 int cmd_convert(
@@ -439,7 +439,9 @@ int cmd_convert(
   // written and released after (resident memory stays near one tensor).
   std::vector<std::unique_ptr<torchser::detail::TensorFile>> files;
   // Written name → the file holding it and its name there.
-  std::map<std::string, std::pair<const torchser::detail::TensorFile*, std::string>>
+  std::map<
+      std::string,
+      std::pair<const torchser::detail::TensorFile*, std::string>>
       file_of;
   std::vector<std::pair<const torchser::detail::TensorFile*, std::string>>
       selected;
@@ -493,7 +495,8 @@ int cmd_convert(
     }
     const auto mapped =
         torchser::map_keys(names, changes.mapping, "'" + src.string() + "'");
-    std::map<std::string, std::string> written_name(mapped.begin(), mapped.end());
+    std::map<std::string, std::string> written_name(
+        mapped.begin(), mapped.end());
     for (const auto& [file, name] : selected) {
       const auto it = written_name.find(name);
       if (it == written_name.end()) {
@@ -545,8 +548,10 @@ int cmd_convert(
   }
 
   torchser::SaveOptions options;
-  options.safe_serialization(safe).metadata(kept_metadata).dtype(changes.dtype).checksums(
-      changes.checksums);
+  options.safe_serialization(safe)
+      .metadata(kept_metadata)
+      .dtype(changes.dtype)
+      .checksums(changes.checksums);
   fs::path directory = dst;
   if (to_file) {
     directory = dst.parent_path().empty() ? fs::path(".") : dst.parent_path();
@@ -731,7 +736,8 @@ int main(int argc, char** argv) {
   std::string max_shard_size = "5GB";
   auto* convert_cmd = app.add_subcommand(
       "convert", "Convert a checkpoint between pickle .bin and safetensors");
-  convert_cmd->add_option(
+  convert_cmd
+      ->add_option(
           "SRC",
           src,
           "a file, a checkpoint directory, or ORG/NAME[@REVISION][/FILE] in "

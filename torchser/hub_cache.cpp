@@ -34,7 +34,8 @@ std::string expand_user(const std::string& path) {
     return path;
   }
   const std::size_t slash = path.find('/');
-  const std::string user = path.substr(1, slash == std::string::npos ? slash : slash - 1);
+  const std::string user =
+      path.substr(1, slash == std::string::npos ? slash : slash - 1);
   std::string home;
   if (user.empty()) {
     home = env("HOME");
@@ -176,7 +177,8 @@ std::string cached_revisions(const fs::path& repo) {
   std::error_code ec;
   std::vector<std::string> names;
   for (auto it = fs::recursive_directory_iterator(repo / "refs", ec);
-       !ec && it != fs::recursive_directory_iterator(); it.increment(ec)) {
+       !ec && it != fs::recursive_directory_iterator();
+       it.increment(ec)) {
     if (it->is_regular_file(ec)) {
       names.push_back(fs::relative(it->path(), repo / "refs", ec).string());
     }
@@ -188,7 +190,8 @@ std::string cached_revisions(const fs::path& repo) {
   }
   std::vector<std::string> snapshots;
   for (auto it = fs::directory_iterator(repo / "snapshots", ec);
-       !ec && it != fs::directory_iterator(); it.increment(ec)) {
+       !ec && it != fs::directory_iterator();
+       it.increment(ec)) {
     snapshots.push_back(it->path().filename().string());
   }
   std::sort(snapshots.begin(), snapshots.end());
@@ -203,7 +206,9 @@ std::string cached_revisions(const fs::path& repo) {
 // The commit `revision` names: a refs/ file's content, else the name itself
 // (a commit hash, as huggingface_hub takes a snapshot folder's name).
 std::string commit_of(
-    const fs::path& repo, const std::string& repo_id, const std::string& revision) {
+    const fs::path& repo,
+    const std::string& repo_id,
+    const std::string& revision) {
   if (!plain_name(revision) || revision.find("..") != std::string::npos) {
     throw ValueError("Invalid revision '" + revision + "' for " + repo_id);
   }
@@ -227,7 +232,8 @@ void check_link(
   const fs::path target = fs::canonical(link, ec);
   if (ec) {
     throw OSError(
-        "Cannot read " + link.string() + " in the Hugging Face cache: a "
+        "Cannot read " + link.string() +
+        " in the Hugging Face cache: a "
         "symlink to a missing blob (" +
         fs::read_symlink(link, ec).string() + "); download " + repo_id +
         " again");
@@ -241,11 +247,14 @@ void check_link(
 }
 
 fs::path snapshot_folder(
-    const fs::path& repo, const std::string& repo_id, const std::string& revision) {
+    const fs::path& repo,
+    const std::string& repo_id,
+    const std::string& revision) {
   const std::string commit = commit_of(repo, repo_id, revision);
   const fs::path snapshot = repo / "snapshots" / commit;
   std::error_code ec;
-  if (commit.find('/') != std::string::npos || !fs::is_directory(snapshot, ec)) {
+  if (commit.find('/') != std::string::npos ||
+      !fs::is_directory(snapshot, ec)) {
     throw LocalEntryNotFoundError(
         "Cannot find revision '" + revision + "' of " + repo_id +
         " in the Hugging Face cache " + repo.string() +
@@ -322,7 +331,8 @@ fs::path cached_snapshot(
   const fs::path snapshot = snapshot_folder(repo, repo_id, revision);
   std::error_code ec;
   for (auto it = fs::recursive_directory_iterator(snapshot, ec);
-       it != fs::recursive_directory_iterator(); it.increment(ec)) {
+       it != fs::recursive_directory_iterator();
+       it.increment(ec)) {
     if (ec) {
       break;
     }
@@ -331,8 +341,7 @@ fs::path cached_snapshot(
     }
   }
   if (ec) {
-    throw OSError(
-        "Cannot list " + snapshot.string() + ": " + ec.message());
+    throw OSError("Cannot list " + snapshot.string() + ": " + ec.message());
   }
   return snapshot;
 }
@@ -365,7 +374,8 @@ fs::path cached_file(
   if (!fs::exists(fs::symlink_status(file, ec))) {
     std::vector<std::string> names;
     for (auto it = fs::directory_iterator(snapshot, ec);
-         !ec && it != fs::directory_iterator(); it.increment(ec)) {
+         !ec && it != fs::directory_iterator();
+         it.increment(ec)) {
       names.push_back(it->path().filename().string());
     }
     std::sort(names.begin(), names.end());
@@ -437,8 +447,8 @@ std::string digest_of(const fs::path& file, bool git_blob) {
   }
   if (git_blob) {
     std::error_code ec;
-    const std::string head =
-        "blob " + std::to_string(fs::file_size(file, ec)) + std::string(1, '\0');
+    const std::string head = "blob " + std::to_string(fs::file_size(file, ec)) +
+                             std::string(1, '\0');
     EVP_DigestUpdate(ctx, head.data(), head.size());
   }
   std::vector<char> buffer(std::size_t{4} << 20);
@@ -486,7 +496,8 @@ std::vector<BlobCheck> check_cached_blobs(const fs::path& snapshot) {
     links.push_back(snapshot); // one file
   }
   for (auto it = fs::recursive_directory_iterator(snapshot, ec);
-       !ec && it != fs::recursive_directory_iterator(); it.increment(ec)) {
+       !ec && it != fs::recursive_directory_iterator();
+       it.increment(ec)) {
     if (it->is_symlink(ec)) {
       links.push_back(it->path());
     }

@@ -128,8 +128,8 @@ std::vector<std::pair<std::string, std::string>> map_keys(
     const auto [it, inserted] = source_of.emplace(*mapped, key);
     if (!inserted) {
       throw ValueError(
-          "KeyMapping maps both '" + it->second + "' and '" + key +
-          "' of " + where + " to '" + *mapped + "'");
+          "KeyMapping maps both '" + it->second + "' and '" + key + "' of " +
+          where + " to '" + *mapped + "'");
     }
     out.emplace_back(key, std::move(*mapped));
   }

@@ -140,12 +140,12 @@ std::string prefix_hint(
   if (!to.empty()) {
     mapping += ".add_prefix(\"" + to + "\")";
   }
-  std::string said = from.empty()
-      ? "the missing keys start with '" + to + "' and the checkpoint's do not"
-      : to.empty()
-      ? "the unexpected keys start with '" + from + "' and the module's do not"
-      : "the unexpected keys start with '" + from + "', the missing ones with '" +
-          to + "'";
+  std::string said = from.empty() ? "the missing keys start with '" + to +
+                                        "' and the checkpoint's do not"
+                     : to.empty() ? "the unexpected keys start with '" + from +
+                                        "' and the module's do not"
+                                  : "the unexpected keys start with '" + from +
+                                        "', the missing ones with '" + to + "'";
   return "Hint: " + said + "; LoadOptions().key_mapping(KeyMapping()" +
          mapping + ") matches " + std::to_string(matched) + " of the " +
          std::to_string(missing.size()) + " missing keys.";
@@ -205,8 +205,8 @@ class MemorySource final : public Source {
     }
     return out;
   }
-  void for_each(const std::set<std::string>& wanted, const Visitor& visit)
-      override {
+  void for_each(
+      const std::set<std::string>& wanted, const Visitor& visit) override {
     for (const auto& item : state_dict_) {
       if (wanted.count(item.key()) != 0) {
         visit("", item.key(), item.value());
@@ -277,10 +277,12 @@ class FileSource final : public Source {
     }
     return out;
   }
-  void for_each(const std::set<std::string>& wanted, const Visitor& visit)
-      override {
+  void for_each(
+      const std::set<std::string>& wanted, const Visitor& visit) override {
     visit_file(
-        file_, wanted, std::filesystem::path(file_.display_name()).filename(),
+        file_,
+        wanted,
+        std::filesystem::path(file_.display_name()).filename(),
         visit);
   }
 
@@ -325,7 +327,8 @@ class ShardedSource final : public Source {
       if (here.empty()) {
         continue;
       }
-      auto file = detail::open_tensor_file(checkpoint_.directory / shard, open_);
+      auto file =
+          detail::open_tensor_file(checkpoint_.directory / shard, open_);
       warn_note(*file);
       file->check_format_metadata();
       std::map<std::string, const detail::TensorEntry*> entries;
@@ -346,13 +349,14 @@ class ShardedSource final : public Source {
       if (verify_checksums_) {
         detail::check_checksums(*file, {here.begin(), here.end()});
       }
-      opened_.emplace_back(shard, std::set<std::string>(here.begin(), here.end()));
+      opened_.emplace_back(
+          shard, std::set<std::string>(here.begin(), here.end()));
       files_.push_back(std::move(file));
     }
     return out;
   }
-  void for_each(const std::set<std::string>& wanted, const Visitor& visit)
-      override {
+  void for_each(
+      const std::set<std::string>& wanted, const Visitor& visit) override {
     for (std::size_t i = 0; i < files_.size(); ++i) {
       std::set<std::string> here;
       for (const std::string& name : opened_[i].second) {
@@ -403,8 +407,8 @@ std::vector<std::string> strict_errors(const LoadResult& keys) {
   std::vector<std::string> out;
   if (!keys.missing_keys.empty()) {
     out.push_back(
-        "Missing key(s) in state_dict: " + quoted_list(keys.missing_keys, ", ") +
-        ". ");
+        "Missing key(s) in state_dict: " +
+        quoted_list(keys.missing_keys, ", ") + ". ");
   }
   if (!keys.unexpected_keys.empty()) {
     out.push_back(
@@ -426,8 +430,7 @@ LoadResult load_into(
       selected.push_back(std::move(key));
     }
   }
-  const auto mapped =
-      map_keys(selected, options.key_mapping(), source.where());
+  const auto mapped = map_keys(selected, options.key_mapping(), source.where());
 
   LoadResult result;
   std::map<std::string, std::string> module_of; // checkpoint → module name
@@ -572,13 +575,16 @@ LoadResult load_into(
       result.dtype_changes.end(),
       [](const DtypeChange& a, const DtypeChange& b) { return a.key < b.key; });
   if (loaded.empty() && !targets.is_empty()) {
-    std::string warning = selected.empty()
-        ? "Nothing was loaded: no tensor of " + source.where() +
-            (options.prefixes().empty() ? " (it holds none)"
-                                        : " starts with the given prefixes")
-        : "Nothing was loaded: none of the " + std::to_string(selected.size()) +
-            " tensors of " + source.where() + " matched a key of " +
-            module_class + " (" + std::to_string(targets.size()) + " keys)";
+    std::string warning =
+        selected.empty()
+            ? "Nothing was loaded: no tensor of " + source.where() +
+                  (options.prefixes().empty()
+                       ? " (it holds none)"
+                       : " starts with the given prefixes")
+            : "Nothing was loaded: none of the " +
+                  std::to_string(selected.size()) + " tensors of " +
+                  source.where() + " matched a key of " + module_class + " (" +
+                  std::to_string(targets.size()) + " keys)";
     warning += hint.empty() ? "." : ". " + hint;
     TORCH_WARN(warning);
     result.warnings.push_back(std::move(warning));

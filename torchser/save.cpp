@@ -142,18 +142,20 @@ void save_torch_state_dict(
     tied.kept = state_dict;
   }
   const StateDict& tensors = tied.kept;
-  const SplitOptions split_options = SplitOptions()
-                                         .filename_pattern(pattern_text)
-                                         .max_shard_size(options.max_shard_size());
-  const StateDictSplit split = options.dtype().has_value()
-      ? split_state_dict_into_shards_factory(
-            tensors,
-            [&](const at::Tensor& t) {
-              return cast_storage_size(t, options.dtype());
-            },
-            [](const at::Tensor& t) { return get_torch_storage_id(t); },
-            split_options)
-      : split_torch_state_dict_into_shards(tensors, split_options);
+  const SplitOptions split_options =
+      SplitOptions()
+          .filename_pattern(pattern_text)
+          .max_shard_size(options.max_shard_size());
+  const StateDictSplit split =
+      options.dtype().has_value()
+          ? split_state_dict_into_shards_factory(
+                tensors,
+                [&](const at::Tensor& t) {
+                  return cast_storage_size(t, options.dtype());
+                },
+                [](const at::Tensor& t) { return get_torch_storage_id(t); },
+                split_options)
+          : split_torch_state_dict_into_shards(tensors, split_options);
   const std::string index_name = pattern.format("") + kIndexSuffix;
 
   // Takes the directory's lock and finishes any interrupted save first.

@@ -1,5 +1,5 @@
-#include "torchser/detail/checksum.h"
 #include "torchser/detail/tensor_file.h"
+#include "torchser/detail/checksum.h"
 
 #include <sys/mman.h>
 #include <unistd.h>
@@ -412,7 +412,7 @@ std::unique_ptr<TensorFile> verify_tensor_file(const fs::path& path) {
     verify_zip_crcs(path);
   }
   auto file = open_tensor_file(
-      path); // the header, or the pickle: every rule of the format
+      path);              // the header, or the pickle: every rule of the format
   check_checksums(*file); // the CRC-32Cs SaveOptions::checksums records
   return file;
 }

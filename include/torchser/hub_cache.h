@@ -31,9 +31,9 @@ TORCHSER_API std::filesystem::path hf_hub_cache();
 
 /// A checkpoint named by repo: `ORG/NAME[@REVISION][/FILE]`.
 struct TORCHSER_API HubReference {
-  std::string repo_id;          ///< "org/name" (or a legacy "name")
+  std::string repo_id;           ///< "org/name" (or a legacy "name")
   std::string revision = "main"; ///< branch, tag or commit hash
-  std::string filename;         ///< a file in the repo; empty: the snapshot
+  std::string filename;          ///< a file in the repo; empty: the snapshot
 };
 
 /// `text` as a HubReference, or std::nullopt when it cannot be one (an

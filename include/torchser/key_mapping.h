@@ -37,9 +37,14 @@ struct TORCHSER_API KeyMapping {
   /// A callback's answer: the new name, or std::nullopt to drop the tensor.
   using RenameFunction =
       std::function<std::optional<std::string>(const std::string&)>;
+  /// Step 1: removed where a name starts with it. Default: none.
   TORCH_ARG(std::string, strip_prefix) = "";
+  /// Step 2: regex renamings, applied in order. Default: none.
   TORCH_ARG(Renames, renames) = {};
+  /// Step 3: prepended to every name. Default: none.
   TORCH_ARG(std::string, add_prefix) = "";
+  /// Step 4: the last word on each name (std::nullopt drops it). Default:
+  /// none.
   TORCH_ARG(RenameFunction, rename_with);
 
  public: // TORCH_ARG leaves the struct in private:

@@ -107,9 +107,9 @@ struct TORCHSER_API LoadOptions {
 
 /// A tensor whose dtype changed as it was copied into the module.
 struct TORCHSER_API DtypeChange {
-  std::string key; ///< the module's name
+  std::string key;                                   ///< the module's name
   c10::ScalarType from = c10::ScalarType::Undefined; ///< the checkpoint's
-  c10::ScalarType to = c10::ScalarType::Undefined; ///< the module's
+  c10::ScalarType to = c10::ScalarType::Undefined;   ///< the module's
 };
 
 /// Python's `_IncompatibleKeys`, both lists sorted.

@@ -5,7 +5,8 @@
 // Python torch and huggingface_hub via /usr/bin/python3 when importable),
 // alternating them round by round, and prints ratios of the same run.
 //
-// Usage: torchser_bench [--quick] [--only split,safetensors,pickle,model,load,dduf]
+// Usage: torchser_bench [--quick] [--only
+// split,safetensors,pickle,model,load,dduf]
 //                       [--dir DIR] [--mib N] [--repeats N] [--max-tensors N]
 //                       [--python-max-tensors N] [--no-python]
 //   --quick   CI mode: 16 MiB workloads, one repeat, planner up to 10k tensors

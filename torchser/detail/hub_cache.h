@@ -13,10 +13,10 @@
 namespace torchser::detail {
 
 struct TORCHSER_API BlobCheck {
-  std::filesystem::path file;   ///< the snapshot's file (a symlink)
-  std::string blob;             ///< its blob's name: the digest expected
-  std::string algorithm;        ///< "sha256" or "git-sha1"
-  std::string actual;           ///< the digest of the content
+  std::filesystem::path file; ///< the snapshot's file (a symlink)
+  std::string blob;           ///< its blob's name: the digest expected
+  std::string algorithm;      ///< "sha256" or "git-sha1"
+  std::string actual;         ///< the digest of the content
   bool ok() const {
     return blob == actual;
   }
@@ -24,7 +24,8 @@ struct TORCHSER_API BlobCheck {
 
 /// The snapshot folder `path` lies in (`…/models--org--name/snapshots/REV`),
 /// or empty when it lies in none.
-TORCHSER_API std::filesystem::path snapshot_of(const std::filesystem::path& path);
+TORCHSER_API std::filesystem::path snapshot_of(
+    const std::filesystem::path& path);
 
 /// Each file of the folder `snapshot` (recursively), or `snapshot` itself
 /// when it is a file, that links into `blobs/` under a digest name, checked
