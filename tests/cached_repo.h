@@ -21,13 +21,7 @@ namespace torchser::testing {
 namespace fs = std::filesystem;
 
 inline std::string shell(const std::string& command) {
-  FILE* pipe = ::popen((command + " 2>&1").c_str(), "r");
-  std::string out;
-  char buffer[4096];
-  while (std::fgets(buffer, sizeof buffer, pipe) != nullptr) {
-    out += buffer;
-  }
-  ::pclose(pipe);
+  std::string out = run_command(command).output;
   while (!out.empty() && (out.back() == '\n' || out.back() == ' ')) {
     out.pop_back();
   }

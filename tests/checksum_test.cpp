@@ -125,19 +125,10 @@ TEST(ChecksumTest, AFlippedBitIsLocatedToItsTensorOnLoadAndVerify) {
         module, dir.path(), LoadOptions().verify_checksums(false)));
     EXPECT_NO_THROW(
         load_torch_model(module, dir.path(), LoadOptions().prefixes({"b"})));
-    FILE* pipe = ::popen(
-        (std::string(TORCHSER_CLI) + " verify '" + dir.path().string() +
-         "' 2>&1")
-            .c_str(),
-        "r");
-    std::string out;
-    char buffer[4096];
-    while (std::fgets(buffer, sizeof buffer, pipe) != nullptr) {
-      out += buffer;
-    }
-    const int status = ::pclose(pipe);
-    EXPECT_EQ(WEXITSTATUS(status), 1) << out;
-    EXPECT_THAT(out, HasSubstr("tensor 'a'"));
+    const auto verify = torchser::testing::run_command(
+        std::string(TORCHSER_CLI) + " verify '" + dir.path().string() + "'");
+    EXPECT_EQ(verify.status, 1) << verify.output;
+    EXPECT_THAT(verify.output, HasSubstr("tensor 'a'"));
   }
 }
 

@@ -31,25 +31,13 @@ namespace {
 using ::testing::HasSubstr;
 using torchser::testing::TempDir;
 
-struct CliRun {
-  int status;
-  std::string output; // stdout and stderr
-};
+using CliRun = torchser::testing::CommandRun;
 
 // Runs `SHELL_PREFIX torchser ARGUMENTS` through sh (a prefix sets limits).
 CliRun cli_with_prefix(
     const std::string& shell_prefix, const std::string& arguments) {
-  FILE* pipe = ::popen(
-      (shell_prefix + std::string(TORCHSER_CLI) + " " + arguments + " 2>&1")
-          .c_str(),
-      "r");
-  std::string out;
-  char buffer[4096];
-  while (std::fgets(buffer, sizeof buffer, pipe) != nullptr) {
-    out += buffer;
-  }
-  const int status = ::pclose(pipe);
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
+  return torchser::testing::run_command(
+      shell_prefix + std::string(TORCHSER_CLI) + " " + arguments);
 }
 
 CliRun cli(const std::string& arguments) {

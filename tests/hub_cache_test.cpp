@@ -179,24 +179,12 @@ TEST(HubCacheTest, ALocalPathWinsOverTheCache) {
   EXPECT_EQ(local, 7.0F);
 }
 
-struct CliRun {
-  int status;
-  std::string output;
-};
+using CliRun = torchser::testing::CommandRun;
 
 CliRun cli(const fs::path& cache, const std::string& arguments) {
-  FILE* pipe = ::popen(
-      ("HF_HUB_CACHE='" + cache.string() + "' " + TORCHSER_CLI + " " +
-       arguments + " 2>&1")
-          .c_str(),
-      "r");
-  std::string out;
-  char buffer[4096];
-  while (std::fgets(buffer, sizeof buffer, pipe) != nullptr) {
-    out += buffer;
-  }
-  const int status = ::pclose(pipe);
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
+  return torchser::testing::run_command(
+      "HF_HUB_CACHE='" + cache.string() + "' " + TORCHSER_CLI + " " +
+      arguments);
 }
 
 TEST(HubCacheTest, EveryCliCommandTakesARepoAndVerifyChecksTheBlobs) {

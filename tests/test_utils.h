@@ -2,7 +2,9 @@
 
 // Helpers shared by the test files.
 
+#include <sys/wait.h>
 #include <cstdint>
+
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -45,6 +47,24 @@ inline void write_file(
   if (!out) {
     throw std::runtime_error("cannot write test file " + path.string());
   }
+}
+
+/// What a command run through sh printed (stdout and stderr together) and
+/// its exit status (-1 when a signal ended it).
+struct CommandRun {
+  int status;
+  std::string output;
+};
+
+inline CommandRun run_command(const std::string& command) {
+  FILE* pipe = ::popen((command + " 2>&1").c_str(), "r");
+  std::string out;
+  char buffer[4096];
+  while (std::fgets(buffer, sizeof buffer, pipe) != nullptr) {
+    out += buffer;
+  }
+  const int status = ::pclose(pipe);
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
 }
 
 /// `n` as 8 little-endian bytes (a safetensors header length).

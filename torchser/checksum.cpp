@@ -3,17 +3,15 @@
 #include <isa-l/crc.h>
 
 #include <algorithm>
-#include <atomic>
 #include <climits>
 #include <cstdio>
-#include <exception>
-#include <thread>
 
 #include <nlohmann/json.hpp>
 
 #include <torchser/constants.h>
 #include <torchser/errors.h>
 
+#include "torchser/detail/parallel.h"
 #include "torchser/detail/tensor_file.h"
 
 namespace torchser::detail {
@@ -127,42 +125,17 @@ void check_checksums(
   if (work.empty()) {
     return;
   }
-  std::vector<std::exception_ptr> failures(work.size());
-  std::atomic<std::size_t> next{0};
-  const auto worker = [&] {
-    for (std::size_t i = next++; i < work.size(); i = next++) {
-      try {
-        const auto& [name, expected] = work[i];
-        const std::uint32_t actual = crc32c_of(file.get(name));
-        file.release(name);
-        if (actual != expected) {
-          throw OSError(
-              "Checksum mismatch in " + file.display_name() + ": tensor '" +
-              name + "' has CRC-32C " + hex8(actual) + ", the file records " +
-              hex8(expected) + " (its bytes changed since it was saved)");
-        }
-      } catch (...) {
-        failures[i] = std::current_exception();
-        next = work.size();
-      }
+  parallel_for(work.size(), 4, [&](std::size_t i) {
+    const auto& [name, expected] = work[i];
+    const std::uint32_t actual = crc32c_of(file.get(name));
+    file.release(name);
+    if (actual != expected) {
+      throw OSError(
+          "Checksum mismatch in " + file.display_name() + ": tensor '" + name +
+          "' has CRC-32C " + hex8(actual) + ", the file records " +
+          hex8(expected) + " (its bytes changed since it was saved)");
     }
-  };
-  const std::size_t threads = std::min<std::size_t>(
-      work.size(),
-      std::clamp<std::size_t>(std::thread::hardware_concurrency(), 1, 4));
-  std::vector<std::thread> pool;
-  for (std::size_t t = 1; t < threads; ++t) {
-    pool.emplace_back(worker);
-  }
-  worker();
-  for (std::thread& t : pool) {
-    t.join();
-  }
-  for (const std::exception_ptr& failure : failures) {
-    if (failure) {
-      std::rethrow_exception(failure);
-    }
-  }
+  });
 }
 
 } // namespace torchser::detail

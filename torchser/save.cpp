@@ -1,13 +1,10 @@
 #include <torchser/save.h>
 
 #include <algorithm>
-#include <atomic>
-#include <exception>
 #include <map>
 #include <mutex>
 #include <string>
 #include <system_error>
-#include <thread>
 #include <vector>
 
 #include <torchser/errors.h>
@@ -18,6 +15,7 @@
 #include "torchser/detail/checkpoint_dir.h"
 #include "torchser/detail/file.h"
 #include "torchser/detail/index_json.h"
+#include "torchser/detail/parallel.h"
 #include "torchser/detail/pickle_writer.h"
 #include "torchser/detail/python_format.h"
 #include "torchser/detail/shared_tensors.h"
@@ -242,44 +240,20 @@ void save_torch_state_dict(
     }
     commit.stage(shard.key(), file.keep(options.durable()));
   };
-  std::vector<std::exception_ptr> failures(shards.size());
-  std::atomic<std::size_t> next{0};
-  const auto worker = [&] {
-    for (std::size_t i = next++; i < shards.size(); i = next++) {
-      try {
-        try {
-          write_shard(i);
-        } catch (const FileNotFoundError&) {
-          throw;
-        } catch (const OSError& e) {
-          // The file named may be in the staging directory: say which save.
-          throw OSError(
-              std::string(e.what()) + " (saving into '" +
-              save_directory.string() + "')");
-        }
-      } catch (...) {
-        failures[i] = std::current_exception();
-        next = shards.size(); // stop handing out work
-      }
+  // A failure rethrows after every writer stopped; the commit's destructor
+  // then removes what was staged.
+  detail::parallel_for(shards.size(), 4, [&](std::size_t i) {
+    try {
+      write_shard(i);
+    } catch (const FileNotFoundError&) {
+      throw;
+    } catch (const OSError& e) {
+      // The file named may be in the staging directory: say which save.
+      throw OSError(
+          std::string(e.what()) + " (saving into '" + save_directory.string() +
+          "')");
     }
-  };
-  const std::size_t workers = std::min<std::size_t>(
-      shards.size(),
-      std::clamp<std::size_t>(std::thread::hardware_concurrency(), 1, 4));
-  std::vector<std::thread> threads;
-  for (std::size_t w = 1; w < workers; ++w) {
-    threads.emplace_back(worker);
-  }
-  worker();
-  for (std::thread& t : threads) {
-    t.join();
-  }
-  for (const std::exception_ptr& failure : failures) {
-    if (failure) {
-      std::rethrow_exception(
-          failure); // the commit's destructor removes what was staged
-    }
-  }
+  });
   if (split.is_sharded) {
     const std::string index = detail::index_json(split, metadata);
     detail::AtomicFile file(commit.target(index_name));
