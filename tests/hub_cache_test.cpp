@@ -7,6 +7,7 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <ctime>
 #include <filesystem>
 #include <map>
 #include <optional>
@@ -167,6 +168,25 @@ TEST(HubCacheTest, SymlinksLeavingTheRepoFolderOrDanglingAreRefused) {
   EXPECT_THROW(cached_snapshot("org/tiny", "bad"), OSError);
 }
 
+TEST(HubCacheTest, ABareMissingNameKeepsTheFileNotFoundMessage) {
+  CachedRepo repo;
+  ScopedEnv hub("HF_HUB_CACHE", repo.cache.string());
+  try {
+    load_state_dict_from_file("missing.safetensors");
+    FAIL() << "no error";
+  } catch (const LocalEntryNotFoundError& e) {
+    FAIL() << "looked in the cache: " << e.what();
+  } catch (const FileNotFoundError& e) {
+    EXPECT_THAT(e.what(), HasSubstr("No checkpoint file found at"));
+  }
+  // A bare name the cache holds is that repo.
+  fs::create_directories(repo.cache / "models--tiny2/snapshots" / kCommitA);
+  save_torch_state_dict(
+      linear_values(4.0F), repo.cache / "models--tiny2/snapshots" / kCommitA);
+  add_ref(repo.cache, "models--tiny2", "main", kCommitA);
+  EXPECT_EQ(loaded_value("tiny2"), 4.0F);
+}
+
 TEST(HubCacheTest, ALocalPathWinsOverTheCache) {
   CachedRepo repo;
   ScopedEnv hub("HF_HUB_CACHE", repo.cache.string());
@@ -219,6 +239,50 @@ TEST(HubCacheTest, EveryCliCommandTakesARepoAndVerifyChecksTheBlobs) {
   EXPECT_THAT(corrupted.output, HasSubstr("CORRUPTED: "));
   EXPECT_THAT(corrupted.output, HasSubstr("model.safetensors: its sha256 is"));
   EXPECT_THAT(corrupted.output, HasSubstr(blob.filename().string()));
+}
+
+// `hf download --local-dir` keeps plain files and, per file,
+// .cache/huggingface/download/FILE.metadata (commit, etag, time), as
+// huggingface_hub's _local_folder.py writes it.
+void record_download(
+    const fs::path& local_dir, const std::string& file, double timestamp) {
+  const fs::path record =
+      local_dir / ".cache/huggingface/download" / (file + ".metadata");
+  fs::create_directories(record.parent_path());
+  write_file(
+      record,
+      kCommitA + "\n" + torchser::testing::blob_name(local_dir / file) + "\n" +
+          std::to_string(timestamp) + "\n");
+}
+
+TEST(HubCacheTest, VerifyChecksALocalDirDownloadAgainstItsEtags) {
+  TempDir dir;
+  const fs::path local = dir / "tiny";
+  fs::create_directories(local);
+  save_torch_state_dict(linear_values(1.0F), local);
+  write_file(local / "config.json", "{}\n");
+  const double future = static_cast<double>(std::time(nullptr)) + 1000;
+  record_download(local, "model.safetensors", future);
+  record_download(local, "config.json", future);
+  const auto verify = [&] {
+    return torchser::testing::run_command(
+        std::string(TORCHSER_CLI) + " verify '" + local.string() + "'");
+  };
+  const CliRun ok = verify();
+  EXPECT_EQ(ok.status, 0) << ok.output;
+  EXPECT_THAT(ok.output, HasSubstr("2 downloaded file(s) match"));
+  std::string bytes = read_file(local / "model.safetensors");
+  bytes.back() ^= 1;
+  write_file(local / "model.safetensors", bytes);
+  const CliRun corrupted = verify();
+  EXPECT_EQ(corrupted.status, 1) << corrupted.output;
+  EXPECT_THAT(corrupted.output, HasSubstr("model.safetensors: its sha256 is"));
+  // A file changed after its download is the user's, as huggingface_hub
+  // judges it: not checked, and said so.
+  record_download(local, "model.safetensors", 1.0);
+  const CliRun edited = verify();
+  EXPECT_EQ(edited.status, 0) << edited.output;
+  EXPECT_THAT(edited.output, HasSubstr("changed after its download"));
 }
 
 } // namespace

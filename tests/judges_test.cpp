@@ -994,5 +994,46 @@ TEST(JudgeTest, TheOfficialReaderReadsChecksummedCastFiles) {
   EXPECT_EQ(out.at("tensors").at("ids").at("dtype"), "torch.int64");
 }
 
+// huggingface_hub's own records of a --local-dir download are what
+// torchser verify checks the files against.
+TEST(JudgeTest, VerifyReadsTheDownloadRecordsHuggingfaceHubWrites) {
+  REQUIRE_PYTHON_JUDGES();
+  TempDir dir;
+  const auto local = dir / "tiny";
+  std::filesystem::create_directories(local);
+  save_torch_state_dict(torchser::testing::linear_values(1.0F), local);
+  torchser::testing::write_file(local / "config.json", "{}\n");
+  const std::string st =
+      torchser::testing::blob_name(local / "model.safetensors");
+  const std::string cfg = torchser::testing::blob_name(local / "config.json");
+  const json out = judge(
+      {"hub-local-dir",
+       local.string(),
+       torchser::testing::kCommitA,
+       "model.safetensors",
+       st,
+       "config.json",
+       cfg});
+  print_tools(out, "huggingface_hub._local_folder");
+  EXPECT_EQ(out.at("etags").at("model.safetensors"), st);
+  const auto verify = [&] {
+    return torchser::testing::run_command(
+        std::string(TORCHSER_CLI) + " verify '" + local.string() + "'");
+  };
+  const auto ok = verify();
+  EXPECT_EQ(ok.status, 0) << ok.output;
+  EXPECT_THAT(ok.output, ::testing::HasSubstr("2 downloaded file(s) match"));
+  // A flipped byte in place, within the second huggingface_hub allows.
+  std::string bytes = torchser::testing::read_file(local / "model.safetensors");
+  bytes[bytes.size() / 2] ^= 4;
+  const auto mtime =
+      std::filesystem::last_write_time(local / "model.safetensors");
+  torchser::testing::write_file(local / "model.safetensors", bytes);
+  std::filesystem::last_write_time(local / "model.safetensors", mtime);
+  const auto bad = verify();
+  EXPECT_EQ(bad.status, 1) << bad.output;
+  EXPECT_THAT(bad.output, ::testing::HasSubstr("CORRUPTED: "));
+}
+
 } // namespace
 } // namespace torchser

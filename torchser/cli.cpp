@@ -295,26 +295,42 @@ int cmd_inspect(const fs::path& path, bool as_json) {
 
 int cmd_verify(const fs::path& path) {
   const torchser::detail::Checkpoint checkpoint = resolve(path);
-  // In the Hugging Face cache, each file's blob name is its digest: a file
-  // that differs is said as such before any format rule is checked.
+  // In the Hugging Face cache, each file's blob name is its digest, and a
+  // `hf download --local-dir` folder records each file's etag: a file that
+  // differs is said as such before any format rule is checked.
+  std::vector<torchser::detail::BlobCheck> checks;
+  std::vector<std::string> outdated;
+  const char* where = nullptr;
   if (!torchser::detail::snapshot_of(path).empty()) {
-    bool corrupted = false;
-    std::size_t checked = 0;
-    for (const auto& check : torchser::detail::check_cached_blobs(path)) {
-      ++checked;
-      if (!check.ok()) {
-        corrupted = true;
-        std::cout << "CORRUPTED: " << check.file.string() << ": its "
-                  << check.algorithm << " is " << check.actual
-                  << ", the cache's blob name says " << check.blob
-                  << " (download it again)\n";
-      }
+    checks = torchser::detail::check_cached_blobs(path);
+    where = "cached file(s) match their blob digests";
+  } else if (const fs::path root = torchser::detail::local_dir_of(path);
+             !root.empty()) {
+    checks = torchser::detail::check_local_dir_downloads(root, path, &outdated);
+    where = "downloaded file(s) match the etags huggingface_hub recorded";
+  }
+  bool corrupted = false;
+  for (const auto& check : checks) {
+    if (!check.ok()) {
+      corrupted = true;
+      std::cout << "CORRUPTED: " << check.file.string() << ": its "
+                << check.algorithm << " is " << check.actual << ", "
+                << (torchser::detail::snapshot_of(path).empty()
+                        ? "the download recorded "
+                        : "the cache's blob name says ")
+                << check.blob << " (download it again)\n";
     }
-    if (corrupted) {
-      return 1;
-    }
-    std::cerr << "torchser: " << checked
-              << " cached file(s) match their blob digests\n";
+  }
+  if (corrupted) {
+    return 1;
+  }
+  for (const std::string& name : outdated) {
+    std::cerr << "torchser: " << name
+              << " changed after its download; its recorded etag is not "
+                 "checked\n";
+  }
+  if (where != nullptr) {
+    std::cerr << "torchser: " << checks.size() << " " << where << "\n";
   }
   if (checkpoint.kind == torchser::detail::Checkpoint::Kind::kDDUF) {
     const auto entries = torchser::read_dduf_file(

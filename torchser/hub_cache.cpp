@@ -1,6 +1,7 @@
 #include <torchser/hub_cache.h>
 
 #include <pwd.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -408,6 +409,13 @@ fs::path resolve_hub_path(const fs::path& path) {
   if (!ref.has_value()) {
     return path;
   }
+  if (ref->repo_id.find('/') == std::string::npos &&
+      path.string().find('@') == std::string::npos &&
+      !fs::is_directory(hf_hub_cache() / ("models--" + ref->repo_id), ec)) {
+    // A bare name ("gpt2", "model.safetensors") is a cached repo only when the
+    // cache holds it; otherwise it is the missing local path it looks like.
+    return path;
+  }
   const fs::path snapshot = cached_snapshot(ref->repo_id, ref->revision);
   if (ref->filename.empty()) {
     return snapshot;
@@ -516,6 +524,80 @@ std::vector<BlobCheck> check_cached_blobs(const fs::path& snapshot) {
     }
     out.push_back(BlobCheck{
         link, blob, lfs ? "sha256" : "git-sha1", digest_of(link, !lfs)});
+  }
+  return out;
+}
+
+fs::path local_dir_of(const fs::path& path) {
+  std::error_code ec;
+  for (fs::path dir = fs::absolute(path, ec).lexically_normal(); !dir.empty();
+       dir = dir.parent_path()) {
+    if (fs::is_directory(dir / ".cache" / "huggingface" / "download", ec)) {
+      return dir;
+    }
+    if (dir == dir.parent_path()) {
+      break;
+    }
+  }
+  return {};
+}
+
+std::vector<BlobCheck> check_local_dir_downloads(
+    const fs::path& local_dir,
+    const fs::path& path,
+    std::vector<std::string>* outdated) {
+  std::vector<BlobCheck> out;
+  const fs::path records = local_dir / ".cache" / "huggingface" / "download";
+  const fs::path scope = fs::absolute(path).lexically_normal();
+  std::error_code ec;
+  std::vector<fs::path> metadata;
+  for (auto it = fs::recursive_directory_iterator(records, ec);
+       !ec && it != fs::recursive_directory_iterator();
+       it.increment(ec)) {
+    if (it->path().extension() == ".metadata" && it->is_regular_file(ec)) {
+      metadata.push_back(it->path());
+    }
+  }
+  std::sort(metadata.begin(), metadata.end());
+  for (const fs::path& record : metadata) {
+    fs::path relative = fs::relative(record, records, ec);
+    relative.replace_extension(); // "model.safetensors.metadata" → its file
+    const fs::path file = fs::absolute(local_dir / relative).lexically_normal();
+    if (!inside(file, scope) || !fs::is_regular_file(file, ec)) {
+      continue;
+    }
+    std::ifstream in(record);
+    std::string commit;
+    std::string etag;
+    std::string timestamp;
+    std::getline(in, commit);
+    std::getline(in, etag);
+    std::getline(in, timestamp);
+    const bool lfs = hex_name(etag, 64);
+    if (!lfs && !hex_name(etag, 40)) {
+      continue;
+    }
+    // huggingface_hub trusts a record only while the file is not newer.
+    double recorded = 0;
+    try {
+      recorded = std::stod(timestamp);
+    } catch (const std::exception&) {
+      continue;
+    }
+    struct stat st {};
+    if (::stat(file.c_str(), &st) != 0) {
+      continue;
+    }
+    const double mtime = static_cast<double>(st.st_mtim.tv_sec) +
+                         static_cast<double>(st.st_mtim.tv_nsec) / 1e9;
+    if (mtime - 1 > recorded) {
+      if (outdated != nullptr) {
+        outdated->push_back(relative.string());
+      }
+      continue;
+    }
+    out.push_back(BlobCheck{
+        file, etag, lfs ? "sha256" : "git-sha1", digest_of(file, !lfs)});
   }
   return out;
 }

@@ -64,7 +64,9 @@ TORCHSER_API std::filesystem::path cached_file(
     const std::optional<std::filesystem::path>& cache_dir = std::nullopt);
 
 /// What a loader reads for `path`: `path` itself when it exists or is no
-/// HubReference, else the cached snapshot or file it names.
+/// HubReference, else the cached snapshot or file it names. A bare name
+/// without '/' or '@' ("gpt2") is looked up only when the cache holds that
+/// repo, so a missing local file keeps its own error.
 TORCHSER_API std::filesystem::path resolve_hub_path(
     const std::filesystem::path& path);
 

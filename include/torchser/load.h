@@ -136,8 +136,12 @@ struct TORCHSER_API LoadResult {
 /// or the one a checkpoint nests). The key mapping, prefixes, ignore list,
 /// dtype and progress apply; names dropped by them are not read.
 ///
+/// `path` may name a file in the Hugging Face cache
+/// (`ORG/NAME[@REVISION]/FILE`, see hub_cache.h).
+///
 /// Throws FileNotFoundError ("No checkpoint file found at …") when `path` is
-/// not a regular file, OSError
+/// not a regular file (LocalEntryNotFoundError when the cache lacks it),
+/// OSError
 /// ("does not contain the valid metadata") for bad safetensors metadata,
 /// SafetensorError / UnpicklingError for damaged files.
 TORCHSER_API StateDict load_state_dict_from_file(
@@ -159,6 +163,9 @@ TORCHSER_API LoadResult load_state_dict(
 /// `model`'s existing parameters and buffers (no reallocation: tied
 /// parameters stay tied, optimizers keep their references), without autograd,
 /// converting dtypes as `copy_` does. Returns the missing and unexpected keys.
+/// `checkpoint_path` may name a repo in the Hugging Face cache
+/// (`ORG/NAME[@REVISION][/FILE]`, see hub_cache.h; LocalEntryNotFoundError
+/// when it is not cached).
 ///
 /// Throws ValueError ("Checkpoint path … does not exist", "… does not
 /// contain a valid checkpoint", bad shard names in an index, a `.dduf`

@@ -212,6 +212,22 @@ def hub_cache(cache, queries_path):
     emit({"answers": answers, "repos": repos, "versions": versions()})
 
 
+def hub_local_dir(local_dir, commit, *files_and_etags):
+    """Records downloads into a --local-dir folder with huggingface_hub's own
+    write_download_metadata, and reads them back with read_download_metadata."""
+    from pathlib import Path
+    from huggingface_hub._local_folder import read_download_metadata, write_download_metadata
+
+    out = {}
+    pairs = list(zip(files_and_etags[::2], files_and_etags[1::2]))
+    for filename, etag in pairs:
+        write_download_metadata(Path(local_dir), filename, commit, etag)
+    for filename, _ in pairs:
+        m = read_download_metadata(Path(local_dir), filename)
+        out[filename] = None if m is None else m.etag
+    emit({"etags": out, "versions": versions()})
+
+
 def crc32c(data):
     """CRC-32C (Castagnoli), bit by bit through a table: no torchser code."""
     table = getattr(crc32c, "table", None)
@@ -448,7 +464,7 @@ def kill_check(manifest_path):
 
 
 COMMANDS = {"kill-check": kill_check, "st-roundtrip": st_roundtrip, "pickle-roundtrip": pickle_roundtrip, "st-supported": st_supported, "hub-save": hub_save, "hub-load": hub_load,
-            "hub-split": hub_split, "hub-dduf": hub_dduf, "hub-cache": hub_cache, "st-checksums": st_checksums, "tf-save": tf_save, "tf-load": tf_load, "dcp": dcp,
+            "hub-split": hub_split, "hub-dduf": hub_dduf, "hub-cache": hub_cache, "hub-local-dir": hub_local_dir, "st-checksums": st_checksums, "tf-save": tf_save, "tf-load": tf_load, "dcp": dcp,
             "versions": lambda: emit(versions())}
 
 if __name__ == "__main__":

@@ -33,4 +33,20 @@ TORCHSER_API std::filesystem::path snapshot_of(
 TORCHSER_API std::vector<BlobCheck> check_cached_blobs(
     const std::filesystem::path& snapshot);
 
+/// The folder of a `hf download --local-dir` that `path` lies in (the one
+/// holding `.cache/huggingface/download/`), or empty.
+TORCHSER_API std::filesystem::path local_dir_of(
+    const std::filesystem::path& path);
+
+/// What huggingface_hub's _local_folder.py records per downloaded file
+/// (`.cache/huggingface/download/FILE.metadata`: commit, etag, time): each
+/// file under `path` (a folder or one file) inside the download folder
+/// `local_dir` whose etag is a digest, checked against it. Files changed
+/// after their download (mtime past the recorded time, as huggingface_hub
+/// judges it) are not checked; their names go to `outdated`.
+TORCHSER_API std::vector<BlobCheck> check_local_dir_downloads(
+    const std::filesystem::path& local_dir,
+    const std::filesystem::path& path,
+    std::vector<std::string>* outdated);
+
 } // namespace torchser::detail
