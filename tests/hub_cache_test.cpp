@@ -123,9 +123,19 @@ TEST(HubCacheTest, WhatIsNotCachedIsATypedErrorSayingWhereItLooked) {
     }
     return "no LocalEntryNotFoundError";
   };
-  const std::string no_repo = message([] { loaded_value("org/missing"); });
+  const std::string no_repo = message([] { loaded_value("org/missing@main"); });
   EXPECT_THAT(no_repo, HasSubstr("models--org--missing"));
   EXPECT_THAT(no_repo, HasSubstr(repo.cache.string()));
+  // Without a revision, a name the cache lacks is the mistyped local path it
+  // looks like (the reference's ValueError), saying where else it looked.
+  try {
+    loaded_value("org/missing");
+    FAIL() << "no error";
+  } catch (const ValueError& e) {
+    EXPECT_THAT(
+        e.what(), HasSubstr("Checkpoint path org/missing does not exist"));
+    EXPECT_THAT(e.what(), HasSubstr("hold a repo 'org/missing'"));
+  }
   const std::string no_revision =
       message([] { cached_snapshot("org/tiny", "v2.0"); });
   EXPECT_THAT(no_revision, HasSubstr("revision 'v2.0'"));
@@ -239,6 +249,19 @@ TEST(HubCacheTest, EveryCliCommandTakesARepoAndVerifyChecksTheBlobs) {
   EXPECT_THAT(corrupted.output, HasSubstr("CORRUPTED: "));
   EXPECT_THAT(corrupted.output, HasSubstr("model.safetensors: its sha256 is"));
   EXPECT_THAT(corrupted.output, HasSubstr(blob.filename().string()));
+
+  // Given its index, a sharded checkpoint's shards are checked too.
+  const fs::path shard = fs::canonical(
+      repo.cache / "models--org--tiny/snapshots" / kCommitB /
+      "model-00002-of-00002.safetensors");
+  std::string shard_bytes = read_file(shard);
+  shard_bytes[shard_bytes.size() - 1] ^= 1;
+  fs::permissions(shard, fs::perms::owner_write, fs::perm_options::add);
+  write_file(shard, shard_bytes);
+  const CliRun index =
+      cli(repo.cache, "verify org/tiny@v1.0/model.safetensors.index.json");
+  EXPECT_EQ(index.status, 1) << index.output;
+  EXPECT_THAT(index.output, HasSubstr("model-00002-of-00002.safetensors: its"));
 }
 
 // `hf download --local-dir` keeps plain files and, per file,
@@ -266,7 +289,7 @@ TEST(HubCacheTest, VerifyChecksALocalDirDownloadAgainstItsEtags) {
   record_download(local, "config.json", future);
   const auto verify = [&] {
     return torchser::testing::run_command(
-        std::string(TORCHSER_CLI) + " verify '" + local.string() + "'");
+        std::string(TORCHSER_CLI) + " verify '" + local.string() + "/'");
   };
   const CliRun ok = verify();
   EXPECT_EQ(ok.status, 0) << ok.output;

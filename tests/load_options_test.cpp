@@ -93,6 +93,13 @@ TEST(KeyMappingTest, StepsApplyInOrderWithPythonGroupReferences) {
   EXPECT_EQ(map_key("module.h.3.attn.w", mapping), "model.3.attention.w");
   EXPECT_EQ(map_key("norm.gamma", mapping), "model.norm.gamma_");
   EXPECT_EQ(map_key("other", KeyMapping().strip_prefix("module.")), "other");
+  // A group reference followed by a digit, as Python reads it.
+  EXPECT_EQ(
+      map_key("layer3", KeyMapping().rename(R"(layer(\d))", R"(block\g<1>0)")),
+      "block30");
+  EXPECT_EQ(
+      map_key("layer3", KeyMapping().rename(R"(layer(\d))", R"(block$1)")),
+      "block3");
 }
 
 TEST(KeyMappingTest, ACallbackRenamesOrDrops) {
@@ -331,6 +338,15 @@ TEST(LoadStateDictTest, DtypeConversionsAreListedAndModuleOptionsRefused) {
       net.blocks->ptr<torch::nn::LinearImpl>(0)->bias.equal(at::ones({8})));
   EXPECT_THROW(
       load_state_dict(net, sd, LoadOptions().dtype(at::kHalf)), ValueError);
+  TempDir dir;
+  EXPECT_THROW(
+      save_torch_state_dict(sd, dir.path(), SaveOptions().dtype(at::kChar)),
+      ValueError);
+  save_torch_state_dict(sd, dir.path());
+  EXPECT_THROW(
+      load_state_dict_from_file(
+          dir / "model.safetensors", LoadOptions().dtype(at::kLong)),
+      ValueError);
   EXPECT_THROW(
       load_state_dict(net, sd, LoadOptions().map_location(c10::Device("cpu"))),
       ValueError);

@@ -301,12 +301,19 @@ int cmd_verify(const fs::path& path) {
   std::vector<torchser::detail::BlobCheck> checks;
   std::vector<std::string> outdated;
   const char* where = nullptr;
+  // An index names a checkpoint: its folder's files are checked, not the
+  // index alone.
+  const fs::path scope =
+      checkpoint.kind == torchser::detail::Checkpoint::Kind::kSharded
+          ? checkpoint.directory
+          : path;
   if (!torchser::detail::snapshot_of(path).empty()) {
-    checks = torchser::detail::check_cached_blobs(path);
+    checks = torchser::detail::check_cached_blobs(scope);
     where = "cached file(s) match their blob digests";
   } else if (const fs::path root = torchser::detail::local_dir_of(path);
              !root.empty()) {
-    checks = torchser::detail::check_local_dir_downloads(root, path, &outdated);
+    checks =
+        torchser::detail::check_local_dir_downloads(root, scope, &outdated);
     where = "downloaded file(s) match the etags huggingface_hub recorded";
   }
   bool corrupted = false;
@@ -536,9 +543,18 @@ int cmd_convert(
         continue;
       }
       const auto kept_name = written_name.find(kept);
+      const bool alias_selected =
+          changes.only_prefixes.empty() ||
+          std::any_of(
+              changes.only_prefixes.begin(),
+              changes.only_prefixes.end(),
+              [&](const std::string& p) {
+                return alias.compare(0, p.size(), p) == 0;
+              });
       const std::optional<std::string> alias_name =
           torchser::map_key(alias, changes.mapping);
-      if (kept_name != written_name.end() && alias_name.has_value()) {
+      if (kept_name != written_name.end() && alias_selected &&
+          alias_name.has_value()) {
         renamed_metadata.emplace_back(*alias_name, kept_name->second);
       }
     }
@@ -853,7 +869,14 @@ int main(int argc, char** argv) {
     for (std::string* input :
          {&path, &verify_path, &src, &folder, &unpack_archive}) {
       if (!input->empty()) {
-        *input = torchser::resolve_hub_path(*input).string();
+        const fs::path resolved = torchser::resolve_hub_path(*input);
+        std::error_code ec;
+        if (const auto repo = torchser::parse_hub_reference(*input);
+            repo.has_value() && !fs::exists(resolved, ec)) {
+          // Neither a path nor a cached repo: say both (this throws).
+          torchser::cached_snapshot(repo->repo_id, repo->revision);
+        }
+        *input = resolved.string();
       }
     }
     if (inspect_cmd->parsed()) {
@@ -868,7 +891,8 @@ int main(int argc, char** argv) {
       changes.only_prefixes = only_prefixes;
       changes.mapping.strip_prefix(strip_prefix).add_prefix(add_prefix);
       for (const std::string& rename : renames) {
-        const std::size_t eq = rename.find('=');
+        // Keys hold no '=', patterns may ("(?=x)"): split at the last one.
+        const std::size_t eq = rename.rfind('=');
         if (eq == std::string::npos) {
           throw UsageError(
               "--rename " + rename + ": expected REGEX=REPLACEMENT");

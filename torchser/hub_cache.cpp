@@ -132,14 +132,20 @@ bool inside(const fs::path& child, const fs::path& parent) {
   return p == parent.end();
 }
 
-fs::path repo_folder(
-    const std::string& repo_id, const std::optional<fs::path>& cache_dir) {
-  const fs::path cache = cache_dir.value_or(hf_hub_cache());
+// huggingface_hub's repo_folder_name: "models--org--name".
+std::string folder_name(const std::string& repo_id) {
   std::string folder = "models--" + repo_id;
   for (std::size_t at = folder.find('/'); at != std::string::npos;
        at = folder.find('/', at)) {
     folder.replace(at, 1, "--");
   }
+  return folder;
+}
+
+fs::path repo_folder(
+    const std::string& repo_id, const std::optional<fs::path>& cache_dir) {
+  const fs::path cache = cache_dir.value_or(hf_hub_cache());
+  const std::string folder = folder_name(repo_id);
   const fs::path repo = cache / folder;
   std::error_code ec;
   if (!valid_repo_id(repo_id)) {
@@ -210,7 +216,8 @@ std::string commit_of(
     const fs::path& repo,
     const std::string& repo_id,
     const std::string& revision) {
-  if (!plain_name(revision) || revision.find("..") != std::string::npos) {
+  if (!plain_name(revision) || revision.find("..") != std::string::npos ||
+      revision.front() == '/') {
     throw ValueError("Invalid revision '" + revision + "' for " + repo_id);
   }
   std::error_code ec;
@@ -409,11 +416,11 @@ fs::path resolve_hub_path(const fs::path& path) {
   if (!ref.has_value()) {
     return path;
   }
-  if (ref->repo_id.find('/') == std::string::npos &&
-      path.string().find('@') == std::string::npos &&
-      !fs::is_directory(hf_hub_cache() / ("models--" + ref->repo_id), ec)) {
-    // A bare name ("gpt2", "model.safetensors") is a cached repo only when the
-    // cache holds it; otherwise it is the missing local path it looks like.
+  if (path.string().find('@') == std::string::npos &&
+      !fs::is_directory(hf_hub_cache() / folder_name(ref->repo_id), ec)) {
+    // Without '@', a name ("gpt2", "runs/exp1") is a cached repo only when the
+    // cache holds it; otherwise it is the missing local path it looks like,
+    // and keeps that error.
     return path;
   }
   const fs::path snapshot = cached_snapshot(ref->repo_id, ref->revision);
@@ -548,7 +555,10 @@ std::vector<BlobCheck> check_local_dir_downloads(
     std::vector<std::string>* outdated) {
   std::vector<BlobCheck> out;
   const fs::path records = local_dir / ".cache" / "huggingface" / "download";
-  const fs::path scope = fs::absolute(path).lexically_normal();
+  fs::path scope = fs::absolute(path).lexically_normal();
+  if (scope.filename().empty()) {
+    scope = scope.parent_path(); // "dl/" names the folder dl
+  }
   std::error_code ec;
   std::vector<fs::path> metadata;
   for (auto it = fs::recursive_directory_iterator(records, ec);

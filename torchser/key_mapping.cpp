@@ -8,6 +8,12 @@
 namespace torchser {
 namespace {
 
+// "$NN": ECMAScript reads at most two digits, so a group reference followed
+// by a literal digit (Python's "\g<1>0") stays group 1 and then "0".
+std::string group_reference(const std::string& digits) {
+  return "$" + std::string(digits.size() == 1 ? "0" : "") + digits;
+}
+
 // Python's re.sub group references (\1, \g<1>, \\) in ECMAScript's format
 // ($1); ECMAScript's own $-references pass through.
 std::string ecmascript_format(const std::string& python) {
@@ -20,9 +26,14 @@ std::string ecmascript_format(const std::string& python) {
     }
     const char next = python[i + 1];
     if (next >= '0' && next <= '9') {
-      out += '$';
-      out += next;
-      ++i;
+      // Python reads up to two digits (\12 is group 12).
+      std::size_t digits = 1;
+      if (i + 2 < python.size() && python[i + 2] >= '0' &&
+          python[i + 2] <= '9') {
+        digits = 2;
+      }
+      out += group_reference(python.substr(i + 1, digits));
+      i += digits;
     } else if (next == 'g' && i + 2 < python.size() && python[i + 2] == '<') {
       const std::size_t close = python.find('>', i + 3);
       if (close == std::string::npos) {
@@ -38,7 +49,12 @@ std::string ecmascript_format(const std::string& python) {
             "groups), not \\g<" +
             group + ">");
       }
-      out += "$" + group;
+      if (group.size() > 2) {
+        throw ValueError(
+            "KeyMapping replacement '" + python +
+            "': std::regex has at most 99 groups, not \\g<" + group + ">");
+      }
+      out += group_reference(group);
       i = close;
     } else if (next == '\\') {
       out += '\\';

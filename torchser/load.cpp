@@ -181,6 +181,8 @@ class Source {
   /// The shapes of `wanted`, opening only what holds them.
   virtual std::map<std::string, Shape> shapes(
       const std::set<std::string>& wanted) = 0;
+  /// The recorded CRC-32Cs of `wanted` (after shapes()), when asked for.
+  virtual void check_checksums(const std::set<std::string>& /*wanted*/) {}
   /// Each of `wanted` once; mapped pages are dropped after `visit` returns.
   virtual void for_each(
       const std::set<std::string>& wanted, const Visitor& visit) = 0;
@@ -272,10 +274,12 @@ class FileSource final : public Source {
         out[entry.name] = shape_of(entry);
       }
     }
+    return out;
+  }
+  void check_checksums(const std::set<std::string>& wanted) override {
     if (verify_checksums_ && !wanted.empty()) {
       detail::check_checksums(file_, wanted);
     }
-    return out;
   }
   void for_each(
       const std::set<std::string>& wanted, const Visitor& visit) override {
@@ -346,14 +350,24 @@ class ShardedSource final : public Source {
         }
         out[name] = shape_of(*entry->second);
       }
-      if (verify_checksums_) {
-        detail::check_checksums(*file, {here.begin(), here.end()});
-      }
       opened_.emplace_back(
           shard, std::set<std::string>(here.begin(), here.end()));
       files_.push_back(std::move(file));
     }
     return out;
+  }
+  void check_checksums(const std::set<std::string>& wanted) override {
+    for (std::size_t i = 0; verify_checksums_ && i < files_.size(); ++i) {
+      std::set<std::string> here;
+      for (const std::string& name : opened_[i].second) {
+        if (wanted.count(name) != 0) {
+          here.insert(name);
+        }
+      }
+      if (!here.empty()) {
+        detail::check_checksums(*files_[i], here);
+      }
+    }
   }
   void for_each(
       const std::set<std::string>& wanted, const Visitor& visit) override {
@@ -469,8 +483,12 @@ LoadResult load_into(
   }
   std::sort(result.unexpected_keys.begin(), result.unexpected_keys.end());
   std::sort(result.missing_keys.begin(), result.missing_keys.end());
-  const std::string hint =
-      prefix_hint(result.unexpected_keys, result.missing_keys);
+  std::string hint = prefix_hint(result.unexpected_keys, result.missing_keys);
+  if (!hint.empty() && !options.key_mapping().empty()) {
+    hint +=
+        " (The names compared are those after your key_mapping: add the "
+        "prefix step to it.)";
+  }
   const std::string module_class = class_name(model);
   std::vector<std::string> errors;
   if (options.strict() &&
@@ -535,6 +553,8 @@ LoadResult load_into(
     }
     throw RuntimeError(message);
   }
+  // The bytes last: a file whose keys or shapes are wrong says so first.
+  source.check_checksums(wanted);
 
   // Then the values, file by file.
   at::NoGradGuard no_grad;
@@ -651,6 +671,12 @@ StateDict load_state_dict_from_file(
         "'. Please verify the path is correct and the file has been properly "
         "downloaded.");
   }
+  if (options.dtype().has_value() && !c10::isFloatingType(*options.dtype())) {
+    throw ValueError(
+        std::string("LoadOptions::dtype must be a floating-point dtype (it "
+                    "casts floating-point tensors), not ") +
+        c10::toString(*options.dtype()));
+  }
   detail::TensorFileOptions open = file_options(options);
   open.device = options.map_location();
   const auto file = detail::open_tensor_file(path, open);
@@ -709,8 +735,13 @@ LoadResult load_torch_model(
   const std::filesystem::path checkpoint_path = resolve_hub_path(path_or_repo);
   std::error_code ec;
   if (!std::filesystem::exists(checkpoint_path, ec)) {
+    const auto repo = parse_hub_reference(checkpoint_path.string());
     throw ValueError(
-        "Checkpoint path " + checkpoint_path.string() + " does not exist");
+        "Checkpoint path " + checkpoint_path.string() + " does not exist" +
+        (repo.has_value()
+             ? " (nor does the Hugging Face cache " + hf_hub_cache().string() +
+                   " hold a repo '" + repo->repo_id + "')"
+             : std::string()));
   }
   check_module_options(options);
   std::optional<detail::DirectoryLock> lock;

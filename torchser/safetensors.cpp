@@ -293,6 +293,7 @@ void SafetensorsWriter::write(
       written(i);
     }
   }
+  written_ = true;
 }
 
 std::string SafetensorsWriter::checksum_text() const {
@@ -308,6 +309,7 @@ std::string SafetensorsWriter::final_header() const {
   if (!checksums_) {
     return header_;
   }
+  TORCH_INTERNAL_ASSERT(written_, "final_header() before write()");
   SafetensorsMetadata metadata = *metadata_;
   metadata[kChecksumMetadataKey] = checksum_text();
   std::string header = detail::build_header(metadata, infos_);

@@ -101,6 +101,12 @@ void save_torch_state_dict(
         renamed(state_dict, options.key_mapping()), save_directory, written);
     return;
   }
+  if (options.dtype().has_value() && !c10::isFloatingType(*options.dtype())) {
+    throw ValueError(
+        std::string("SaveOptions::dtype must be a floating-point dtype (it "
+                    "casts floating-point tensors), not ") +
+        c10::toString(*options.dtype()));
+  }
   const bool safe = options.safe_serialization();
   const std::string pattern_text = options.filename_pattern().value_or(
       safe ? kSafetensorsWeightsFilePattern : kPytorchWeightsFilePattern);

@@ -10,9 +10,9 @@
 /// Every loader and CLI command takes such a checkpoint by name: a path that
 /// does not exist and reads as `ORG/NAME[@REVISION][/FILE]` (a repo id as the
 /// Hub spells them, with a branch, tag or commit hash; `main` by default) is
-/// looked up here. A path that exists always wins, as in transformers'
-/// from_pretrained. Revisions that contain '/' (`refs/pr/1`) need
-/// cached_snapshot().
+/// looked up here when the cache holds that repo or a revision is given. A path
+/// that exists always wins, as in transformers' from_pretrained. Revisions that
+/// contain '/' (`refs/pr/1`) need cached_snapshot().
 
 #include <filesystem>
 #include <optional>
@@ -64,9 +64,10 @@ TORCHSER_API std::filesystem::path cached_file(
     const std::optional<std::filesystem::path>& cache_dir = std::nullopt);
 
 /// What a loader reads for `path`: `path` itself when it exists or is no
-/// HubReference, else the cached snapshot or file it names. A bare name
-/// without '/' or '@' ("gpt2") is looked up only when the cache holds that
-/// repo, so a missing local file keeps its own error.
+/// HubReference, else the cached snapshot or file it names. A name without
+/// '@' ("gpt2", "org/name") is looked up only when the cache holds that
+/// repo, so a mistyped local path keeps its own error; with '@' a repo the
+/// cache lacks is a LocalEntryNotFoundError.
 TORCHSER_API std::filesystem::path resolve_hub_path(
     const std::filesystem::path& path);
 

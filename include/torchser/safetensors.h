@@ -168,7 +168,7 @@ class TORCHSER_API SafetensorsWriter {
       const ByteSink& sink,
       const std::function<void(std::size_t)>& written = {}) const;
   /// After write(): the header with the checksums of the bytes written (the
-  /// header itself without checksums).
+  /// header itself without checksums). A writer is used by one thread.
   std::string final_header() const;
 
  private:
@@ -182,6 +182,7 @@ class TORCHSER_API SafetensorsWriter {
   std::optional<SafetensorsMetadata> metadata_;
   bool checksums_ = false;
   mutable std::vector<std::uint32_t> crcs_;
+  mutable bool written_ = false;
 };
 
 /// Options of save_file().
