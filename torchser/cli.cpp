@@ -400,6 +400,16 @@ struct ConvertChanges {
   std::optional<c10::ScalarType> dtype;
 };
 
+// Whether `name` starts with one of `prefixes` (all names when empty).
+bool selected_by(
+    const std::vector<std::string>& prefixes, const std::string& name) {
+  return prefixes.empty() ||
+         std::any_of(
+             prefixes.begin(), prefixes.end(), [&](const std::string& p) {
+               return name.compare(0, p.size(), p) == 0;
+             });
+}
+
 c10::ScalarType parse_dtype(const std::string& name) {
   if (name == "bf16" || name == "bfloat16") {
     return c10::ScalarType::BFloat16;
@@ -494,13 +504,7 @@ int cmd_convert(
       metadata = *file.metadata();
     }
     for (const auto& entry : file.entries()) {
-      const bool wanted = changes.only_prefixes.empty() ||
-                          std::any_of(
-                              changes.only_prefixes.begin(),
-                              changes.only_prefixes.end(),
-                              [&](const std::string& p) {
-                                return entry.name.compare(0, p.size(), p) == 0;
-                              });
+      const bool wanted = selected_by(changes.only_prefixes, entry.name);
       if (wanted) {
         selected.emplace_back(&file, entry.name);
       }
@@ -543,14 +547,7 @@ int cmd_convert(
         continue;
       }
       const auto kept_name = written_name.find(kept);
-      const bool alias_selected =
-          changes.only_prefixes.empty() ||
-          std::any_of(
-              changes.only_prefixes.begin(),
-              changes.only_prefixes.end(),
-              [&](const std::string& p) {
-                return alias.compare(0, p.size(), p) == 0;
-              });
+      const bool alias_selected = selected_by(changes.only_prefixes, alias);
       const std::optional<std::string> alias_name =
           torchser::map_key(alias, changes.mapping);
       if (kept_name != written_name.end() && alias_selected &&

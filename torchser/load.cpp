@@ -358,12 +358,7 @@ class ShardedSource final : public Source {
   }
   void check_checksums(const std::set<std::string>& wanted) override {
     for (std::size_t i = 0; verify_checksums_ && i < files_.size(); ++i) {
-      std::set<std::string> here;
-      for (const std::string& name : opened_[i].second) {
-        if (wanted.count(name) != 0) {
-          here.insert(name);
-        }
-      }
+      const std::set<std::string> here = wanted_in(i, wanted);
       if (!here.empty()) {
         detail::check_checksums(*files_[i], here);
       }
@@ -372,18 +367,23 @@ class ShardedSource final : public Source {
   void for_each(
       const std::set<std::string>& wanted, const Visitor& visit) override {
     for (std::size_t i = 0; i < files_.size(); ++i) {
-      std::set<std::string> here;
-      for (const std::string& name : opened_[i].second) {
-        if (wanted.count(name) != 0) {
-          here.insert(name);
-        }
-      }
-      visit_file(*files_[i], here, opened_[i].first, visit);
+      visit_file(*files_[i], wanted_in(i, wanted), opened_[i].first, visit);
       files_[i].reset(); // unmapped as soon as its values are in
     }
   }
 
  private:
+  // The names of `wanted` that opened shard `i` holds.
+  std::set<std::string> wanted_in(
+      std::size_t i, const std::set<std::string>& wanted) const {
+    std::set<std::string> here;
+    for (const std::string& name : opened_[i].second) {
+      if (wanted.count(name) != 0) {
+        here.insert(name);
+      }
+    }
+    return here;
+  }
   const detail::Checkpoint& checkpoint_;
   detail::TensorFileOptions open_;
   bool verify_checksums_;
