@@ -29,6 +29,7 @@
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
+#include <torchser/consolidate.h>
 #include <torchser/constants.h>
 #include <torchser/dduf.h>
 #include <torchser/errors.h>
@@ -659,6 +660,19 @@ int cmd_convert(
   return 0;
 }
 
+int cmd_consolidate(const fs::path& src, const fs::path& dst) {
+  const torchser::ConsolidateResult result =
+      torchser::consolidate_safetensors_files(src, dst);
+  std::cout << "Consolidated " << result.tensors << " tensors ("
+            << human(result.total_bytes) << ") from " << result.input_files
+            << " DCP shard files into " << dst.string() << ": ";
+  for (std::size_t i = 0; i < result.files.size(); ++i) {
+    std::cout << (i == 0 ? "" : ", ") << result.files[i];
+  }
+  std::cout << "\n";
+  return 0;
+}
+
 int cmd_pack(const fs::path& folder, const fs::path& out) {
   // export_folder_as_dduf leaves out what DDUF cannot hold, as
   // huggingface_hub does; a user packing a folder wants to hear about it
@@ -841,6 +855,19 @@ int main(int argc, char** argv) {
   unpack_cmd->add_option("FOLDER", unpack_folder, "the folder to write")
       ->required();
 
+  std::string consolidate_src;
+  std::string consolidate_dst;
+  auto* consolidate_cmd = app.add_subcommand(
+      "consolidate",
+      "Turn PyTorch DCP's sharded layout (shard-*-model-*-of-*.safetensors) "
+      "into model-*-of-*.safetensors files and their index");
+  consolidate_cmd
+      ->add_option("SRC", consolidate_src, "the folder of DCP shard files")
+      ->required();
+  consolidate_cmd
+      ->add_option("DST", consolidate_dst, "the folder to write (may be SRC)")
+      ->required();
+
   std::string recover_path;
   auto* recover_cmd = app.add_subcommand(
       "recover", "Complete or undo an interrupted save of a checkpoint folder");
@@ -909,6 +936,9 @@ int main(int argc, char** argv) {
     }
     if (recover_cmd->parsed()) {
       return cmd_recover(recover_path);
+    }
+    if (consolidate_cmd->parsed()) {
+      return cmd_consolidate(consolidate_src, consolidate_dst);
     }
     if (pack_cmd->parsed()) {
       return cmd_pack(folder, archive);

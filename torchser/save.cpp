@@ -18,6 +18,7 @@
 #include "torchser/detail/parallel.h"
 #include "torchser/detail/pickle_writer.h"
 #include "torchser/detail/python_format.h"
+#include "torchser/detail/save_plan.h"
 #include "torchser/detail/shared_tensors.h"
 
 namespace torchser {
@@ -84,73 +85,65 @@ bool recover_interrupted_save(const std::filesystem::path& directory) {
   return lock.held() && detail::recover_locked(directory);
 }
 
-void save_torch_state_dict(
-    const StateDict& state_dict,
-    const std::filesystem::path& save_directory,
-    const SaveOptions& options) {
-  if (!options.key_mapping().empty()) {
-    SaveOptions written = options;
-    std::vector<std::string> discard;
-    for (const std::string& name : options.shared_tensors_to_discard()) {
-      if (auto mapped = map_key(name, options.key_mapping())) {
-        discard.push_back(std::move(*mapped));
-      }
+namespace detail {
+
+SaveOptions without_key_mapping(const SaveOptions& options) {
+  SaveOptions written = options;
+  std::vector<std::string> discard;
+  for (const std::string& name : options.shared_tensors_to_discard()) {
+    if (auto mapped = map_key(name, options.key_mapping())) {
+      discard.push_back(std::move(*mapped));
     }
-    written.key_mapping(KeyMapping()).shared_tensors_to_discard(discard);
-    save_torch_state_dict(
-        renamed(state_dict, options.key_mapping()), save_directory, written);
-    return;
   }
+  written.key_mapping(KeyMapping()).shared_tensors_to_discard(discard);
+  return written;
+}
+
+SavePlan plan_save(const StateDict& state_dict, const SaveOptions& options) {
   if (options.dtype().has_value() && !c10::isFloatingType(*options.dtype())) {
     throw ValueError(
         std::string("SaveOptions::dtype must be a floating-point dtype (it "
                     "casts floating-point tensors), not ") +
         c10::toString(*options.dtype()));
   }
-  const bool safe = options.safe_serialization();
-  const std::string pattern_text = options.filename_pattern().value_or(
-      safe ? kSafetensorsWeightsFilePattern : kPytorchWeightsFilePattern);
-  const detail::FilenamePattern pattern(pattern_text);
-  Metadata metadata;
+  SavePlan plan;
+  plan.safe = options.safe_serialization();
+  plan.pattern_text = options.filename_pattern().value_or(
+      plan.safe ? kSafetensorsWeightsFilePattern : kPytorchWeightsFilePattern);
+  const FilenamePattern pattern(plan.pattern_text);
   for (const auto& item : options.metadata()) {
     // torchser's own record of the bytes is written fresh, or not at all.
     if (item.key() != kChecksumMetadataKey) {
-      metadata.insert(item.key(), item.value());
+      plan.metadata.insert(item.key(), item.value());
     }
   }
-  if (const std::string* format = metadata.find("format");
+  if (const std::string* format = plan.metadata.find("format");
       format != nullptr && *format != "pt") {
     throw ValueError(
         "metadata['format'] is '" + *format +
         "', but files written by save_torch_state_dict must say 'pt' "
         "(load_state_dict_from_file would reject them).");
   }
-  std::error_code ec;
-  if (!std::filesystem::is_directory(save_directory, ec)) {
-    detail::throw_os_error("Cannot save into", save_directory, ENOENT);
-  }
 
   // Tied weights: keep one name per storage, record the others in metadata
   // (without touching the caller's dict or metadata). torch.save files keep
   // shared storage themselves.
-  detail::DroppedAliases tied;
-  if (safe) {
-    tied =
-        detail::drop_aliases(state_dict, options.shared_tensors_to_discard());
-    for (const auto& [alias, kept] : tied.aliases) {
-      if (!metadata.contains(alias)) {
-        metadata.insert(alias, kept);
+  if (plan.safe) {
+    plan.tied = drop_aliases(state_dict, options.shared_tensors_to_discard());
+    for (const auto& [alias, kept] : plan.tied.aliases) {
+      if (!plan.metadata.contains(alias)) {
+        plan.metadata.insert(alias, kept);
       }
     }
   } else {
-    tied.kept = state_dict;
+    plan.tied.kept = state_dict;
   }
-  const StateDict& tensors = tied.kept;
+  const StateDict& tensors = plan.tied.kept;
   const SplitOptions split_options =
       SplitOptions()
-          .filename_pattern(pattern_text)
+          .filename_pattern(plan.pattern_text)
           .max_shard_size(options.max_shard_size());
-  const StateDictSplit split =
+  plan.split =
       options.dtype().has_value()
           ? split_state_dict_into_shards_factory(
                 tensors,
@@ -160,7 +153,66 @@ void save_torch_state_dict(
                 [](const at::Tensor& t) { return get_torch_storage_id(t); },
                 split_options)
           : split_torch_state_dict_into_shards(tensors, split_options);
-  const std::string index_name = pattern.format("") + kIndexSuffix;
+  plan.index_name = pattern.format("") + kIndexSuffix;
+  return plan;
+}
+
+std::vector<std::string> SavePlan::files() const {
+  std::vector<std::string> names;
+  for (const auto& shard : split.filename_to_tensors) {
+    names.push_back(shard.key());
+  }
+  if (split.is_sharded) {
+    names.push_back(index_name);
+  }
+  return names;
+}
+
+StateDict SavePlan::shard_dict(std::size_t shard) const {
+  const auto& names = split.filename_to_tensors.items()[shard].value();
+  StateDict out;
+  out.reserve(names.size());
+  for (const std::string& name : names) {
+    out.insert(name, tied.kept[name]);
+  }
+  return out;
+}
+
+SafetensorsMetadata SavePlan::file_metadata() const {
+  SafetensorsMetadata out{{"format", "pt"}};
+  if (!split.is_sharded) {
+    for (const auto& item : metadata) {
+      out[item.key()] = item.value();
+    }
+  }
+  return out;
+}
+
+std::string SavePlan::index() const {
+  return index_json(split, metadata);
+}
+
+} // namespace detail
+
+void save_torch_state_dict(
+    const StateDict& state_dict,
+    const std::filesystem::path& save_directory,
+    const SaveOptions& options) {
+  if (!options.key_mapping().empty()) {
+    save_torch_state_dict(
+        renamed(state_dict, options.key_mapping()),
+        save_directory,
+        detail::without_key_mapping(options));
+    return;
+  }
+  const detail::SavePlan plan = detail::plan_save(state_dict, options);
+  const bool safe = plan.safe;
+  const StateDictSplit& split = plan.split;
+  const std::string& index_name = plan.index_name;
+  std::error_code ec;
+  if (!std::filesystem::is_directory(save_directory, ec)) {
+    detail::throw_os_error("Cannot save into", save_directory, ENOENT);
+  }
 
   // Takes the directory's lock and finishes any interrupted save first.
   detail::CheckpointCommit commit(
@@ -168,14 +220,10 @@ void save_torch_state_dict(
       split.filename_to_tensors.size() + (split.is_sharded ? 1 : 0),
       options.durable());
   if (options.is_main_process()) {
-    std::vector<std::string> keep;
-    for (const auto& shard : split.filename_to_tensors) {
-      keep.push_back(shard.key());
-    }
-    if (split.is_sharded) {
-      keep.push_back(index_name);
-    }
-    commit.remove(detail::stale_files(save_directory, pattern, keep));
+    commit.remove(detail::stale_files(
+        save_directory,
+        detail::FilenamePattern(plan.pattern_text),
+        plan.files()));
   }
 
   std::mutex progress_mutex;
@@ -199,22 +247,12 @@ void save_torch_state_dict(
   const auto& shards = split.filename_to_tensors.items();
   const auto write_shard = [&](std::size_t i) {
     const auto& shard = shards[i];
-    StateDict shard_dict;
-    shard_dict.reserve(shard.value().size());
-    for (const std::string& name : shard.value()) {
-      shard_dict.insert(name, tensors[name]);
-    }
+    const StateDict shard_dict = plan.shard_dict(i);
     detail::AtomicFile file(commit.target(shard.key()));
     if (safe) {
-      SafetensorsMetadata file_metadata{{"format", "pt"}};
-      if (!split.is_sharded) {
-        for (const auto& item : metadata) {
-          file_metadata[item.key()] = item.value();
-        }
-      }
       const SafetensorsWriter writer(
           shard_dict,
-          file_metadata,
+          plan.file_metadata(),
           options.force_contiguous(),
           options.dtype(),
           options.checksums());
@@ -261,7 +299,7 @@ void save_torch_state_dict(
     }
   });
   if (split.is_sharded) {
-    const std::string index = detail::index_json(split, metadata);
+    const std::string index = plan.index();
     detail::AtomicFile file(commit.target(index_name));
     file.write(index.data(), index.size());
     commit.stage(index_name, file.keep(options.durable()));

@@ -57,6 +57,24 @@ class TORCHSER_API OSError : public Error {
   ~OSError() override;
 };
 
+/// Python `torch.distributed.DistError` (a RuntimeError, as in Python): a
+/// distributed operation failed as a whole. The message names the step and,
+/// where one rank's failure caused it, that rank and its reason; every rank
+/// of the group throws it.
+class TORCHSER_API DistError : public RuntimeError {
+ public:
+  using RuntimeError::RuntimeError;
+  ~DistError() override;
+};
+
+/// Python `torch.distributed.DistBackendError`: a collective failed or timed
+/// out (a rank died, hung past the group's timeout, or left the group).
+class TORCHSER_API DistBackendError : public DistError {
+ public:
+  using DistError::DistError;
+  ~DistBackendError() override;
+};
+
 /// Python `FileNotFoundError` (a subclass of `OSError`, as in Python).
 class TORCHSER_API FileNotFoundError : public OSError {
  public:

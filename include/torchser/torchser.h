@@ -4,8 +4,10 @@
 /// Umbrella header: everything torchser offers. Prefer the single headers in
 /// code that cares about compile time (module.h pulls in torch::nn).
 
+#include <torchser/consolidate.h>
 #include <torchser/constants.h>
 #include <torchser/dduf.h>
+#include <torchser/distributed.h>
 #include <torchser/errors.h>
 #include <torchser/export.h>
 #include <torchser/hub_cache.h>
@@ -15,6 +17,7 @@
 #include <torchser/module.h>
 #include <torchser/ordered_map.h>
 #include <torchser/pickle.h>
+#include <torchser/process_group.h>
 #include <torchser/progress.h>
 #include <torchser/safetensors.h>
 #include <torchser/save.h>

@@ -6,7 +6,8 @@
 // alternating them round by round, and prints ratios of the same run.
 //
 // Usage: torchser_bench [--quick] [--only
-// split,safetensors,pickle,model,load,dduf]
+// split,safetensors,pickle,model,load,dduf,
+//                       distributed]
 //                       [--dir DIR] [--mib N] [--repeats N] [--max-tensors N]
 //                       [--python-max-tensors N] [--no-python]
 //   --quick   CI mode: 16 MiB workloads, one repeat, planner up to 10k tensors
@@ -35,6 +36,7 @@ const std::vector<std::pair<std::string, std::function<int(const Config&)>>>
         {"model", bench_model},
         {"load", bench_load_options},
         {"dduf", bench_dduf},
+        {"distributed", bench_distributed},
 };
 
 int usage(const char* argv0, int code) {
@@ -43,13 +45,18 @@ int usage(const char* argv0, int code) {
       << " [--quick] [--only SECTION[,SECTION...]] [--dir DIR] [--mib N] "
          "[--repeats N]\n"
          "       [--max-tensors N] [--python-max-tensors N] [--no-python]\n"
-         "sections: split safetensors pickle model load dduf (default: all)\n";
+         "sections: split safetensors pickle model load dduf distributed "
+         "(default: "
+         "all)\n";
   return code;
 }
 
 } // namespace
 
 int main(int argc, char** argv) {
+  if (argc > 1 && std::string(argv[1]) == "--dist-rank") {
+    return bench_distributed_rank(argc, argv);
+  }
   Config config;
   config.dir =
       (std::filesystem::temp_directory_path() / "torchser-bench").string();

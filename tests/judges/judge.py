@@ -346,10 +346,11 @@ def tf_load(directory, arch):
 
 # --- torch.distributed.checkpoint ----------------------------------------
 
-def dcp_state_dict(rank, world, mesh):
+def dcp_state_dict(rank, world, mesh, every_dtype=False):
     """A state dict of DTensors over a 1-D mesh: a row split, a column
     split, an uneven split, a replicated tensor (the values depend only on
-    the full tensor, so every world size writes the same checkpoint)."""
+    the full tensor, so every world size writes the same checkpoint).
+    every_dtype adds split integer, bool and float16 tensors."""
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     g = torch.Generator().manual_seed(3)
@@ -361,6 +362,17 @@ def dcp_state_dict(rank, world, mesh):
     }
     placements = {"embed.weight": [Shard(0)], "proj.weight": [Shard(1)], "proj.bias": [Shard(0)],
                   "norm.weight": [Replicate()]}
+    if every_dtype:
+        full.update({
+            "ids": torch.randint(-1000, 1000, (9, 3), generator=g, dtype=torch.int64),
+            "counts": torch.randint(-100, 100, (5, 6), generator=g, dtype=torch.int32),
+            "codes": torch.randint(-100, 100, (3, 7), generator=g, dtype=torch.int8),
+            "mask": torch.randn(6, 5, generator=g) > 0,
+            "half": torch.randn(4, 5, generator=g).to(torch.float16),
+            "scale": torch.randn(3, 2, generator=g).to(torch.float64),
+        })
+        placements.update({"ids": [Shard(0)], "counts": [Shard(1)], "codes": [Shard(1)], "mask": [Shard(0)],
+                           "half": [Shard(1)], "scale": [Replicate()]})
     return full, {k: distribute_tensor(v, mesh, placements[k]) for k, v in full.items()}
 
 
@@ -374,8 +386,17 @@ def dcp_worker(rank, world, port, directory, mode):
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=__import__("datetime").timedelta(seconds=60))
     try:
         mesh = init_device_mesh("cpu", (world,))
-        full, sd = dcp_state_dict(rank, world, mesh)
-        if mode == "write":
+        every_dtype = mode.endswith("-every-dtype")
+        mode = mode.removesuffix("-every-dtype")
+        full, sd = dcp_state_dict(rank, world, mesh, every_dtype)
+        if mode == "write-sharded":
+            # Only the per-rank shard files: PyTorch's own consolidation sizes
+            # elements with torch.finfo, which integer and bool tensors lack.
+            writer = HuggingFaceStorageWriter(directory, save_distributed=True, enable_consolidation=False,
+                                              fqn_to_index_mapping={k: 1 + i % 2 for i, k in enumerate(full)})
+            dcp.save(sd, storage_writer=writer)
+            result = {"tensors": describe_all(full)}
+        elif mode == "write":
             writer = HuggingFaceStorageWriter(directory, save_distributed=True, enable_consolidation=True,
                                               fqn_to_index_mapping={"embed.weight": 1, "proj.weight": 1,
                                                                     "proj.bias": 2, "norm.weight": 2})

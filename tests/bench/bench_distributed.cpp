@@ -1,0 +1,264 @@
+// A model split over 2 ranks (processes of this binary, Gloo over a
+// FileStore on 127.0.0.1) saved rank-parallel, beside a single-process
+// save_torch_state_dict of the same full model and a raw write() of its
+// bytes, in one run, durable (fsync) alike: wall time, bytes each rank
+// passes to write calls (/proc/self/io wchar) against the checkpoint's
+// bytes, and each rank's peak resident memory above what its tensors take.
+//
+// Section "distributed" of torchser_bench. Default: 1 GiB in 64 float32
+// tensors [rows, 4096]: half split by rows, a quarter by columns, a quarter
+// replicated; 200 MB shards; 3 rounds.
+
+#include <fcntl.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <fstream>
+#include <sstream>
+
+#include <ATen/ops/rand.h>
+
+#include <torchser/distributed.h>
+#include <torchser/process_group.h>
+#include <torchser/save.h>
+
+#include "bench_utils.h"
+
+extern char** environ;
+
+using namespace torchser::bench;
+
+namespace {
+
+constexpr std::int64_t kColumns = 4096;
+
+// Tensor i's placement kind: 0 rows, 1 columns, 2 replicated.
+int kind_of(std::int64_t i) {
+  return i % 4 == 0 ? 2 : (i % 4 == 1 ? 1 : 0);
+}
+
+std::int64_t read_io(const char* field) {
+  std::ifstream io("/proc/self/io");
+  std::string key;
+  std::int64_t value = 0;
+  while (io >> key >> value) {
+    if (key == std::string(field) + ":") {
+      return value;
+    }
+  }
+  return -1;
+}
+
+std::int64_t peak_rss_bytes() {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  while (std::getline(status, line)) {
+    if (line.rfind("VmHWM:", 0) == 0) {
+      return std::stoll(line.substr(6)) * 1024;
+    }
+  }
+  return -1;
+}
+
+torchser::StateDict full_model(std::int64_t tensors, std::int64_t rows) {
+  torchser::StateDict sd;
+  for (std::int64_t i = 0; i < tensors; ++i) {
+    sd.insert(
+        "layers." + std::to_string(i) + ".weight", at::rand({rows, kColumns}));
+  }
+  return sd;
+}
+
+} // namespace
+
+// The rank processes: torchser_bench --dist-rank RANK WORLD STORE DIR
+// TENSORS ROWS. Prints "seconds wchar extra_rss bytes_written".
+int torchser::bench::bench_distributed_rank(int argc, char** argv) {
+  if (argc != 8) {
+    return 2;
+  }
+  const int rank = std::atoi(argv[2]);
+  const int world = std::atoi(argv[3]);
+  const std::string store = argv[4];
+  const std::filesystem::path dir = argv[5];
+  const std::int64_t tensors = std::atoll(argv[6]);
+  const std::int64_t rows = std::atoll(argv[7]);
+  const torchser::ProcessGroup group =
+      torchser::init_process_group(torchser::ProcessGroupOptions()
+                                       .init_method("file://" + store)
+                                       .rank(rank)
+                                       .world_size(world)
+                                       .hostname("127.0.0.1")
+                                       .timeout(std::chrono::minutes(5)));
+  torchser::DistributedStateDict local;
+  for (std::int64_t i = 0; i < tensors; ++i) {
+    const std::string name = "layers." + std::to_string(i) + ".weight";
+    const int kind = kind_of(i);
+    if (kind == 2) {
+      local.insert(
+          name, {at::rand({rows, kColumns}), torchser::Placement::replicate()});
+    } else {
+      const std::int64_t dim = kind == 0 ? 0 : 1;
+      const std::int64_t size = dim == 0 ? rows : kColumns;
+      const auto [offset, n] = torchser::chunk_range(size, rank, world);
+      local.insert(
+          name,
+          {dim == 0 ? at::rand({n, kColumns}) : at::rand({rows, n}),
+           torchser::Placement::shard(dim, size, offset)});
+    }
+  }
+  // The peak from here on is what the save adds to the tensors.
+  std::ofstream("/proc/self/clear_refs") << "5";
+  const std::int64_t before = rss_bytes();
+  const std::int64_t wchar0 = read_io("wchar");
+  const auto start = Clock::now();
+  const auto result = torchser::save_torch_state_dict(
+      local, dir, group, torchser::SaveOptions().max_shard_size("200MB"));
+  const double seconds = seconds_since(start);
+  std::cout << seconds << " " << read_io("wchar") - wchar0 << " "
+            << peak_rss_bytes() - before << " " << result.bytes_written
+            << std::endl;
+  return 0;
+}
+
+int torchser::bench::bench_distributed(const Config& config) {
+  BenchArgs args = section_args(config, 1024, 64, 3);
+  const std::int64_t rows = std::max<std::int64_t>(
+      1, args.mib * (1 << 20) / args.tensors / 4 / kColumns);
+  const double bytes = static_cast<double>(rows * kColumns * 4 * args.tensors);
+  const int world = 2;
+  const std::filesystem::path dir = args.dir;
+  const auto single_dir = dir / "dist-single";
+  const auto dist_dir = dir / "dist-ranks";
+  const auto raw_file = dir / "dist-raw.bin";
+  for (const auto& d : {single_dir, dist_dir}) {
+    std::filesystem::remove_all(d);
+    std::filesystem::create_directories(d);
+  }
+  std::cout << "# " << args.tensors << " float32 tensors [" << rows << ", "
+            << kColumns << "], " << bytes / (1 << 20)
+            << " MiB: half split by rows over 2 ranks, a quarter by columns, a "
+               "quarter "
+               "replicated; 200 MB shards; fsync'd; medians of "
+            << args.repeats << " rounds\n\n";
+
+  const torchser::StateDict full = full_model(args.tensors, rows);
+  std::vector<at::Tensor> tensors;
+  for (const auto& item : full) {
+    tensors.push_back(item.value());
+  }
+
+  std::vector<double> raw_t, single_t, dist_t, wchar_ratio, extra_rss;
+  std::vector<double> share;
+  for (int round = 0; round < args.repeats; ++round) {
+    auto start = Clock::now();
+    write_raw(raw_file, tensors, true);
+    raw_t.push_back(seconds_since(start));
+    std::filesystem::remove(raw_file);
+
+    start = Clock::now();
+    torchser::save_torch_state_dict(
+        full, single_dir, torchser::SaveOptions().max_shard_size("200MB"));
+    single_t.push_back(seconds_since(start));
+
+    const std::string store =
+        (dir / ("dist-store-" + std::to_string(round))).string();
+    std::filesystem::remove(store);
+    std::vector<pid_t> pids;
+    std::vector<std::string> outputs;
+    for (int r = 0; r < world; ++r) {
+      const std::string out =
+          (dir / ("dist-rank" + std::to_string(r))).string();
+      outputs.push_back(out);
+      std::vector<std::string> argv_s = {
+          "/proc/self/exe",
+          "--dist-rank",
+          std::to_string(r),
+          std::to_string(world),
+          store,
+          dist_dir.string(),
+          std::to_string(args.tensors),
+          std::to_string(rows)};
+      std::vector<char*> argv;
+      for (auto& a : argv_s) {
+        argv.push_back(a.data());
+      }
+      argv.push_back(nullptr);
+      posix_spawn_file_actions_t actions;
+      posix_spawn_file_actions_init(&actions);
+      posix_spawn_file_actions_addopen(
+          &actions, 1, out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+      pid_t pid = 0;
+      if (posix_spawn(
+              &pid,
+              "/proc/self/exe",
+              &actions,
+              nullptr,
+              argv.data(),
+              environ) != 0) {
+        std::cerr << "cannot start a rank\n";
+        return 1;
+      }
+      posix_spawn_file_actions_destroy(&actions);
+      pids.push_back(pid);
+    }
+    double slowest = 0;
+    double written = 0;
+    double worst_rss = 0;
+    std::vector<double> rank_bytes;
+    for (int r = 0; r < world; ++r) {
+      int status = 0;
+      ::waitpid(pids[r], &status, 0);
+      std::ifstream in(outputs[r]);
+      double seconds = 0, wchar = 0, rss = 0, tensor_bytes = 0;
+      if (!WIFEXITED(status) || WEXITSTATUS(status) != 0 ||
+          !(in >> seconds >> wchar >> rss >> tensor_bytes)) {
+        std::cerr << "rank " << r << " failed\n";
+        return 1;
+      }
+      slowest = std::max(slowest, seconds);
+      written += wchar;
+      worst_rss = std::max(worst_rss, rss);
+      rank_bytes.push_back(tensor_bytes);
+    }
+    std::filesystem::remove(store);
+    dist_t.push_back(slowest);
+    wchar_ratio.push_back(written / bytes);
+    extra_rss.push_back(worst_rss);
+    share.push_back(rank_bytes[0] / bytes);
+  }
+  const auto median = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
+  };
+  const double raw = median(raw_t);
+  const double single = median(single_t);
+  const double dist = median(dist_t);
+  std::vector<Row> rows_out = {
+      {"raw write() of the bytes + fsync", raw, bytes, "raw write", 1.0},
+      {"save_torch_state_dict, 1 process",
+       single,
+       bytes,
+       "raw write",
+       raw / single},
+      {"distributed save_torch_state_dict, 2 ranks",
+       dist,
+       bytes,
+       "raw write",
+       raw / dist},
+  };
+  print(rows_out);
+  std::cout << "\n- distributed vs single process: " << single / dist
+            << "× the speed\n"
+            << "- bytes the 2 ranks passed to write calls: "
+            << median(wchar_ratio)
+            << "× the checkpoint's tensor bytes (headers included)\n"
+            << "- rank 0 wrote " << median(share) * 100
+            << "% of the tensor bytes\n"
+            << "- extra peak resident memory, worst rank: "
+            << median(extra_rss) / (1 << 20) << " MiB\n";
+  std::filesystem::remove_all(single_dir);
+  std::filesystem::remove_all(dist_dir);
+  return 0;
+}

@@ -1,0 +1,55 @@
+#pragma once
+
+// Pieces of a row-major tensor: whether they tile it (no overlap, no hole),
+// and the contiguous runs each piece occupies in it. The distributed save
+// writes a rank's pieces by these runs; consolidation copies DCP's pieces by
+// them. Never installed; exported only so that the tests can reach it.
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include <torchser/export.h>
+
+namespace torchser::detail {
+
+using Shape = std::vector<std::int64_t>;
+
+struct TORCHSER_API TilePiece {
+  Shape offsets;
+  Shape sizes;
+  /// Who holds it, for messages: "rank 1", "'shard-00001-….safetensors'".
+  std::string holder;
+};
+
+/// Throws ValueError naming tensor `name`, the two pieces that overlap, or
+/// the elements no piece holds. `holders` says where the pieces are ("on
+/// ranks 0, 1 and 2"); `overlap_hint` what to do about an overlap.
+TORCHSER_API void check_tiling(
+    const std::string& name,
+    const Shape& full,
+    const std::vector<TilePiece>& pieces,
+    const std::string& holders,
+    const std::string& overlap_hint);
+
+/// Calls `run(leading, element, count)` for each contiguous run of a piece
+/// of `sizes` at `offsets` in a row-major tensor of shape `full`, in the
+/// piece's own row-major order (run i holds the piece's elements
+/// [i × count, (i + 1) × count)): `leading` indexes the piece's leading
+/// dimensions, `element` is the run's first element in the full tensor.
+/// Nothing for an empty piece; one run of one element for a scalar.
+TORCHSER_API void for_each_run(
+    const Shape& sizes,
+    const Shape& full,
+    const Shape& offsets,
+    const std::function<void(
+        const Shape& leading, std::int64_t element, std::int64_t count)>& run);
+
+/// Elements of `shape`.
+TORCHSER_API std::int64_t volume(const Shape& shape);
+
+/// "[1, 2, 3]".
+TORCHSER_API std::string shape_text(const Shape& shape);
+
+} // namespace torchser::detail

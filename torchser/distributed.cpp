@@ -1,0 +1,918 @@
+// Distributed saving: the ranks describe their pieces to each other, check
+// them together, agree on the plan a single-process save of the assembled
+// state dict would make (the same code makes it, over stand-in tensors of the
+// full shapes), and write their own bytes at their final offsets. Rank 0
+// creates the files, writes their headers and commits once every rank's
+// bytes are durable.
+
+#include <torchser/distributed.h>
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <numeric>
+#include <optional>
+#include <set>
+#include <sstream>
+
+#include <ATen/ops/from_blob.h>
+#include <nlohmann/json.hpp>
+
+#include <torchser/errors.h>
+#include <torchser/module.h>
+#include <torchser/safetensors.h>
+
+#include "torchser/detail/checkpoint_dir.h"
+#include "torchser/detail/collectives.h"
+#include "torchser/detail/file.h"
+#include "torchser/detail/python_format.h"
+#include "torchser/detail/save_plan.h"
+#include "torchser/detail/tiling.h"
+
+namespace torchser {
+namespace {
+
+using detail::Shape;
+using detail::shape_text;
+using detail::volume;
+
+std::string ranks_text(const std::vector<int>& ranks) {
+  std::string out;
+  for (std::size_t i = 0; i < ranks.size(); ++i) {
+    out += (i == 0 ? "" : (i + 1 == ranks.size() ? " and " : ", ")) +
+           std::to_string(ranks[i]);
+  }
+  return (ranks.size() == 1 ? "rank " : "ranks ") + out;
+}
+
+} // namespace
+
+// ---------------------------------------------------------------------------
+// Placements
+
+Placement Placement::replicate() {
+  return Placement();
+}
+
+Placement Placement::shard(
+    std::int64_t dim, std::int64_t full_size, std::int64_t offset) {
+  Placement p;
+  p.kind_ = Kind::kShard;
+  p.dim_ = dim;
+  p.full_size_ = full_size;
+  p.offset_ = offset;
+  return p;
+}
+
+Placement Placement::block(Shape full_shape, Shape offsets) {
+  Placement p;
+  p.kind_ = Kind::kBlock;
+  p.full_shape_ = std::move(full_shape);
+  p.offsets_ = std::move(offsets);
+  return p;
+}
+
+bool Placement::operator==(const Placement& other) const {
+  return kind_ == other.kind_ && dim_ == other.dim_ &&
+         full_size_ == other.full_size_ && offset_ == other.offset_ &&
+         full_shape_ == other.full_shape_ && offsets_ == other.offsets_;
+}
+
+void Placement::locate(
+    const at::Tensor& local,
+    const std::string& name,
+    Shape& full_shape,
+    Shape& offsets) const {
+  if (!local.defined()) {
+    throw ValueError(
+        "Tensor '" + name + "' is undefined: there is nothing to save.");
+  }
+  const Shape sizes(local.sizes().begin(), local.sizes().end());
+  full_shape = sizes;
+  offsets.assign(sizes.size(), 0);
+  const auto fail = [&](const std::string& why) {
+    throw ValueError(
+        "Tensor '" + name + "': its local shape " + shape_text(sizes) +
+        " does not fit its placement: " + why);
+  };
+  switch (kind_) {
+    case Kind::kReplicate:
+      return;
+    case Kind::kShard: {
+      const auto dims = static_cast<std::int64_t>(sizes.size());
+      if (dim_ < 0 || dim_ >= dims) {
+        fail(
+            "shard(dim=" + std::to_string(dim_) +
+            ") needs a tensor with more "
+            "than " +
+            std::to_string(dim_) + " dimensions");
+      }
+      full_shape[dim_] = full_size_;
+      offsets[dim_] = offset_;
+      break;
+    }
+    case Kind::kBlock:
+      if (full_shape_.size() != sizes.size() ||
+          offsets_.size() != sizes.size()) {
+        fail(
+            "block(full_shape=" + shape_text(full_shape_) + ", offsets=" +
+            shape_text(offsets_) + ") must give every one of its " +
+            std::to_string(sizes.size()) + " dimensions");
+      }
+      full_shape = full_shape_;
+      offsets = offsets_;
+      break;
+  }
+  for (std::size_t d = 0; d < sizes.size(); ++d) {
+    if (offsets[d] < 0 || full_shape[d] < 0 ||
+        offsets[d] > full_shape[d] - sizes[d]) {
+      fail(
+          "in dimension " + std::to_string(d) + ", offset " +
+          std::to_string(offsets[d]) + " plus size " +
+          std::to_string(sizes[d]) + " leaves the full size " +
+          std::to_string(full_shape[d]));
+    }
+  }
+}
+
+DistributedStateDict distribute(
+    const StateDict& local, const OrderedMap<Placement>& placements) {
+  for (const auto& item : placements) {
+    if (!local.contains(item.key())) {
+      throw ValueError(
+          "distribute: a placement is given for '" + item.key() +
+          "', which is not in the local state dict");
+    }
+  }
+  DistributedStateDict out;
+  out.reserve(local.size());
+  for (const auto& item : local) {
+    const Placement* placement = placements.find(item.key());
+    out.insert(
+        item.key(),
+        DistributedTensor{
+            item.value(),
+            placement != nullptr ? *placement : Placement::replicate()});
+  }
+  return out;
+}
+
+std::pair<std::int64_t, std::int64_t> chunk_range(
+    std::int64_t full_size, int rank, int world_size) {
+  if (world_size <= 0 || rank < 0 || rank >= world_size || full_size < 0) {
+    throw ValueError(
+        "chunk_range: rank " + std::to_string(rank) + " of " +
+        std::to_string(world_size) + " for size " + std::to_string(full_size) +
+        " is not a valid split");
+  }
+  const std::int64_t per = (full_size + world_size - 1) / world_size;
+  const std::int64_t begin = std::min(full_size, per * rank);
+  const std::int64_t end = std::min(full_size, begin + per);
+  return {begin, end - begin};
+}
+
+namespace {
+
+// ---------------------------------------------------------------------------
+// What each rank tells the others
+
+struct Piece {
+  std::string name;
+  c10::ScalarType dtype = c10::ScalarType::Float;
+  Shape full;
+  Shape offsets;
+  Shape sizes;
+  bool replicated = true;
+  /// The first name of its tie group on this rank (itself when untied).
+  std::string tie;
+};
+
+struct RankView {
+  std::string host;
+  std::vector<Piece> pieces;
+};
+
+nlohmann::json to_json(const RankView& view) {
+  nlohmann::json pieces = nlohmann::json::array();
+  for (const Piece& p : view.pieces) {
+    pieces.push_back(
+        {{"n", p.name},
+         {"d", static_cast<int>(p.dtype)},
+         {"f", p.full},
+         {"o", p.offsets},
+         {"s", p.sizes},
+         {"r", p.replicated},
+         {"t", p.tie}});
+  }
+  return {{"host", view.host}, {"pieces", pieces}};
+}
+
+RankView from_json(const std::string& text) {
+  const nlohmann::json j = nlohmann::json::parse(text);
+  RankView view;
+  view.host = j.at("host").get<std::string>();
+  for (const auto& p : j.at("pieces")) {
+    view.pieces.push_back(Piece{
+        p.at("n").get<std::string>(),
+        static_cast<c10::ScalarType>(p.at("d").get<int>()),
+        p.at("f").get<Shape>(),
+        p.at("o").get<Shape>(),
+        p.at("s").get<Shape>(),
+        p.at("r").get<bool>(),
+        p.at("t").get<std::string>()});
+  }
+  return view;
+}
+
+std::string host_name() {
+  char buffer[256] = {};
+  if (::gethostname(buffer, sizeof(buffer) - 1) != 0) {
+    return "?";
+  }
+  return buffer;
+}
+
+bool same_view(const at::Tensor& a, const at::Tensor& b) {
+  return a.storage_offset() == b.storage_offset() && a.sizes() == b.sizes() &&
+         a.strides() == b.strides() && a.scalar_type() == b.scalar_type();
+}
+
+// This rank's description, checked on its own: placements that fit, dtypes
+// the format has, ties that are whole tensors with one placement.
+RankView describe(const DistributedStateDict& local) {
+  RankView view;
+  view.host = host_name();
+  std::map<const void*, std::string> tie_of; // storage → first name
+  for (const auto& item : local) {
+    const std::string& name = item.key();
+    const DistributedTensor& dt = item.value();
+    Piece piece;
+    piece.name = name;
+    dt.placement.locate(dt.local, name, piece.full, piece.offsets);
+    const at::Tensor& t = dt.local;
+    if (t.layout() != at::kStrided || t.is_meta()) {
+      throw ValueError(
+          "Tensor '" + name +
+          "' is not a dense tensor with data (sparse or meta tensors cannot "
+          "be saved).");
+    }
+    try {
+      to_safetensors_dtype(t.scalar_type());
+    } catch (const ValueError& e) {
+      throw ValueError("Tensor '" + name + "': " + e.what());
+    }
+    piece.dtype = t.scalar_type();
+    piece.sizes.assign(t.sizes().begin(), t.sizes().end());
+    piece.replicated = dt.placement.is_replicate();
+    if (!piece.replicated && c10::elementSize(t.scalar_type()) == 0) {
+      throw ValueError(
+          "Tensor '" + name + "': sub-byte dtypes can only be replicated");
+    }
+    piece.tie = name;
+    if (t.numel() > 0 && t.storage().nbytes() > 0) {
+      const void* storage = t.storage().data_ptr().get();
+      const auto [it, first] = tie_of.try_emplace(storage, name);
+      if (!first) {
+        const DistributedTensor& other = local[it->second];
+        if (!same_view(other.local, t)) {
+          throw ValueError(
+              "Tensors '" + it->second + "' and '" + name +
+              "' share storage but are not the same tensor: a distributed "
+              "save ties whole tensors only (save each view as its own "
+              "tensor, or tie the whole tensor)");
+        }
+        if (!(other.placement == dt.placement)) {
+          throw ValueError(
+              "Tensors '" + it->second + "' and '" + name +
+              "' are the same tensor (tied) but have different placements");
+        }
+        piece.tie = it->second;
+      }
+    }
+    view.pieces.push_back(std::move(piece));
+  }
+  return view;
+}
+
+// ---------------------------------------------------------------------------
+// The full state dict, as every rank sees it after the exchange
+
+struct Holder {
+  int rank;
+  Shape offsets;
+  Shape sizes;
+};
+
+struct Group { // one storage of the full state dict: a tensor and its ties
+  std::vector<std::string> names; // in the full state dict's order
+  c10::ScalarType dtype;
+  Shape full;
+  bool replicated;
+  std::vector<Holder> holders; // one per rank that holds it
+  int writer = -1;             // replicated: the rank that writes it
+};
+
+struct FullStateDict {
+  std::vector<std::string> order;
+  std::map<std::string, std::size_t> group_of;
+  std::vector<Group> groups;
+};
+
+// Each rank's names in its own order, merged: a name another rank lacks
+// goes after the name it follows on the rank that has it.
+std::vector<std::string> merged_order(const std::vector<RankView>& views) {
+  std::vector<std::string> order;
+  std::set<std::string> seen;
+  for (const RankView& view : views) {
+    std::size_t insert_at = 0;
+    for (const Piece& p : view.pieces) {
+      if (seen.insert(p.name).second) {
+        order.insert(
+            order.begin() + static_cast<std::ptrdiff_t>(insert_at), p.name);
+        ++insert_at;
+      } else {
+        insert_at =
+            static_cast<std::size_t>(
+                std::find(order.begin(), order.end(), p.name) - order.begin()) +
+            1;
+      }
+    }
+  }
+  return order;
+}
+
+FullStateDict assemble(const std::vector<RankView>& views) {
+  FullStateDict full;
+  full.order = merged_order(views);
+  if (full.order.empty()) {
+    throw ValueError(
+        "The distributed state dict is empty on every rank: there is nothing "
+        "to save.");
+  }
+  // Union of the ties every rank declares.
+  std::map<std::string, std::string> parent;
+  for (const std::string& n : full.order) {
+    parent[n] = n;
+  }
+  const std::function<std::string(const std::string&)> root =
+      [&](const std::string& n) {
+        return parent[n] == n ? n : parent[n] = root(parent[n]);
+      };
+  for (const RankView& view : views) {
+    for (const Piece& p : view.pieces) {
+      const std::string a = root(p.name);
+      const std::string b = root(p.tie);
+      if (a != b) {
+        parent[std::max(a, b)] = std::min(a, b);
+      }
+    }
+  }
+  std::map<std::string, std::size_t> group_of_root;
+  for (const std::string& n : full.order) {
+    const auto [it, inserted] =
+        group_of_root.try_emplace(root(n), full.groups.size());
+    if (inserted) {
+      full.groups.emplace_back();
+    }
+    full.groups[it->second].names.push_back(n);
+    full.group_of[n] = it->second;
+  }
+
+  // Every name: one dtype, one full shape, one kind of placement; ties that
+  // every rank holding two of the names declares.
+  std::map<std::string, std::vector<std::pair<int, const Piece*>>> by_name;
+  for (std::size_t r = 0; r < views.size(); ++r) {
+    for (const Piece& p : views[r].pieces) {
+      by_name[p.name].emplace_back(static_cast<int>(r), &p);
+    }
+  }
+  for (Group& group : full.groups) {
+    const Piece* first = nullptr;
+    int first_rank = -1;
+    std::map<int, const Piece*> on_rank;
+    for (const std::string& name : group.names) {
+      for (const auto& [rank, piece] : by_name[name]) {
+        if (first == nullptr) {
+          first = piece;
+          first_rank = rank;
+        }
+        const auto disagree = [&](const std::string& what,
+                                  const std::string& a,
+                                  const std::string& b) {
+          throw ValueError(
+              "Tensor '" + name + "'" +
+              (name == first->name ? "" : " (tied to '" + first->name + "')") +
+              " has " + what + " " + a + " on rank " +
+              std::to_string(first_rank) + " but " + b + " on rank " +
+              std::to_string(rank) +
+              ": every rank must describe the same "
+              "full tensor");
+        };
+        if (piece->dtype != first->dtype) {
+          disagree(
+              "dtype",
+              c10::toString(first->dtype),
+              c10::toString(piece->dtype));
+        }
+        if (piece->full != first->full) {
+          disagree(
+              "full shape", shape_text(first->full), shape_text(piece->full));
+        }
+        if (piece->replicated != first->replicated) {
+          disagree(
+              "placement",
+              first->replicated ? "replicate" : "a shard",
+              piece->replicated ? "replicate" : "a shard");
+        }
+        const auto [it, inserted] = on_rank.try_emplace(rank, piece);
+        if (!inserted && it->second->tie != piece->tie) {
+          throw ValueError(
+              "Tensors '" + it->second->name + "' and '" + name +
+              "' are tied on some rank but not on rank " +
+              std::to_string(rank) +
+              ": every rank holding both must tie them (or none)");
+        }
+      }
+    }
+    group.dtype = first->dtype;
+    group.full = first->full;
+    group.replicated = first->replicated;
+    for (const auto& [rank, piece] : on_rank) {
+      group.holders.push_back(Holder{rank, piece->offsets, piece->sizes});
+    }
+  }
+
+  // Shards: no two overlap, and together they cover the tensor.
+  for (const Group& group : full.groups) {
+    if (group.replicated) {
+      continue;
+    }
+    std::vector<detail::TilePiece> pieces;
+    std::vector<int> ranks;
+    for (const Holder& h : group.holders) {
+      pieces.push_back({h.offsets, h.sizes, "rank " + std::to_string(h.rank)});
+      ranks.push_back(h.rank);
+    }
+    detail::check_tiling(
+        group.names.front(),
+        group.full,
+        pieces,
+        "on " + ranks_text(ranks),
+        "each element must be held by one rank (replicate tensors that "
+        "several ranks hold whole)");
+  }
+
+  // Each replicated tensor is written by the holder with the fewest bytes so
+  // far, largest tensors first.
+  std::vector<std::uint64_t> bytes(views.size(), 0);
+  std::vector<std::size_t> replicated;
+  for (std::size_t g = 0; g < full.groups.size(); ++g) {
+    const Group& group = full.groups[g];
+    if (group.replicated) {
+      replicated.push_back(g);
+      continue;
+    }
+    for (const Holder& h : group.holders) {
+      bytes[h.rank] += static_cast<std::uint64_t>(volume(h.sizes)) *
+                       c10::elementSize(group.dtype);
+    }
+  }
+  const auto nbytes = [&](std::size_t g) {
+    return static_cast<std::uint64_t>(volume(full.groups[g].full)) *
+           c10::elementSize(full.groups[g].dtype);
+  };
+  std::stable_sort(
+      replicated.begin(), replicated.end(), [&](std::size_t a, std::size_t b) {
+        return nbytes(a) > nbytes(b);
+      });
+  for (const std::size_t g : replicated) {
+    Group& group = full.groups[g];
+    int best = group.holders.front().rank;
+    for (const Holder& h : group.holders) {
+      if (bytes[h.rank] < bytes[best]) {
+        best = h.rank;
+      }
+    }
+    group.writer = best;
+    bytes[best] += nbytes(g);
+  }
+  return full;
+}
+
+// Stand-ins for the assembled tensors: the full shapes and dtypes, one per
+// storage (ties share one), at addresses that are never read, so that the
+// single-process planner and header builder see what a real assembled state
+// dict would show them.
+StateDict stand_ins(const FullStateDict& full) {
+  std::vector<at::Tensor> per_group;
+  std::uintptr_t address = std::uintptr_t{1} << 40;
+  for (const Group& group : full.groups) {
+    const std::uint64_t size = static_cast<std::uint64_t>(volume(group.full)) *
+                               c10::elementSize(group.dtype);
+    per_group.push_back(at::from_blob(
+        reinterpret_cast<void*>(address),
+        group.full,
+        [](void*) {},
+        at::TensorOptions().dtype(group.dtype)));
+    address += (size + 4095) / 4096 * 4096 + 4096;
+  }
+  StateDict out;
+  out.reserve(full.order.size());
+  for (const std::string& name : full.order) {
+    out.insert(name, per_group[full.group_of.at(name)]);
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------
+// Writing one rank's bytes
+
+constexpr std::size_t kChunkBytes = std::size_t{16} << 20;
+
+class PieceWriter {
+ public:
+  PieceWriter(int fd, std::filesystem::path path)
+      : fd_(fd), path_(std::move(path)) {}
+
+  // `local`'s elements, placed at `offsets` of a row-major tensor of shape
+  // `full` whose first byte is at `base` in the file, in `dtype`.
+  std::uint64_t write(
+      const at::Tensor& local,
+      const Shape& full,
+      const Shape& offsets,
+      c10::ScalarType dtype,
+      std::uint64_t base) {
+    const std::size_t esize = c10::elementSize(dtype);
+    std::uint64_t written = 0;
+    const Shape sizes(local.sizes().begin(), local.sizes().end());
+    detail::for_each_run(
+        sizes,
+        full,
+        offsets,
+        [&](const Shape& leading, std::int64_t element, std::int64_t count) {
+          at::Tensor run = local;
+          for (const std::int64_t i : leading) {
+            run = run.select(0, i);
+          }
+          block(
+              run,
+              base + static_cast<std::uint64_t>(element) * esize,
+              esize,
+              dtype);
+          written += static_cast<std::uint64_t>(count) * esize;
+        });
+    return written;
+  }
+
+ private:
+  // A block the file holds contiguously: written straight from the tensor
+  // when its bytes are already what the file holds, else through the chunk.
+  void block(
+      const at::Tensor& src,
+      std::uint64_t offset,
+      std::size_t esize,
+      c10::ScalarType dtype) {
+    const std::uint64_t nbytes =
+        static_cast<std::uint64_t>(src.numel()) * esize;
+    if (src.is_cpu() && src.scalar_type() == dtype && src.is_contiguous()) {
+      pwrite_all(src.data_ptr(), nbytes, offset);
+      return;
+    }
+    if (nbytes <= kChunkBytes) {
+      if (!chunk_) {
+        chunk_ = std::make_unique<std::uint8_t[]>(kChunkBytes);
+      }
+      at::Tensor staged = at::from_blob(
+          chunk_.get(), src.sizes(), at::TensorOptions().dtype(dtype));
+      staged.copy_(src);
+      pwrite_all(chunk_.get(), nbytes, offset);
+      return;
+    }
+    const std::int64_t rows = src.size(0);
+    const std::uint64_t row_bytes = nbytes / static_cast<std::uint64_t>(rows);
+    const std::int64_t per = std::max<std::int64_t>(
+        1,
+        static_cast<std::int64_t>(
+            kChunkBytes / std::max<std::uint64_t>(row_bytes, 1)));
+    for (std::int64_t r = 0; r < rows; r += per) {
+      const std::int64_t n = std::min(per, rows - r);
+      const at::Tensor part = n == 1 && row_bytes > kChunkBytes
+                                  ? src.select(0, r)
+                                  : src.narrow(0, r, n);
+      block(
+          part,
+          offset + static_cast<std::uint64_t>(r) * row_bytes,
+          esize,
+          dtype);
+    }
+  }
+
+  void pwrite_all(const void* data, std::uint64_t size, std::uint64_t offset) {
+    const auto* p = static_cast<const std::uint8_t*>(data);
+    while (size > 0) {
+      const std::size_t n =
+          static_cast<std::size_t>(std::min<std::uint64_t>(size, 1u << 30));
+      const ssize_t done = ::pwrite(fd_, p, n, static_cast<off_t>(offset));
+      if (done < 0) {
+        if (errno == EINTR) {
+          continue;
+        }
+        detail::throw_os_error(
+            "Cannot write " + std::to_string(n) + " bytes at offset " +
+                std::to_string(offset) + " of",
+            path_,
+            errno);
+      }
+      p += done;
+      size -= static_cast<std::uint64_t>(done);
+      offset += static_cast<std::uint64_t>(done);
+    }
+  }
+
+  int fd_;
+  std::filesystem::path path_;
+  std::unique_ptr<std::uint8_t[]> chunk_;
+};
+
+// One file of the checkpoint as every rank knows it.
+struct PlannedFile {
+  std::string name;
+  std::string head; // the 8-byte length and the header
+  std::uint64_t size = 0;
+  std::map<std::string, std::uint64_t> begin; // tensor → first byte in file
+};
+
+std::string encode_length(std::uint64_t n) {
+  std::string out(8, '\0');
+  for (int i = 0; i < 8; ++i) {
+    out[i] = static_cast<char>((n >> (8 * i)) & 0xff);
+  }
+  return out;
+}
+
+// Opens a file rank 0 created and checks it is that file (the ranks share a
+// filesystem), by its header.
+int open_shared(
+    const std::filesystem::path& path,
+    const PlannedFile& file,
+    const ProcessGroup& group,
+    const std::string& host,
+    const std::string& host0) {
+  const int fd = ::open(path.c_str(), O_RDWR | O_CLOEXEC);
+  std::string seen;
+  if (fd >= 0) {
+    seen.resize(file.head.size());
+    const ssize_t n = ::pread(fd, seen.data(), seen.size(), 0);
+    seen.resize(n < 0 ? 0 : static_cast<std::size_t>(n));
+  }
+  if (fd < 0 || seen != file.head) {
+    const int error = errno;
+    if (fd >= 0) {
+      ::close(fd);
+    }
+    throw OSError(
+        "rank " + std::to_string(group.rank()) + " (host " + host +
+        ") cannot " + (fd < 0 ? "open" : "see rank 0's header in") + " '" +
+        path.string() + "', which rank 0 (host " + host0 + ") created" +
+        (fd < 0 ? std::string(": ") + std::strerror(error) : std::string()) +
+        ". A distributed save writes every file from every rank, so the "
+        "directory must be on a filesystem all ranks share (NFS, Lustre, a "
+        "local disk for ranks of one host); ranks without one are not "
+        "supported.");
+  }
+  return fd;
+}
+
+} // namespace
+
+DistributedSaveResult save_torch_state_dict(
+    const DistributedStateDict& state_dict,
+    const std::filesystem::path& save_directory,
+    const ProcessGroup& group,
+    const SaveOptions& options) {
+  const int me = group.rank();
+
+  // 1. Each rank checks its own part, under the written names.
+  DistributedStateDict local;
+  SaveOptions written = options;
+  RankView mine;
+  detail::run_step(group, "checking each rank's state dict", [&] {
+    if (!options.safe_serialization()) {
+      throw ValueError(
+          "A distributed save writes safetensors only for now: "
+          "safe_serialization(false) (torch.save .bin files) is not "
+          "supported by save_torch_state_dict over a process group");
+    }
+    if (options.checksums()) {
+      throw ValueError(
+          "A distributed save does not record checksums yet: "
+          "checksums(true) is not supported by save_torch_state_dict over a "
+          "process group");
+    }
+    if (!options.key_mapping().empty()) {
+      std::vector<std::string> names;
+      for (const auto& item : state_dict) {
+        names.push_back(item.key());
+      }
+      for (const auto& [from, to] :
+           map_keys(names, options.key_mapping(), "the state dict")) {
+        local.insert(to, state_dict[from]);
+      }
+      written = detail::without_key_mapping(options);
+    } else {
+      local = state_dict;
+    }
+    mine = describe(local);
+    std::error_code ec;
+    if (!std::filesystem::is_directory(save_directory, ec)) {
+      detail::throw_os_error("Cannot save into", save_directory, ENOENT);
+    }
+  });
+
+  // 2. Everyone learns everyone's part, and checks the whole the same way.
+  const std::vector<std::string> texts = detail::all_gather_bytes(
+      group, to_json(mine).dump(), "exchanging the tensors' placements");
+  std::vector<RankView> views;
+  for (const std::string& text : texts) {
+    views.push_back(from_json(text));
+  }
+  const FullStateDict full = assemble(views);
+  const StateDict assembled = stand_ins(full);
+  const detail::SavePlan plan = detail::plan_save(assembled, written);
+
+  std::vector<PlannedFile> files;
+  const auto& shards = plan.split.filename_to_tensors.items();
+  for (std::size_t i = 0; i < shards.size(); ++i) {
+    const SafetensorsWriter writer(
+        plan.shard_dict(i), plan.file_metadata(), true, written.dtype());
+    PlannedFile file;
+    file.name = shards[i].key();
+    file.head = encode_length(writer.header().size()) + writer.header();
+    file.size = writer.size();
+    for (const SafetensorsTensorInfo& info : writer.tensors()) {
+      file.begin[info.name] = file.head.size() + info.begin;
+    }
+    files.push_back(std::move(file));
+  }
+  DistributedSaveResult result;
+  result.files = plan.files();
+  result.total_bytes =
+      static_cast<std::uint64_t>(plan.split.metadata.total_size);
+
+  // 3. Rank 0 takes the directory, creates the files with their headers.
+  std::optional<detail::CheckpointCommit> commit;
+  std::string paths_text;
+  detail::run_step(group, "creating the checkpoint's files", [&] {
+    if (me != 0) {
+      return;
+    }
+    commit.emplace(save_directory, result.files.size(), written.durable());
+    commit->remove(detail::stale_files(
+        save_directory,
+        detail::FilenamePattern(plan.pattern_text),
+        result.files));
+    nlohmann::json paths = nlohmann::json::array();
+    for (const PlannedFile& file : files) {
+      detail::AtomicFile out(commit->target(file.name));
+      out.preallocate(file.size);
+      out.write(file.head.data(), file.head.size());
+      const std::filesystem::path temporary = out.keep(written.durable());
+      commit->stage(file.name, temporary);
+      paths.push_back(temporary.string());
+    }
+    paths_text = paths.dump();
+  });
+  const std::vector<std::string> temporaries =
+      nlohmann::json::parse(
+          detail::broadcast_bytes(
+              group, paths_text, 0, "sharing the files' paths"))
+          .get<std::vector<std::string>>();
+
+  // 4. Every rank writes its bytes at their offsets, and makes them durable.
+  detail::run_step(group, "writing the tensors", [&] {
+    std::map<std::string, std::size_t> file_of_name;
+    for (std::size_t f = 0; f < files.size(); ++f) {
+      for (const auto& [name, begin] : files[f].begin) {
+        file_of_name[name] = f;
+      }
+    }
+    std::map<std::size_t, std::vector<std::size_t>> work; // file → groups
+    for (std::size_t g = 0; g < full.groups.size(); ++g) {
+      const Group& grp = full.groups[g];
+      const bool mine_to_write =
+          grp.replicated ? grp.writer == me
+                         : std::any_of(
+                               grp.holders.begin(),
+                               grp.holders.end(),
+                               [&](const Holder& h) { return h.rank == me; });
+      if (!mine_to_write) {
+        continue;
+      }
+      for (const std::string& name : grp.names) {
+        if (const auto it = file_of_name.find(name); it != file_of_name.end()) {
+          work[it->second].push_back(g);
+          break;
+        }
+      }
+    }
+    const auto written_dtype = [&](const Group& grp) {
+      return written.dtype().has_value() && c10::isFloatingType(grp.dtype)
+                 ? *written.dtype()
+                 : grp.dtype;
+    };
+    const auto my_holder = [&](const Group& grp) -> const Holder& {
+      return *std::find_if(
+          grp.holders.begin(), grp.holders.end(), [&](const Holder& h) {
+            return h.rank == me;
+          });
+    };
+    std::uint64_t planned = 0;
+    for (const auto& [f, groups] : work) {
+      for (const std::size_t g : groups) {
+        const Group& grp = full.groups[g];
+        planned += static_cast<std::uint64_t>(volume(my_holder(grp).sizes)) *
+                   c10::elementSize(written_dtype(grp));
+      }
+    }
+    std::uint64_t done = 0;
+    for (std::size_t f = 0; f < files.size(); ++f) {
+      const std::filesystem::path path = temporaries.at(f);
+      const int fd =
+          open_shared(path, files[f], group, mine.host, views[0].host);
+      struct Closer {
+        int fd;
+        ~Closer() {
+          ::close(fd);
+        }
+      } closer{fd};
+      PieceWriter writer(fd, path);
+      for (const std::size_t g : work[f]) {
+        const Group& grp = full.groups[g];
+        std::string kept;
+        for (const std::string& name : grp.names) {
+          if (files[f].begin.count(name) != 0) {
+            kept = name;
+            break;
+          }
+        }
+        // This rank's tensor for the group, under whichever name it holds.
+        const DistributedTensor* held = nullptr;
+        for (const std::string& name : grp.names) {
+          if ((held = local.find(name)) != nullptr) {
+            break;
+          }
+        }
+        const std::uint64_t bytes = writer.write(
+            held->local,
+            grp.full,
+            my_holder(grp).offsets,
+            written_dtype(grp),
+            files[f].begin.at(kept));
+        result.bytes_written += bytes;
+        done += bytes;
+        if (written.progress()) {
+          written.progress()(Progress{files[f].name, kept, done, planned});
+        }
+      }
+      if (written.durable() && ::fdatasync(fd) != 0) {
+        detail::throw_os_error("Cannot flush", path, errno);
+      }
+    }
+  });
+
+  // 5. Rank 0 writes the index and commits; the agreement after it tells
+  // every rank the checkpoint is in place.
+  detail::run_step(group, "committing the checkpoint", [&] {
+    if (me != 0) {
+      return;
+    }
+    if (plan.split.is_sharded) {
+      const std::string index = plan.index();
+      detail::AtomicFile out(commit->target(plan.index_name));
+      out.write(index.data(), index.size());
+      commit->stage(plan.index_name, out.keep(written.durable()));
+    }
+    commit->commit();
+  });
+  return result;
+}
+
+DistributedSaveResult save_torch_model(
+    const torch::nn::Module& model,
+    const OrderedMap<Placement>& placements,
+    const std::filesystem::path& save_directory,
+    const ProcessGroup& group,
+    const SaveOptions& options) {
+  return save_torch_state_dict(
+      distribute(state_dict(model), placements),
+      save_directory,
+      group,
+      options);
+}
+
+} // namespace torchser

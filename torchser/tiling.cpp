@@ -1,0 +1,101 @@
+#include "torchser/detail/tiling.h"
+
+#include <torchser/errors.h>
+
+namespace torchser::detail {
+
+std::int64_t volume(const Shape& shape) {
+  std::int64_t n = 1;
+  for (const std::int64_t d : shape) {
+    n *= d;
+  }
+  return n;
+}
+
+std::string shape_text(const Shape& shape) {
+  std::string out = "[";
+  for (std::size_t i = 0; i < shape.size(); ++i) {
+    out += (i == 0 ? "" : ", ") + std::to_string(shape[i]);
+  }
+  return out + "]";
+}
+
+void check_tiling(
+    const std::string& name,
+    const Shape& full,
+    const std::vector<TilePiece>& pieces,
+    const std::string& holders,
+    const std::string& overlap_hint) {
+  std::int64_t held = 0;
+  for (std::size_t i = 0; i < pieces.size(); ++i) {
+    const TilePiece& a = pieces[i];
+    held += volume(a.sizes);
+    for (std::size_t j = i + 1; j < pieces.size(); ++j) {
+      const TilePiece& b = pieces[j];
+      bool overlap = volume(a.sizes) > 0 && volume(b.sizes) > 0;
+      for (std::size_t d = 0; overlap && d < a.sizes.size(); ++d) {
+        overlap = a.offsets[d] < b.offsets[d] + b.sizes[d] &&
+                  b.offsets[d] < a.offsets[d] + a.sizes[d];
+      }
+      if (overlap) {
+        throw ValueError(
+            "Tensor '" + name + "': the pieces of " + a.holder + " (offsets " +
+            shape_text(a.offsets) + ", shape " + shape_text(a.sizes) +
+            ") and " + b.holder + " (offsets " + shape_text(b.offsets) +
+            ", shape " + shape_text(b.sizes) + ") overlap; " + overlap_hint);
+      }
+    }
+  }
+  const std::int64_t total = volume(full);
+  if (held != total) {
+    throw ValueError(
+        "Tensor '" + name + "' of full shape " + shape_text(full) +
+        ": its pieces " + holders + " hold " + std::to_string(held) +
+        " of its " + std::to_string(total) + " elements, leaving " +
+        std::to_string(total - held) + " held by no piece");
+  }
+}
+
+void for_each_run(
+    const Shape& sizes,
+    const Shape& full,
+    const Shape& offsets,
+    const std::function<void(const Shape&, std::int64_t, std::int64_t)>& run) {
+  if (volume(sizes) == 0) {
+    return;
+  }
+  const auto dims = static_cast<std::int64_t>(full.size());
+  if (dims == 0) {
+    run({}, 0, 1);
+    return;
+  }
+  // From dimension k on the piece is one run of the full tensor: the
+  // dimensions after k are whole.
+  std::int64_t k = dims - 1;
+  while (k > 0 && sizes[k] == full[k]) {
+    --k;
+  }
+  Shape stride(dims, 1);
+  for (std::int64_t d = dims - 2; d >= 0; --d) {
+    stride[d] = stride[d + 1] * full[d + 1];
+  }
+  const std::int64_t count = sizes[k] * stride[k];
+  Shape leading(static_cast<std::size_t>(k), 0);
+  while (true) {
+    std::int64_t element = offsets[k] * stride[k];
+    for (std::int64_t d = 0; d < k; ++d) {
+      element += (offsets[d] + leading[d]) * stride[d];
+    }
+    run(leading, element, count);
+    std::int64_t d = k - 1;
+    while (d >= 0 && ++leading[d] == sizes[d]) {
+      leading[d] = 0;
+      --d;
+    }
+    if (d < 0) {
+      return;
+    }
+  }
+}
+
+} // namespace torchser::detail
