@@ -62,6 +62,30 @@ TEST(ChecksumTest, TheCrcIsTheStandardCrc32c) {
   EXPECT_EQ(detail::crc32c("56789", 5, first), 0xE3069283U);
 }
 
+TEST(ChecksumTest, CombinedCrcsEqualTheCrcOfTheJoinedBytes) {
+  std::string bytes;
+  for (int i = 0; i < 5000; ++i) {
+    bytes.push_back(static_cast<char>((i * 7919) % 251));
+  }
+  const std::uint32_t whole =
+      torchser::detail::crc32c(bytes.data(), bytes.size());
+  for (const std::size_t cut : {0, 1, 7, 8, 1000, 4999, 5000}) {
+    const std::uint32_t a = torchser::detail::crc32c(bytes.data(), cut);
+    const std::uint32_t b =
+        torchser::detail::crc32c(bytes.data() + cut, bytes.size() - cut);
+    EXPECT_EQ(torchser::detail::crc32c_combine(a, b, bytes.size() - cut), whole)
+        << cut;
+  }
+  // Three parts, folded left to right.
+  const std::uint32_t a = torchser::detail::crc32c(bytes.data(), 100);
+  const std::uint32_t b = torchser::detail::crc32c(bytes.data() + 100, 900);
+  const std::uint32_t c = torchser::detail::crc32c(bytes.data() + 1000, 4000);
+  EXPECT_EQ(
+      torchser::detail::crc32c_combine(
+          torchser::detail::crc32c_combine(a, b, 900), c, 4000),
+      whole);
+}
+
 TEST(ChecksumTest, FilesDifferOnlyByTheMetadataKey) {
   TempDir dir;
   fs::create_directories(dir / "plain");

@@ -37,26 +37,30 @@ inline std::string read_all(const fs::path& path) {
 }
 
 // Starts `world` workers (rank r gets `extra(r)` after the common
-// arguments) and waits for them, at most `limit`; any still running then is
-// killed and marked.
+// arguments, and runs under `wrapper(r)`'s command when given) and waits for
+// them, at most `limit`; any still running then is killed and marked.
 inline std::vector<RankRun> run_ranks(
     const std::string& scenario,
     const fs::path& dir,
     int world,
     const std::function<std::vector<std::string>(int)>& extra,
-    std::chrono::seconds limit = std::chrono::seconds(120)) {
+    std::chrono::seconds limit = std::chrono::seconds(120),
+    const std::function<std::vector<std::string>(int)>& wrapper = {}) {
   const torchser::testing::TempDir temp;
   const fs::path work = temp.path();
   const std::string store = (work / "store").string();
   std::vector<pid_t> pids;
   for (int r = 0; r < world; ++r) {
-    std::vector<std::string> args = {
-        TORCHSER_DIST_WORKER,
-        scenario,
-        dir.string(),
-        std::to_string(r),
-        std::to_string(world),
-        store};
+    std::vector<std::string> args =
+        wrapper ? wrapper(r) : std::vector<std::string>{};
+    args.insert(
+        args.end(),
+        {TORCHSER_DIST_WORKER,
+         scenario,
+         dir.string(),
+         std::to_string(r),
+         std::to_string(world),
+         store});
     for (std::string& a : extra(r)) {
       args.push_back(std::move(a));
     }
@@ -72,7 +76,7 @@ inline std::vector<RankRun> run_ranks(
       }
       argv.push_back(nullptr);
       ::setenv("OMP_NUM_THREADS", "1", 1);
-      ::execv(argv[0], argv.data());
+      ::execvp(argv[0], argv.data());
       ::_exit(127);
     }
     pids.push_back(pid);

@@ -9,6 +9,7 @@
 //     --exit-before-save   leave before the save (after the group formed)
 //     --key-mapping        save with add_prefix("model.")
 //     --dtype bf16         SaveOptions::dtype
+//     --checksums          SaveOptions::checksums
 //
 // Prints "rank R ok BYTES" and exits 0 when the save committed; prints
 // "rank R ERROR-TYPE: MESSAGE" and exits 3 when it threw.
@@ -83,6 +84,8 @@ int main(int argc, char** argv) {
       hang_after = std::stoi(next());
     } else if (arg == "--exit-before-save") {
       exit_before_save = true;
+    } else if (arg == "--checksums") {
+      options.checksums(true);
     } else if (arg == "--key-mapping") {
       options.key_mapping(torchser::KeyMapping().add_prefix("model."));
     } else if (arg == "--dtype") {

@@ -151,6 +151,30 @@ TEST_F(DistributedSaveTest, KeyMappingAndDtypeApplyAsInASingleProcessSave) {
   expect_same_directory(expected, got);
 }
 
+// Column pieces interleave the ranks' runs: each tensor's CRC-32C is folded
+// from runs that three ranks wrote.
+TEST_F(
+    DistributedSaveTest,
+    ChecksumsCombinedFromEveryRanksRunsMatchASingleProcessSave) {
+  const fs::path expected = dir("single");
+  const auto s = torchser::testing::make_scenario("mixed", 0, 1);
+  torchser::save_torch_state_dict(
+      s.full,
+      expected,
+      torchser::SaveOptions().max_shard_size(600).checksums(true));
+  const fs::path got = dir("dist");
+  const auto runs = run_ranks("mixed", got, 3, [](int) {
+    return std::vector<std::string>{"--max-shard-size", "600", "--checksums"};
+  });
+  for (const RankRun& run : runs) {
+    ASSERT_EQ(run.status, 0) << describe_runs(runs);
+  }
+  expect_same_directory(expected, got);
+  const auto verify = torchser::testing::run_command(
+      std::string(TORCHSER_CLI) + " verify '" + got.string() + "'");
+  EXPECT_EQ(verify.status, 0) << verify.output;
+}
+
 TEST_F(
     DistributedSaveTest,
     BadPlacementsFailOnEveryRankNamingTheTensorAndTheRanks) {
@@ -215,15 +239,20 @@ struct OldCheckpoint {
 TEST_F(
     DistributedSaveTest,
     ARankKilledWhileWritingFailsTheOthersAndLeavesTheOldCheckpointWhole) {
-  for (const int victim : {1, 0}) {
-    SCOPED_TRACE("rank " + std::to_string(victim) + " killed");
-    const fs::path got = dir("killed" + std::to_string(victim));
+  // (rank, after how many pieces it dies): early, late, rank 0 included.
+  for (const auto& [victim, point] : std::vector<std::pair<int, int>>{
+           {1, 2}, {0, 2}, {2, 9}, {1, 11}, {0, 7}}) {
+    SCOPED_TRACE(
+        "rank " + std::to_string(victim) + " killed after " +
+        std::to_string(point) + " pieces");
+    const fs::path got =
+        dir("killed" + std::to_string(victim) + "-" + std::to_string(point));
     const OldCheckpoint old(got);
     const auto runs = run_ranks("mixed", got, 3, [&](int r) {
       std::vector<std::string> args = {
           "--max-shard-size", "600", "--timeout-ms", "60000"};
       if (r == victim) {
-        args.insert(args.end(), {"--kill-after", "2"});
+        args.insert(args.end(), {"--kill-after", std::to_string(point)});
       }
       return args;
     });
@@ -300,6 +329,53 @@ TEST_F(DistributedSaveTest, ARankThatLeavesBeforeTheSaveFailsTheOthers) {
   old.expect_whole();
 }
 
+// Rank 1 runs in its own mount namespace with a fresh tmpfs over the
+// checkpoint's parent: the directory exists for it, but not rank 0's files.
+TEST_F(DistributedSaveTest, RanksThatDoNotShareTheFilesystemAreToldSo) {
+  const fs::path got = dir("unshared");
+  if (torchser::testing::run_command(
+          "unshare -m --propagation private sh -c 'mount -t tmpfs tmpfs " +
+          got.parent_path().string() + "'")
+          .status != 0) {
+    GTEST_SKIP() << "this machine lets no process mount a tmpfs in its own "
+                    "mount namespace (unshare -m)";
+  }
+  const OldCheckpoint old(got);
+  const auto runs = run_ranks(
+      "mixed",
+      got,
+      2,
+      [](int) {
+        return std::vector<std::string>{"--timeout-ms", "60000"};
+      },
+      std::chrono::seconds(120),
+      [&](int r) {
+        if (r != 1) {
+          return std::vector<std::string>{};
+        }
+        return std::vector<std::string>{
+            "unshare",
+            "-m",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            "mount -t tmpfs tmpfs \"$0\" && mkdir \"$0/ckpt\" && exec \"$@\"",
+            got.parent_path().string()};
+      });
+  EXPECT_EQ(runs[1].status, 3) << describe_runs(runs);
+  EXPECT_THAT(runs[1].output, HasSubstr("OSError: rank 1 (host "));
+  EXPECT_THAT(runs[1].output, HasSubstr("which rank 0 (host "));
+  EXPECT_THAT(runs[1].output, HasSubstr("on a filesystem all ranks share"));
+  EXPECT_EQ(runs[0].status, 3) << describe_runs(runs);
+  EXPECT_THAT(
+      runs[0].output,
+      HasSubstr("DistError: writing the tensors failed on 1 of 2 ranks"));
+  EXPECT_THAT(runs[0].output, HasSubstr("rank 1 failed: rank 1 (host"));
+  old.expect_whole();
+  EXPECT_THAT(leftovers(got), ::testing::IsEmpty());
+}
+
 // ---------------------------------------------------------------------------
 // In one process: the vocabulary and the group's options.
 
@@ -339,6 +415,20 @@ TEST(PlacementTest, APieceThatDoesNotFitItsPlacementNamesTheTensor) {
           torchser::StateDict(),
           {{"missing", torchser::Placement::replicate()}}),
       torchser::ValueError);
+}
+
+TEST(PlacementTest, DistributeGivesATiedNameItsTiesPlacement) {
+  torchser::StateDict local;
+  const at::Tensor w = at::zeros({2, 3});
+  local.insert("embed.weight", w);
+  local.insert("lm_head.weight", w);
+  local.insert("norm", at::ones({3}));
+  const auto placed = torchser::distribute(
+      local, {{"embed.weight", torchser::Placement::shard(0, 4, 2)}});
+  EXPECT_TRUE(
+      placed["lm_head.weight"].placement ==
+      torchser::Placement::shard(0, 4, 2));
+  EXPECT_TRUE(placed["norm"].placement.is_replicate());
 }
 
 TEST(ProcessGroupTest, MissingOrBadSettingsAreValueErrorsNamingThem) {

@@ -39,6 +39,48 @@ std::uint32_t crc32c(const void* data, std::size_t size, std::uint32_t crc) {
   return ~state;
 }
 
+namespace {
+
+// CRC-32C's polynomial, bit-reflected, as the register holds it.
+constexpr std::uint32_t kCastagnoli = 0x82F63B78u;
+
+// a × b modulo the polynomial, in the reflected representation (x^0 is the
+// top bit).
+std::uint32_t multiply_mod(std::uint32_t a, std::uint32_t b) {
+  std::uint32_t product = 0;
+  for (std::uint32_t bit = 1u << 31; bit != 0; bit >>= 1) {
+    if ((a & bit) != 0) {
+      product ^= b;
+    }
+    b = (b & 1) != 0 ? (b >> 1) ^ kCastagnoli : b >> 1;
+  }
+  return product;
+}
+
+// x^(8 × bytes) modulo the polynomial, by squaring.
+std::uint32_t shift_of(std::uint64_t bytes) {
+  std::uint32_t result = 1u << 31; // x^0
+  std::uint32_t power = 1u << 23;  // x^8: one byte
+  while (bytes != 0) {
+    if ((bytes & 1) != 0) {
+      result = multiply_mod(power, result);
+    }
+    power = multiply_mod(power, power);
+    bytes >>= 1;
+  }
+  return result;
+}
+
+} // namespace
+
+std::uint32_t crc32c_combine(
+    std::uint32_t first, std::uint32_t second, std::uint64_t second_size) {
+  // CRC is linear: the first part's register, moved past the second part's
+  // bytes, plus the second part's CRC (the pre- and post-inversions of the
+  // standard CRC cancel).
+  return multiply_mod(shift_of(second_size), first) ^ second;
+}
+
 std::uint32_t crc32c_of(const at::Tensor& tensor) {
   at::Tensor t = tensor;
   if (!t.device().is_cpu()) {

@@ -19,6 +19,7 @@
 #include <optional>
 #include <set>
 #include <sstream>
+#include <tuple>
 
 #include <ATen/ops/from_blob.h>
 #include <nlohmann/json.hpp>
@@ -28,6 +29,7 @@
 #include <torchser/safetensors.h>
 
 #include "torchser/detail/checkpoint_dir.h"
+#include "torchser/detail/checksum.h"
 #include "torchser/detail/collectives.h"
 #include "torchser/detail/file.h"
 #include "torchser/detail/python_format.h"
@@ -149,10 +151,34 @@ DistributedStateDict distribute(
           "', which is not in the local state dict");
     }
   }
+  // A tied name without a placement of its own takes its tie's (a module's
+  // lm_head.weight that is its embed.weight).
+  std::map<
+      std::tuple<const void*, std::int64_t, std::vector<std::int64_t>>,
+      Placement>
+      placed;
+  const auto view_of = [](const at::Tensor& t) {
+    return std::make_tuple(
+        t.defined() && t.has_storage() ? t.storage().data_ptr().get() : nullptr,
+        t.defined() ? t.storage_offset() : 0,
+        t.defined() ? t.sizes().vec() : std::vector<std::int64_t>{});
+  };
+  for (const auto& item : local) {
+    const Placement* placement = placements.find(item.key());
+    if (placement != nullptr && std::get<0>(view_of(item.value())) != nullptr) {
+      placed.try_emplace(view_of(item.value()), *placement);
+    }
+  }
   DistributedStateDict out;
   out.reserve(local.size());
   for (const auto& item : local) {
     const Placement* placement = placements.find(item.key());
+    if (placement == nullptr) {
+      const auto it = placed.find(view_of(item.value()));
+      if (it != placed.end() && std::get<0>(it->first) != nullptr) {
+        placement = &it->second;
+      }
+    }
     out.insert(
         item.key(),
         DistributedTensor{
@@ -534,10 +560,23 @@ StateDict stand_ins(const FullStateDict& full) {
 
 constexpr std::size_t kChunkBytes = std::size_t{16} << 20;
 
+// One run of bytes a rank wrote, with its CRC-32C when the save records
+// checksums: rank 0 folds them, in file order, into each tensor's.
+struct WrittenRun {
+  std::uint32_t file;
+  std::uint32_t crc;
+  std::uint64_t offset;
+  std::uint64_t size;
+};
+
 class PieceWriter {
  public:
-  PieceWriter(int fd, std::filesystem::path path)
-      : fd_(fd), path_(std::move(path)) {}
+  PieceWriter(
+      int fd,
+      std::filesystem::path path,
+      std::uint32_t file,
+      std::vector<WrittenRun>* runs)
+      : fd_(fd), path_(std::move(path)), file_(file), runs_(runs) {}
 
   // `local`'s elements, placed at `offsets` of a row-major tensor of shape
   // `full` whose first byte is at `base` in the file, in `dtype`.
@@ -559,12 +598,15 @@ class PieceWriter {
           for (const std::int64_t i : leading) {
             run = run.select(0, i);
           }
-          block(
-              run,
-              base + static_cast<std::uint64_t>(element) * esize,
-              esize,
-              dtype);
-          written += static_cast<std::uint64_t>(count) * esize;
+          const std::uint64_t at =
+              base + static_cast<std::uint64_t>(element) * esize;
+          std::uint32_t crc = 0;
+          block(run, at, esize, dtype, runs_ != nullptr ? &crc : nullptr);
+          const std::uint64_t bytes = static_cast<std::uint64_t>(count) * esize;
+          if (runs_ != nullptr) {
+            runs_->push_back(WrittenRun{file_, crc, at, bytes});
+          }
+          written += bytes;
         });
     return written;
   }
@@ -572,15 +614,17 @@ class PieceWriter {
  private:
   // A block the file holds contiguously: written straight from the tensor
   // when its bytes are already what the file holds, else through the chunk.
+  // `crc`, when given, continues over the bytes in file order.
   void block(
       const at::Tensor& src,
       std::uint64_t offset,
       std::size_t esize,
-      c10::ScalarType dtype) {
+      c10::ScalarType dtype,
+      std::uint32_t* crc) {
     const std::uint64_t nbytes =
         static_cast<std::uint64_t>(src.numel()) * esize;
     if (src.is_cpu() && src.scalar_type() == dtype && src.is_contiguous()) {
-      pwrite_all(src.data_ptr(), nbytes, offset);
+      pwrite_all(src.data_ptr(), nbytes, offset, crc);
       return;
     }
     if (nbytes <= kChunkBytes) {
@@ -590,7 +634,7 @@ class PieceWriter {
       at::Tensor staged = at::from_blob(
           chunk_.get(), src.sizes(), at::TensorOptions().dtype(dtype));
       staged.copy_(src);
-      pwrite_all(chunk_.get(), nbytes, offset);
+      pwrite_all(chunk_.get(), nbytes, offset, crc);
       return;
     }
     const std::int64_t rows = src.size(0);
@@ -608,11 +652,19 @@ class PieceWriter {
           part,
           offset + static_cast<std::uint64_t>(r) * row_bytes,
           esize,
-          dtype);
+          dtype,
+          crc);
     }
   }
 
-  void pwrite_all(const void* data, std::uint64_t size, std::uint64_t offset) {
+  void pwrite_all(
+      const void* data,
+      std::uint64_t size,
+      std::uint64_t offset,
+      std::uint32_t* crc) {
+    if (crc != nullptr) {
+      *crc = detail::crc32c(data, static_cast<std::size_t>(size), *crc);
+    }
     const auto* p = static_cast<const std::uint8_t*>(data);
     while (size > 0) {
       const std::size_t n =
@@ -636,6 +688,8 @@ class PieceWriter {
 
   int fd_;
   std::filesystem::path path_;
+  std::uint32_t file_;
+  std::vector<WrittenRun>* runs_;
   std::unique_ptr<std::uint8_t[]> chunk_;
 };
 
@@ -688,6 +742,63 @@ int open_shared(
   return fd;
 }
 
+// Each tensor's CRC-32C from the runs the ranks wrote, folded in file
+// order, written over the placeholders of each file's header.
+void write_checksums(
+    const std::vector<PlannedFile>& files,
+    const std::vector<std::unique_ptr<SafetensorsWriter>>& writers,
+    std::vector<WrittenRun> runs,
+    const std::vector<std::string>& temporaries,
+    bool durable) {
+  std::sort(
+      runs.begin(), runs.end(), [](const WrittenRun& a, const WrittenRun& b) {
+        return std::tie(a.file, a.offset) < std::tie(b.file, b.offset);
+      });
+  std::size_t next = 0;
+  for (std::uint32_t f = 0; f < files.size(); ++f) {
+    std::vector<std::uint32_t> crcs;
+    for (const SafetensorsTensorInfo& info : writers[f]->tensors()) {
+      const std::uint64_t begin = files[f].head.size() + info.begin;
+      const std::uint64_t end = files[f].head.size() + info.end;
+      std::uint32_t crc = 0;
+      std::uint64_t at = begin;
+      while (next < runs.size() && runs[next].file == f &&
+             runs[next].offset < end) {
+        const WrittenRun& run = runs[next++];
+        if (run.offset != at) {
+          throw RuntimeError(
+              "distributed save: the ranks' writes of tensor '" + info.name +
+              "' in " + files[f].name + " leave bytes " + std::to_string(at) +
+              "…" + std::to_string(run.offset) + " unaccounted for");
+        }
+        crc = detail::crc32c_combine(crc, run.crc, run.size);
+        at += run.size;
+      }
+      if (at != end) {
+        throw RuntimeError(
+            "distributed save: the ranks' writes of tensor '" + info.name +
+            "' in " + files[f].name + " end at byte " + std::to_string(at) +
+            ", not " + std::to_string(end));
+      }
+      crcs.push_back(crc);
+    }
+    const std::string header = writers[f]->final_header(crcs);
+    const std::filesystem::path path = temporaries[f];
+    const int fd = ::open(path.c_str(), O_WRONLY | O_CLOEXEC);
+    if (fd < 0) {
+      detail::throw_os_error("Cannot open", path, errno);
+    }
+    const ssize_t put = ::pwrite(fd, header.data(), header.size(), 8);
+    const int error = errno;
+    const bool synced = !durable || ::fdatasync(fd) == 0;
+    ::close(fd);
+    if (put != static_cast<ssize_t>(header.size()) || !synced) {
+      detail::throw_os_error(
+          "Cannot write the checksums into", path, put < 0 ? error : EIO);
+    }
+  }
+}
+
 } // namespace
 
 DistributedSaveResult save_torch_state_dict(
@@ -707,12 +818,6 @@ DistributedSaveResult save_torch_state_dict(
           "A distributed save writes safetensors only for now: "
           "safe_serialization(false) (torch.save .bin files) is not "
           "supported by save_torch_state_dict over a process group");
-    }
-    if (options.checksums()) {
-      throw ValueError(
-          "A distributed save does not record checksums yet: "
-          "checksums(true) is not supported by save_torch_state_dict over a "
-          "process group");
     }
     if (!options.key_mapping().empty()) {
       std::vector<std::string> names;
@@ -746,10 +851,16 @@ DistributedSaveResult save_torch_state_dict(
   const detail::SavePlan plan = detail::plan_save(assembled, written);
 
   std::vector<PlannedFile> files;
+  std::vector<std::unique_ptr<SafetensorsWriter>> writers; // the headers
   const auto& shards = plan.split.filename_to_tensors.items();
   for (std::size_t i = 0; i < shards.size(); ++i) {
-    const SafetensorsWriter writer(
-        plan.shard_dict(i), plan.file_metadata(), true, written.dtype());
+    writers.push_back(std::make_unique<SafetensorsWriter>(
+        plan.shard_dict(i),
+        plan.file_metadata(),
+        true,
+        written.dtype(),
+        written.checksums()));
+    const SafetensorsWriter& writer = *writers.back();
     PlannedFile file;
     file.name = shards[i].key();
     file.head = encode_length(writer.header().size()) + writer.header();
@@ -794,6 +905,7 @@ DistributedSaveResult save_torch_state_dict(
           .get<std::vector<std::string>>();
 
   // 4. Every rank writes its bytes at their offsets, and makes them durable.
+  std::vector<WrittenRun> my_runs;
   detail::run_step(group, "writing the tensors", [&] {
     std::map<std::string, std::size_t> file_of_name;
     for (std::size_t f = 0; f < files.size(); ++f) {
@@ -840,7 +952,7 @@ DistributedSaveResult save_torch_state_dict(
       }
     }
     std::uint64_t done = 0;
-    for (std::size_t f = 0; f < files.size(); ++f) {
+    for (std::uint32_t f = 0; f < files.size(); ++f) {
       const std::filesystem::path path = temporaries.at(f);
       const int fd =
           open_shared(path, files[f], group, mine.host, views[0].host);
@@ -850,7 +962,7 @@ DistributedSaveResult save_torch_state_dict(
           ::close(fd);
         }
       } closer{fd};
-      PieceWriter writer(fd, path);
+      PieceWriter writer(fd, path, f, written.checksums() ? &my_runs : nullptr);
       for (const std::size_t g : work[f]) {
         const Group& grp = full.groups[g];
         std::string kept;
@@ -885,11 +997,29 @@ DistributedSaveResult save_torch_state_dict(
     }
   });
 
+  // Checksums: every rank's runs and their CRCs, for rank 0 to fold.
+  std::vector<WrittenRun> all_runs;
+  if (written.checksums()) {
+    const std::string mine_runs(
+        reinterpret_cast<const char*>(my_runs.data()),
+        my_runs.size() * sizeof(WrittenRun));
+    for (const std::string& bytes : detail::all_gather_bytes(
+             group, mine_runs, "gathering the tensors' checksums")) {
+      const std::size_t n = bytes.size() / sizeof(WrittenRun);
+      const std::size_t at = all_runs.size();
+      all_runs.resize(at + n);
+      std::memcpy(all_runs.data() + at, bytes.data(), n * sizeof(WrittenRun));
+    }
+  }
+
   // 5. Rank 0 writes the index and commits; the agreement after it tells
   // every rank the checkpoint is in place.
   detail::run_step(group, "committing the checkpoint", [&] {
     if (me != 0) {
       return;
+    }
+    if (written.checksums()) {
+      write_checksums(files, writers, all_runs, temporaries, written.durable());
     }
     if (plan.split.is_sharded) {
       const std::string index = plan.index();

@@ -239,7 +239,7 @@ SafetensorsWriter::SafetensorsWriter(
     if (!metadata_) {
       metadata_.emplace();
     }
-    (*metadata_)[kChecksumMetadataKey] = checksum_text();
+    (*metadata_)[kChecksumMetadataKey] = checksum_text(crcs_);
   }
   header_ = detail::build_header(metadata_, infos_);
   if (header_.size() > detail::kMaxHeaderSize) {
@@ -296,11 +296,12 @@ void SafetensorsWriter::write(
   written_ = true;
 }
 
-std::string SafetensorsWriter::checksum_text() const {
+std::string SafetensorsWriter::checksum_text(
+    const std::vector<std::uint32_t>& crcs) const {
   std::vector<std::pair<std::string, std::uint32_t>> checksums;
   checksums.reserve(infos_.size());
   for (std::size_t i = 0; i < infos_.size(); ++i) {
-    checksums.emplace_back(infos_[i].name, crcs_[i]);
+    checksums.emplace_back(infos_[i].name, crcs.empty() ? 0 : crcs[i]);
   }
   return detail::checksum_metadata(checksums);
 }
@@ -310,8 +311,17 @@ std::string SafetensorsWriter::final_header() const {
     return header_;
   }
   TORCH_INTERNAL_ASSERT(written_, "final_header() before write()");
+  return final_header(crcs_);
+}
+
+std::string SafetensorsWriter::final_header(
+    const std::vector<std::uint32_t>& checksums) const {
+  TORCH_CHECK(
+      checksums_ && checksums.size() == infos_.size(),
+      "final_header(checksums): the writer records no checksums, or the "
+      "count differs from its tensors'");
   SafetensorsMetadata metadata = *metadata_;
-  metadata[kChecksumMetadataKey] = checksum_text();
+  metadata[kChecksumMetadataKey] = checksum_text(checksums);
   std::string header = detail::build_header(metadata, infos_);
   TORCH_INTERNAL_ASSERT(header.size() == header_.size());
   return header;

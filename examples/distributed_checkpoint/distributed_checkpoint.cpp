@@ -159,10 +159,8 @@ struct ExampleLM {
     }
     // The output projection is the embedding (tied weights), split alike.
     torch::nn::Module* lm_head = child(*root, "lm_head");
+    // (distribute() gives it the embedding's placement.)
     lm_head->register_parameter("weight", embed->named_parameters()["weight"]);
-    if (const auto* p = placements.find("embed.weight")) {
-      placements.insert("lm_head.weight", *p);
-    }
   }
 };
 

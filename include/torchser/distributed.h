@@ -86,8 +86,9 @@ struct TORCHSER_API DistributedTensor {
 /// save saves them.
 using DistributedStateDict = OrderedMap<DistributedTensor>;
 
-/// Pairs each local tensor with its placement: `placements` by name,
-/// replicate() for names it does not list. Throws ValueError for a
+/// Pairs each local tensor with its placement: `placements` by name; a
+/// name it does not list takes the placement of a listed name whose tensor
+/// it is (a tied weight), or else replicate(). Throws ValueError for a
 /// placement naming no tensor of `local`.
 TORCHSER_API DistributedStateDict
 distribute(const StateDict& local, const OrderedMap<Placement>& placements);
@@ -135,9 +136,10 @@ struct TORCHSER_API DistributedSaveResult {
 /// Options as `save_torch_state_dict` (rank 0 is the main process):
 /// `max_shard_size`, `filename_pattern`, `metadata`,
 /// `shared_tensors_to_discard`, `force_contiguous`, `key_mapping`, `dtype`,
-/// `durable`, `progress` (this rank's bytes). Not yet distributed, and a
-/// ValueError: `safe_serialization(false)` (torch.save `.bin` files) and
-/// `checksums(true)`.
+/// `durable`, `progress` (this rank's bytes), `checksums` (each rank
+/// computes the CRC-32C of the runs it writes; rank 0 combines them in file
+/// order). Not yet distributed, and a ValueError: `safe_serialization(false)`
+/// (torch.save `.bin` files).
 TORCHSER_API DistributedSaveResult save_torch_state_dict(
     const DistributedStateDict& state_dict,
     const std::filesystem::path& save_directory,

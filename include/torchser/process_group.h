@@ -72,8 +72,11 @@ class TORCHSER_API ProcessGroup {
   explicit ProcessGroup(
       const c10::intrusive_ptr<c10d::Backend>& backend,
       std::chrono::milliseconds timeout = kDefaultProcessGroupTimeout);
+  /// Releases this handle (the group lives while any copy does).
   ~ProcessGroup();
+  /// Another handle on the same group.
   ProcessGroup(const ProcessGroup&);
+  /// Another handle on the same group.
   ProcessGroup& operator=(const ProcessGroup&);
 
   /// This process's rank, 0 … size() − 1.

@@ -170,9 +170,13 @@ class TORCHSER_API SafetensorsWriter {
   /// After write(): the header with the checksums of the bytes written (the
   /// header itself without checksums). A writer is used by one thread.
   std::string final_header() const;
+  /// The header with `checksums` (one per tensors() entry, in that order),
+  /// for bytes that were written elsewhere (a distributed save's ranks);
+  /// the same size as header(). Needs `checksums` at construction.
+  std::string final_header(const std::vector<std::uint32_t>& checksums) const;
 
  private:
-  std::string checksum_text() const;
+  std::string checksum_text(const std::vector<std::uint32_t>& crcs) const;
   std::vector<at::Tensor> ordered_;
   std::vector<SafetensorsTensorInfo> infos_;
   std::string header_;

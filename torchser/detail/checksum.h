@@ -25,6 +25,11 @@ class TensorFile;
 TORCHSER_API std::uint32_t crc32c(
     const void* data, std::size_t size, std::uint32_t crc = 0);
 
+/// The CRC-32C of A followed by B from crc(A), crc(B) and B's size: what
+/// ranks that each wrote part of a tensor's bytes combine.
+TORCHSER_API std::uint32_t crc32c_combine(
+    std::uint32_t first, std::uint32_t second, std::uint64_t second_size);
+
 /// CRC-32C of a tensor's bytes as a file stores them (contiguous, on CPU).
 TORCHSER_API std::uint32_t crc32c_of(const at::Tensor& tensor);
 
