@@ -202,6 +202,15 @@ TEST(ConsolidateTest, BrokenLayoutsAreValueErrorsAndLeaveTheDestinationWhole) {
       message_of(in, dir / "dst"),
       HasSubstr("Tensor 'w' is F32 in shard-00001"));
 
+  in = layout("missing-rank");
+  write_shard(
+      in / "shard-00001-model-00001-of-00001.safetensors",
+      {{"w", w.narrow(0, 0, 2).clone(), {0, 0}}});
+  write_shard(
+      in / "shard-00003-model-00001-of-00001.safetensors",
+      {{"w", w.narrow(0, 2, 3).clone(), {2, 0}}});
+  EXPECT_THAT(message_of(in, dir / "dst"), HasSubstr("none of shard 2"));
+
   in = layout("no-offsets");
   write_shard(
       in / "shard-00001-model-00001-of-00001.safetensors", {{"w", w, {0}}});

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include <ATen/ATen.h>
+#include <ATen/ops/cat.h>
 
 #include <torchser/distributed.h>
 #include <torchser/load.h>
@@ -66,6 +67,30 @@ struct Scenario {
 // replicated).
 inline Scenario make_scenario(const std::string& name, int rank, int world) {
   Scenario s;
+  if (name == "pipeline") {
+    // Stage r holds layer r whole (pipeline parallel), its parameters views
+    // of one flat buffer (as FSDP's flat parameters are); every stage
+    // shares the embedding.
+    const at::Tensor embed = full_tensor("embed", {6, 4}, at::kFloat);
+    s.full.insert("embed.weight", embed);
+    s.local.insert("embed.weight", {embed.clone(), Placement::replicate()});
+    for (int stage = 0; stage < world; ++stage) {
+      const std::string p = "layers." + std::to_string(stage) + ".";
+      const at::Tensor w = full_tensor(p + "w", {5, 4}, at::kFloat);
+      const at::Tensor b = full_tensor(p + "b", {5}, at::kFloat);
+      s.full.insert(p + "w", w);
+      s.full.insert(p + "b", b);
+      if (stage == rank) {
+        const at::Tensor flat = at::cat({w.flatten(), b});
+        s.local.insert(
+            p + "w",
+            {flat.narrow(0, 0, 20).view({5, 4}), Placement::replicate()});
+        s.local.insert(
+            p + "b", {flat.narrow(0, 20, 5), Placement::replicate()});
+      }
+    }
+    return s;
+  }
   if (name == "dcp-fixture") {
     const std::string dir = std::string(TORCHSER_FIXTURES_DIR) + "/dcp/world2/";
     for (const char* file :

@@ -130,6 +130,28 @@ TEST_F(
   }
 }
 
+// Each stage holds other names: the full state dict is the stages in
+// order, and views of one flat buffer are separate tensors, not ties.
+TEST_F(
+    DistributedSaveTest,
+    PipelineStagesAndFlatBufferViewsSaveAsTheAssembledModel) {
+  for (const int world : {2, 4}) {
+    SCOPED_TRACE("world " + std::to_string(world));
+    const auto s = torchser::testing::make_scenario("pipeline", 0, world);
+    const fs::path expected = dir("single" + std::to_string(world));
+    torchser::save_torch_state_dict(
+        s.full, expected, torchser::SaveOptions().max_shard_size(150));
+    const fs::path got = dir("dist" + std::to_string(world));
+    const auto runs = run_ranks("pipeline", got, world, [](int) {
+      return std::vector<std::string>{"--max-shard-size", "150"};
+    });
+    for (const RankRun& run : runs) {
+      ASSERT_EQ(run.status, 0) << describe_runs(runs);
+    }
+    expect_same_directory(expected, got);
+  }
+}
+
 TEST_F(DistributedSaveTest, KeyMappingAndDtypeApplyAsInASingleProcessSave) {
   const fs::path expected = dir("single");
   const auto s = torchser::testing::make_scenario("mixed", 0, 1);
@@ -211,6 +233,23 @@ TEST_F(
     EXPECT_TRUE(fs::is_empty(got));
     EXPECT_THAT(leftovers(got), ::testing::IsEmpty());
   }
+}
+
+TEST_F(
+    DistributedSaveTest, RanksWithDifferentOptionsFailTogetherBeforeAnyFile) {
+  const fs::path got = dir("options");
+  const auto runs = run_ranks("mixed", got, 2, [](int r) {
+    return std::vector<std::string>{"--max-shard-size", r == 0 ? "600" : "900"};
+  });
+  for (const RankRun& run : runs) {
+    EXPECT_EQ(run.status, 3) << describe_runs(runs);
+    EXPECT_THAT(
+        run.output,
+        HasSubstr(
+            "ValueError: Rank 1's SaveOptions give other files than rank 0's"));
+  }
+  EXPECT_TRUE(fs::is_empty(got));
+  EXPECT_THAT(leftovers(got), ::testing::IsEmpty());
 }
 
 // The checkpoint a failed save must leave whole.

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <limits>
 #include <memory>
 #include <regex>
 #include <set>
@@ -56,6 +57,7 @@ struct Tensor {
 
 struct Input {
   std::filesystem::path path;
+  int shard; // the writing rank + 1
   int model_index;
   int largest;
 };
@@ -95,10 +97,12 @@ class RangeCopier {
       if (n < 0 && errno == EINTR) {
         continue;
       }
-      if (n == 0 || errno == EXDEV || errno == EINVAL || errno == ENOSYS ||
+      if (n == 0) {
+        break; // the source ends early: the copy below says where
+      }
+      if (errno == EXDEV || errno == EINVAL || errno == ENOSYS ||
           errno == EOPNOTSUPP || errno == EPERM || errno == EBADF) {
-        // Short source (reported below by pread) or no in-kernel copy here.
-        in_kernel_ = n != 0;
+        in_kernel_ = false; // no in-kernel copy between these files
         break;
       }
       detail::throw_os_error("Cannot copy into", to_path, errno);
@@ -109,11 +113,28 @@ class RangeCopier {
     if (!buffer_) {
       buffer_ = std::make_unique<std::uint8_t[]>(kChunk);
     }
-    const detail::File source_view = detail::File::open_read(from_path);
     while (size > 0) {
       const std::size_t n =
           static_cast<std::size_t>(std::min<std::uint64_t>(size, kChunk));
-      source_view.pread_exact(buffer_.get(), n, from_offset);
+      std::size_t got = 0;
+      while (got < n) {
+        const ssize_t r = ::pread(
+            from,
+            buffer_.get() + got,
+            n - got,
+            static_cast<off_t>(from_offset + got));
+        if (r < 0 && errno == EINTR) {
+          continue;
+        }
+        if (r <= 0) {
+          detail::throw_os_error(
+              "Cannot read " + std::to_string(n) + " bytes at offset " +
+                  std::to_string(from_offset) + " of",
+              from_path,
+              r < 0 ? errno : EIO);
+        }
+        got += static_cast<std::size_t>(r);
+      }
       std::size_t done = 0;
       while (done < n) {
         const ssize_t put = ::pwrite(
@@ -157,8 +178,15 @@ ConsolidateResult consolidate_safetensors_files(
     std::smatch m;
     const std::string name = entry.path().filename().string();
     if (std::regex_match(name, m, kShardName)) {
-      inputs.push_back(
-          {entry.path(), std::stoi(m[2].str()), std::stoi(m[3].str())});
+      const auto number = [&](int group) {
+        const std::string text = m[group].str();
+        if (text.size() > 9) {
+          throw ValueError(
+              "'" + name + "': the number " + text + " is too large");
+        }
+        return std::stoi(text);
+      };
+      inputs.push_back({entry.path(), number(1), number(2), number(3)});
     }
   }
   std::sort(inputs.begin(), inputs.end(), [](const Input& a, const Input& b) {
@@ -170,6 +198,24 @@ ConsolidateResult consolidate_safetensors_files(
         "' holds no shard files of PyTorch DCP's sharded layout "
         "(shard-NNNNN-model-NNNNN-of-NNNNN.safetensors, as "
         "HuggingFaceStorageWriter(save_distributed=True) writes them)");
+  }
+  // Every writing rank's files are here: the shard numbers run 1 … R. (A
+  // missing last rank whose pieces all sit at the ends of their tensors
+  // cannot be told from a smaller tensor; DCP records no world size here.)
+  {
+    std::set<int> shards;
+    for (const Input& input : inputs) {
+      shards.insert(input.shard);
+    }
+    for (int expect = 1; expect <= *shards.rbegin(); ++expect) {
+      if (shards.count(expect) == 0) {
+        throw ValueError(
+            "'" + input_dir.string() + "' has shard files of ranks up to " +
+            std::to_string(*shards.rbegin()) + " but none of shard " +
+            std::to_string(expect) + " (shard-" + std::to_string(expect) +
+            "-…): a rank's files are missing");
+      }
+    }
   }
   const int largest_in_names = inputs.front().largest;
   std::vector<Tensor> tensors;
@@ -277,6 +323,15 @@ ConsolidateResult consolidate_safetensors_files(
         }
         output = m->second;
       }
+      if (output < 1 || output > (options.fqn_to_index_mapping().has_value()
+                                      ? std::numeric_limits<int>::max()
+                                      : input.largest)) {
+        throw ValueError(
+            "Tensor '" + t.name + "' belongs to model file " +
+            std::to_string(output) + ", outside 1 … " +
+            std::to_string(input.largest) + " (" +
+            input.path.filename().string() + ")");
+      }
       if (tensor.output != 0 && tensor.output != output) {
         throw ValueError(
             "Tensor '" + t.name + "' belongs to model file " +
@@ -310,7 +365,14 @@ ConsolidateResult consolidate_safetensors_files(
     std::vector<std::string> names;
     for (const Piece& p : t.pieces) {
       for (std::size_t d = 0; d < t.full.size(); ++d) {
-        t.full[d] = std::max(t.full[d], p.offsets[d] + p.sizes[d]);
+        std::int64_t end = 0;
+        if (__builtin_add_overflow(p.offsets[d], p.sizes[d], &end)) {
+          throw ValueError(
+              quoted(inputs[p.file].path) + ": tensor '" + t.name +
+              "' has saved_offsets " + detail::shape_text(p.offsets) +
+              " that put it past 2^63 elements");
+        }
+        t.full[d] = std::max(t.full[d], end);
       }
       tiles.push_back(
           {p.offsets, p.sizes, quoted(inputs[p.file].path.filename())});
@@ -422,6 +484,7 @@ ConsolidateResult consolidate_safetensors_files(
       for (const Piece& p : t.pieces) {
         if (bits % 8 != 0) {
           // One whole sub-byte tensor.
+          done += info.end - info.begin;
           copier.copy(
               files[p.file].fd(),
               inputs[p.file].path,

@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <list>
 #include <map>
 #include <memory>
 #include <numeric>
@@ -20,6 +21,7 @@
 #include <set>
 #include <sstream>
 #include <tuple>
+#include <unordered_map>
 
 #include <ATen/ops/from_blob.h>
 #include <nlohmann/json.hpp>
@@ -107,15 +109,16 @@ void Placement::locate(
       return;
     case Kind::kShard: {
       const auto dims = static_cast<std::int64_t>(sizes.size());
-      if (dim_ < 0 || dim_ >= dims) {
+      // Negative dims count from the end, as DTensor's Shard(-1).
+      const std::int64_t dim = dim_ < 0 ? dim_ + dims : dim_;
+      if (dim < 0 || dim >= dims) {
         fail(
-            "shard(dim=" + std::to_string(dim_) +
-            ") needs a tensor with more "
-            "than " +
-            std::to_string(dim_) + " dimensions");
+            "shard(dim=" + std::to_string(dim_) + ") needs a dimension in [" +
+            std::to_string(-dims) + ", " + std::to_string(dims) +
+            ") of a tensor with " + std::to_string(dims) + " dimensions");
       }
-      full_shape[dim_] = full_size_;
-      offsets[dim_] = offset_;
+      full_shape[dim] = full_size_;
+      offsets[dim] = offset_;
       break;
     }
     case Kind::kBlock:
@@ -196,7 +199,8 @@ std::pair<std::int64_t, std::int64_t> chunk_range(
         std::to_string(world_size) + " for size " + std::to_string(full_size) +
         " is not a valid split");
   }
-  const std::int64_t per = (full_size + world_size - 1) / world_size;
+  const std::int64_t per =
+      full_size / world_size + (full_size % world_size != 0 ? 1 : 0);
   const std::int64_t begin = std::min(full_size, per * rank);
   const std::int64_t end = std::min(full_size, begin + per);
   return {begin, end - begin};
@@ -263,17 +267,21 @@ std::string host_name() {
   return buffer;
 }
 
-bool same_view(const at::Tensor& a, const at::Tensor& b) {
-  return a.storage_offset() == b.storage_offset() && a.sizes() == b.sizes() &&
-         a.strides() == b.strides() && a.scalar_type() == b.scalar_type();
-}
-
 // This rank's description, checked on its own: placements that fit, dtypes
 // the format has, ties that are whole tensors with one placement.
 RankView describe(const DistributedStateDict& local) {
   RankView view;
   view.host = host_name();
-  std::map<const void*, std::string> tie_of; // storage → first name
+  // A view of a storage → the first name holding it.
+  std::map<
+      std::tuple<
+          const void*,
+          std::int64_t,
+          std::vector<std::int64_t>,
+          std::vector<std::int64_t>,
+          c10::ScalarType>,
+      std::string>
+      tie_of;
   for (const auto& item : local) {
     const std::string& name = item.key();
     const DistributedTensor& dt = item.value();
@@ -295,23 +303,22 @@ RankView describe(const DistributedStateDict& local) {
     piece.dtype = t.scalar_type();
     piece.sizes.assign(t.sizes().begin(), t.sizes().end());
     piece.replicated = dt.placement.is_replicate();
-    if (!piece.replicated && c10::elementSize(t.scalar_type()) == 0) {
-      throw ValueError(
-          "Tensor '" + name + "': sub-byte dtypes can only be replicated");
-    }
+    // The full tensor's size must be expressible (volume checks overflow).
+    detail::volume(piece.full);
     piece.tie = name;
     if (t.numel() > 0 && t.storage().nbytes() > 0) {
-      const void* storage = t.storage().data_ptr().get();
-      const auto [it, first] = tie_of.try_emplace(storage, name);
+      // Only the same view of one storage is a tie; other views of it (a
+      // flat parameter buffer) are separate tensors.
+      const auto [it, first] = tie_of.try_emplace(
+          std::make_tuple(
+              t.storage().data_ptr().get(),
+              t.storage_offset(),
+              t.sizes().vec(),
+              t.strides().vec(),
+              t.scalar_type()),
+          name);
       if (!first) {
         const DistributedTensor& other = local[it->second];
-        if (!same_view(other.local, t)) {
-          throw ValueError(
-              "Tensors '" + it->second + "' and '" + name +
-              "' share storage but are not the same tensor: a distributed "
-              "save ties whole tensors only (save each view as its own "
-              "tensor, or tie the whole tensor)");
-        }
         if (!(other.placement == dt.placement)) {
           throw ValueError(
               "Tensors '" + it->second + "' and '" + name +
@@ -349,27 +356,30 @@ struct FullStateDict {
   std::vector<Group> groups;
 };
 
-// Each rank's names in its own order, merged: a name another rank lacks
-// goes after the name it follows on the rank that has it.
+// Each rank's names in its own order, merged: names a rank has that no
+// earlier rank had go just before the next name it shares with them, or at
+// the end (so the stages of a pipeline follow each other).
 std::vector<std::string> merged_order(const std::vector<RankView>& views) {
-  std::vector<std::string> order;
-  std::set<std::string> seen;
+  std::list<std::string> order;
+  std::unordered_map<std::string, std::list<std::string>::iterator> at;
   for (const RankView& view : views) {
-    std::size_t insert_at = 0;
+    std::vector<std::string> pending;
     for (const Piece& p : view.pieces) {
-      if (seen.insert(p.name).second) {
-        order.insert(
-            order.begin() + static_cast<std::ptrdiff_t>(insert_at), p.name);
-        ++insert_at;
-      } else {
-        insert_at =
-            static_cast<std::size_t>(
-                std::find(order.begin(), order.end(), p.name) - order.begin()) +
-            1;
+      const auto it = at.find(p.name);
+      if (it == at.end()) {
+        pending.push_back(p.name);
+        continue;
       }
+      for (const std::string& name : pending) {
+        at[name] = order.insert(it->second, name);
+      }
+      pending.clear();
+    }
+    for (const std::string& name : pending) {
+      at[name] = order.insert(order.end(), name);
     }
   }
-  return order;
+  return {order.begin(), order.end()};
 }
 
 FullStateDict assemble(const std::vector<RankView>& views) {
@@ -709,6 +719,12 @@ std::string encode_length(std::uint64_t n) {
   return out;
 }
 
+// The folder a save's files are named from: the checkpoint directory's
+// parent (the staging directory of a swap sits there), canonical.
+std::filesystem::path directory_base(const std::filesystem::path& directory) {
+  return std::filesystem::weakly_canonical(directory).parent_path();
+}
+
 // Opens a file rank 0 created and checks it is that file (the ranks share a
 // filesystem), by its header.
 int open_shared(
@@ -847,28 +863,51 @@ DistributedSaveResult save_torch_state_dict(
     views.push_back(from_json(text));
   }
   const FullStateDict full = assemble(views);
-  const StateDict assembled = stand_ins(full);
-  const detail::SavePlan plan = detail::plan_save(assembled, written);
 
+  // The plan, made by every rank alike: options that fail on one rank, or
+  // that differ between ranks, fail every rank here, before any file.
+  detail::SavePlan plan;
   std::vector<PlannedFile> files;
   std::vector<std::unique_ptr<SafetensorsWriter>> writers; // the headers
-  const auto& shards = plan.split.filename_to_tensors.items();
-  for (std::size_t i = 0; i < shards.size(); ++i) {
-    writers.push_back(std::make_unique<SafetensorsWriter>(
-        plan.shard_dict(i),
-        plan.file_metadata(),
-        true,
-        written.dtype(),
-        written.checksums()));
-    const SafetensorsWriter& writer = *writers.back();
-    PlannedFile file;
-    file.name = shards[i].key();
-    file.head = encode_length(writer.header().size()) + writer.header();
-    file.size = writer.size();
-    for (const SafetensorsTensorInfo& info : writer.tensors()) {
-      file.begin[info.name] = file.head.size() + info.begin;
+  std::string plan_digest;
+  detail::run_step(group, "planning the files", [&] {
+    plan = detail::plan_save(stand_ins(full), written);
+    const auto& shards = plan.split.filename_to_tensors.items();
+    for (std::size_t i = 0; i < shards.size(); ++i) {
+      writers.push_back(std::make_unique<SafetensorsWriter>(
+          plan.shard_dict(i),
+          plan.file_metadata(),
+          true,
+          written.dtype(),
+          written.checksums()));
+      const SafetensorsWriter& writer = *writers.back();
+      PlannedFile file;
+      file.name = shards[i].key();
+      file.head = encode_length(writer.header().size()) + writer.header();
+      file.size = writer.size();
+      for (const SafetensorsTensorInfo& info : writer.tensors()) {
+        file.begin[info.name] = file.head.size() + info.begin;
+      }
+      plan_digest += file.name + '\n' + file.head + '\n';
+      files.push_back(std::move(file));
     }
-    files.push_back(std::move(file));
+    plan_digest += plan.split.is_sharded ? plan.index() : std::string();
+    plan_digest += written.durable() ? "durable" : "volatile";
+  });
+  {
+    const std::vector<std::string> digests = detail::all_gather_bytes(
+        group,
+        std::to_string(std::hash<std::string>{}(plan_digest)),
+        "comparing the ranks' plans");
+    for (std::size_t r = 1; r < digests.size(); ++r) {
+      if (digests[r] != digests[0]) {
+        throw ValueError(
+            "Rank " + std::to_string(r) +
+            "'s SaveOptions give other files than rank 0's (max_shard_size, "
+            "filename_pattern, metadata, shared_tensors_to_discard, dtype, "
+            "checksums and durable must be the same on every rank)");
+      }
+    }
   }
   DistributedSaveResult result;
   result.files = plan.files();
@@ -894,15 +933,22 @@ DistributedSaveResult save_torch_state_dict(
       out.write(file.head.data(), file.head.size());
       const std::filesystem::path temporary = out.keep(written.durable());
       commit->stage(file.name, temporary);
-      paths.push_back(temporary.string());
+      // Said relative to the directory's parent, which every rank names its
+      // own way (another mount point, another working directory).
+      paths.push_back(std::filesystem::weakly_canonical(temporary)
+                          .lexically_relative(directory_base(save_directory))
+                          .string());
     }
     paths_text = paths.dump();
   });
-  const std::vector<std::string> temporaries =
-      nlohmann::json::parse(
-          detail::broadcast_bytes(
-              group, paths_text, 0, "sharing the files' paths"))
-          .get<std::vector<std::string>>();
+  std::vector<std::string> temporaries;
+  for (const std::string& relative :
+       nlohmann::json::parse(
+           detail::broadcast_bytes(
+               group, paths_text, 0, "sharing the files' paths"))
+           .get<std::vector<std::string>>()) {
+    temporaries.push_back((directory_base(save_directory) / relative).string());
+  }
 
   // 4. Every rank writes its bytes at their offsets, and makes them durable.
   std::vector<WrittenRun> my_runs;
@@ -1003,8 +1049,8 @@ DistributedSaveResult save_torch_state_dict(
     const std::string mine_runs(
         reinterpret_cast<const char*>(my_runs.data()),
         my_runs.size() * sizeof(WrittenRun));
-    for (const std::string& bytes : detail::all_gather_bytes(
-             group, mine_runs, "gathering the tensors' checksums")) {
+    for (const std::string& bytes : detail::gather_bytes(
+             group, mine_runs, 0, "gathering the tensors' checksums")) {
       const std::size_t n = bytes.size() / sizeof(WrittenRun);
       const std::size_t at = all_runs.size();
       all_runs.resize(at + n);

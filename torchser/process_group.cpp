@@ -46,6 +46,10 @@ struct ProcessGroup::Impl {
   virtual c10::intrusive_ptr<c10d::Work> broadcast(
       std::vector<at::Tensor>& tensors,
       const c10d::BroadcastOptions& options) const = 0;
+  virtual c10::intrusive_ptr<c10d::Work> gather(
+      std::vector<std::vector<at::Tensor>>& out,
+      std::vector<at::Tensor>& in,
+      const c10d::GatherOptions& options) const = 0;
   std::chrono::milliseconds timeout{kDefaultProcessGroupTimeout};
   // Where the bytes of a collective live: CPU for Gloo, CUDA for NCCL.
   c10::Device device{c10::kCPU};
@@ -75,6 +79,12 @@ struct GroupImpl final : ProcessGroup::Impl {
       std::vector<at::Tensor>& tensors,
       const c10d::BroadcastOptions& options) const override {
     return group->broadcast(tensors, options);
+  }
+  c10::intrusive_ptr<c10d::Work> gather(
+      std::vector<std::vector<at::Tensor>>& out,
+      std::vector<at::Tensor>& in,
+      const c10d::GatherOptions& options) const override {
+    return group->gather(out, in, options);
   }
   c10::intrusive_ptr<Group> group;
 };
@@ -401,6 +411,59 @@ std::vector<std::string> all_gather_bytes(
     result.emplace_back(
         static_cast<const char*>(bytes.data_ptr()),
         static_cast<std::size_t>(sizes[r]));
+  }
+  return result;
+}
+
+std::vector<std::string> gather_bytes(
+    const ProcessGroup& group,
+    const std::string& mine,
+    int root,
+    const std::string& step) {
+  const ProcessGroup::Impl& impl = group.impl();
+  const int n = impl.size();
+  const auto on_device = at::TensorOptions().device(impl.device);
+  // The sizes go to every rank (eight bytes each), so that all pad alike.
+  std::vector<std::int64_t> sizes;
+  std::int64_t longest = 1;
+  {
+    c10d::AllgatherOptions options;
+    options.timeout = impl.timeout;
+    std::vector<at::Tensor> in{
+        at::full({1}, static_cast<std::int64_t>(mine.size()), at::kLong)
+            .to(impl.device)};
+    std::vector<std::vector<at::Tensor>> out(1);
+    for (int r = 0; r < n; ++r) {
+      out[0].push_back(at::empty({1}, on_device.dtype(at::kLong)));
+    }
+    wait(impl.allgather(out, in, options), impl, step);
+    for (const at::Tensor& s : out[0]) {
+      sizes.push_back(s.cpu().item<std::int64_t>());
+      longest = std::max(longest, sizes.back());
+    }
+  }
+  c10d::GatherOptions options;
+  options.rootRank = root;
+  options.timeout = impl.timeout;
+  at::Tensor padded = at::zeros({longest}, at::kByte);
+  std::memcpy(padded.data_ptr(), mine.data(), mine.size());
+  std::vector<at::Tensor> in{padded.to(impl.device)};
+  std::vector<std::vector<at::Tensor>> out;
+  if (impl.rank() == root) {
+    out.emplace_back();
+    for (int r = 0; r < n; ++r) {
+      out[0].push_back(at::empty({longest}, on_device.dtype(at::kByte)));
+    }
+  }
+  wait(impl.gather(out, in, options), impl, step);
+  std::vector<std::string> result;
+  if (impl.rank() == root) {
+    for (int r = 0; r < n; ++r) {
+      const at::Tensor bytes = out[0][r].cpu();
+      result.emplace_back(
+          static_cast<const char*>(bytes.data_ptr()),
+          static_cast<std::size_t>(sizes[r]));
+    }
   }
   return result;
 }

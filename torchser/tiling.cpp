@@ -7,7 +7,11 @@ namespace torchser::detail {
 std::int64_t volume(const Shape& shape) {
   std::int64_t n = 1;
   for (const std::int64_t d : shape) {
-    n *= d;
+    if (d < 0 || __builtin_mul_overflow(n, d, &n)) {
+      throw ValueError(
+          "A tensor of shape " + shape_text(shape) +
+          " cannot exist: its element count is negative or past 2^63");
+    }
   }
   return n;
 }

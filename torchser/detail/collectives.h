@@ -23,6 +23,13 @@ TORCHSER_API std::vector<std::string> all_gather_bytes(
     const std::string& mine,
     const std::string& step);
 
+/// Every rank's `mine` on `root` (indexed by rank); empty on the others.
+TORCHSER_API std::vector<std::string> gather_bytes(
+    const ProcessGroup& group,
+    const std::string& mine,
+    int root,
+    const std::string& step);
+
 /// `root`'s `bytes` on every rank.
 TORCHSER_API std::string broadcast_bytes(
     const ProcessGroup& group,
@@ -50,6 +57,9 @@ void run_step(const ProcessGroup& group, const std::string& step, Work&& work) {
   } catch (const std::exception& e) {
     error = std::current_exception();
     failure = e.what();
+  } catch (...) {
+    error = std::current_exception();
+    failure = "an exception that is not a std::exception";
   }
   agree(group, failure, step);
   if (error) {

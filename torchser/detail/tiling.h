@@ -46,7 +46,7 @@ TORCHSER_API void for_each_run(
     const std::function<void(
         const Shape& leading, std::int64_t element, std::int64_t count)>& run);
 
-/// Elements of `shape`.
+/// Elements of `shape`; ValueError when negative or past 2^63 − 1.
 TORCHSER_API std::int64_t volume(const Shape& shape);
 
 /// "[1, 2, 3]".
