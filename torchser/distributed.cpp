@@ -34,6 +34,7 @@
 #include "torchser/detail/checksum.h"
 #include "torchser/detail/collectives.h"
 #include "torchser/detail/file.h"
+#include "torchser/detail/parallel.h"
 #include "torchser/detail/python_format.h"
 #include "torchser/detail/save_plan.h"
 #include "torchser/detail/tiling.h"
@@ -998,16 +999,31 @@ DistributedSaveResult save_torch_state_dict(
       }
     }
     std::uint64_t done = 0;
-    for (std::uint32_t f = 0; f < files.size(); ++f) {
-      const std::filesystem::path path = temporaries.at(f);
-      const int fd =
-          open_shared(path, files[f], group, mine.host, views[0].host);
-      struct Closer {
-        int fd;
-        ~Closer() {
-          ::close(fd);
+    // Closed however this step ends.
+    struct OpenFile {
+      int fd;
+      std::filesystem::path path;
+    };
+    struct OpenFiles : std::vector<OpenFile> {
+      ~OpenFiles() {
+        for (const OpenFile& file : *this) {
+          ::close(file.fd);
         }
-      } closer{fd};
+      }
+    } opened;
+    // Each rank starts at its own file and wraps around, so that ranks of
+    // one host write different files at a time (one file's writers share
+    // its inode lock).
+    const auto count = static_cast<std::uint32_t>(files.size());
+    const auto first = static_cast<std::uint32_t>(
+        static_cast<std::uint64_t>(me) * count /
+        static_cast<std::uint64_t>(group.size()));
+    for (std::uint32_t k = 0; k < count; ++k) {
+      const std::uint32_t f = (first + k) % count;
+      const std::filesystem::path path = temporaries.at(f);
+      opened.push_back(
+          {open_shared(path, files[f], group, mine.host, views[0].host), path});
+      const int fd = opened.back().fd;
       PieceWriter writer(fd, path, f, written.checksums() ? &my_runs : nullptr);
       for (const std::size_t g : work[f]) {
         const Group& grp = full.groups[g];
@@ -1037,9 +1053,15 @@ DistributedSaveResult save_torch_state_dict(
           written.progress()(Progress{files[f].name, kept, done, planned});
         }
       }
-      if (written.durable() && ::fdatasync(fd) != 0) {
-        detail::throw_os_error("Cannot flush", path, errno);
-      }
+    }
+    // The flushes overlap (the disk takes several at once), as a
+    // single-process save's writer threads' do.
+    if (written.durable()) {
+      detail::parallel_for(opened.size(), 4, [&](std::size_t i) {
+        if (::fdatasync(opened[i].fd) != 0) {
+          detail::throw_os_error("Cannot flush", opened[i].path, errno);
+        }
+      });
     }
   });
 

@@ -114,7 +114,10 @@ int torchser::bench::bench_distributed_rank(int argc, char** argv) {
   const std::int64_t wchar0 = read_io("wchar");
   const auto start = Clock::now();
   const auto result = torchser::save_torch_state_dict(
-      local, dir, group, torchser::SaveOptions().max_shard_size("200MB"));
+      local,
+      dir,
+      group,
+      torchser::SaveOptions().max_shard_size("200MB").durable(true));
   const double seconds = seconds_since(start);
   std::cout << seconds << " " << read_io("wchar") - wchar0 << " "
             << peak_rss_bytes() - before << " " << result.bytes_written
