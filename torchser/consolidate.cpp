@@ -116,40 +116,8 @@ class RangeCopier {
     while (size > 0) {
       const std::size_t n =
           static_cast<std::size_t>(std::min<std::uint64_t>(size, kChunk));
-      std::size_t got = 0;
-      while (got < n) {
-        const ssize_t r = ::pread(
-            from,
-            buffer_.get() + got,
-            n - got,
-            static_cast<off_t>(from_offset + got));
-        if (r < 0 && errno == EINTR) {
-          continue;
-        }
-        if (r <= 0) {
-          detail::throw_os_error(
-              "Cannot read " + std::to_string(n) + " bytes at offset " +
-                  std::to_string(from_offset) + " of",
-              from_path,
-              r < 0 ? errno : EIO);
-        }
-        got += static_cast<std::size_t>(r);
-      }
-      std::size_t done = 0;
-      while (done < n) {
-        const ssize_t put = ::pwrite(
-            to,
-            buffer_.get() + done,
-            n - done,
-            static_cast<off_t>(to_offset + done));
-        if (put < 0) {
-          if (errno == EINTR) {
-            continue;
-          }
-          detail::throw_os_error("Cannot write", to_path, errno);
-        }
-        done += static_cast<std::size_t>(put);
-      }
+      detail::pread_exact(from, from_path, buffer_.get(), n, from_offset);
+      detail::pwrite_all(to, to_path, buffer_.get(), n, to_offset);
       from_offset += n;
       to_offset += n;
       size -= n;

@@ -676,25 +676,7 @@ class PieceWriter {
     if (crc != nullptr) {
       *crc = detail::crc32c(data, static_cast<std::size_t>(size), *crc);
     }
-    const auto* p = static_cast<const std::uint8_t*>(data);
-    while (size > 0) {
-      const std::size_t n =
-          static_cast<std::size_t>(std::min<std::uint64_t>(size, 1u << 30));
-      const ssize_t done = ::pwrite(fd_, p, n, static_cast<off_t>(offset));
-      if (done < 0) {
-        if (errno == EINTR) {
-          continue;
-        }
-        detail::throw_os_error(
-            "Cannot write " + std::to_string(n) + " bytes at offset " +
-                std::to_string(offset) + " of",
-            path_,
-            errno);
-      }
-      p += done;
-      size -= static_cast<std::uint64_t>(done);
-      offset += static_cast<std::uint64_t>(done);
-    }
+    detail::pwrite_all(fd_, path_, data, size, offset);
   }
 
   int fd_;
@@ -805,13 +787,15 @@ void write_checksums(
     if (fd < 0) {
       detail::throw_os_error("Cannot open", path, errno);
     }
-    const ssize_t put = ::pwrite(fd, header.data(), header.size(), 8);
-    const int error = errno;
-    const bool synced = !durable || ::fdatasync(fd) == 0;
-    ::close(fd);
-    if (put != static_cast<ssize_t>(header.size()) || !synced) {
-      detail::throw_os_error(
-          "Cannot write the checksums into", path, put < 0 ? error : EIO);
+    struct Closer {
+      int fd;
+      ~Closer() {
+        ::close(fd);
+      }
+    } closer{fd};
+    detail::pwrite_all(fd, path, header.data(), header.size(), 8);
+    if (durable && ::fdatasync(fd) != 0) {
+      detail::throw_os_error("Cannot flush", path, errno);
     }
   }
 }

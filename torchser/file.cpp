@@ -74,29 +74,65 @@ std::uint64_t File::size() const {
   return static_cast<std::uint64_t>(st.st_size);
 }
 
-void File::pread_exact(
-    void* data, std::size_t size, std::uint64_t offset) const {
+void pread_exact(
+    int fd,
+    const std::filesystem::path& path,
+    void* data,
+    std::size_t size,
+    std::uint64_t offset) {
   auto* out = static_cast<std::uint8_t*>(data);
   std::size_t done = 0;
   while (done < size) {
     const std::size_t chunk = std::min(size - done, kMaxIo);
     const ssize_t got =
-        ::pread(fd_, out + done, chunk, static_cast<off_t>(offset + done));
+        ::pread(fd, out + done, chunk, static_cast<off_t>(offset + done));
     if (got < 0) {
       if (errno == EINTR) {
         continue;
       }
-      throw_os_error("Cannot read", path_, errno);
+      throw_os_error("Cannot read", path, errno);
     }
     if (got == 0) {
       throw OSError(
-          "Cannot read '" + path_.string() + "': the file ends at byte " +
+          "Cannot read '" + path.string() + "': the file ends at byte " +
           std::to_string(offset + done) + ", but " + std::to_string(size) +
           " bytes were expected from byte " + std::to_string(offset) +
           " (was it truncated while being read?)");
     }
     done += static_cast<std::size_t>(got);
   }
+}
+
+void pwrite_all(
+    int fd,
+    const std::filesystem::path& path,
+    const void* data,
+    std::uint64_t size,
+    std::uint64_t offset) {
+  const auto* in = static_cast<const std::uint8_t*>(data);
+  while (size > 0) {
+    const auto chunk =
+        static_cast<std::size_t>(std::min<std::uint64_t>(size, kMaxIo));
+    const ssize_t put = ::pwrite(fd, in, chunk, static_cast<off_t>(offset));
+    if (put < 0) {
+      if (errno == EINTR) {
+        continue;
+      }
+      throw_os_error(
+          "Cannot write " + std::to_string(chunk) + " bytes at offset " +
+              std::to_string(offset) + " of",
+          path,
+          errno);
+    }
+    in += put;
+    offset += static_cast<std::uint64_t>(put);
+    size -= static_cast<std::uint64_t>(put);
+  }
+}
+
+void File::pread_exact(
+    void* data, std::size_t size, std::uint64_t offset) const {
+  detail::pread_exact(fd_, path_, data, size, offset);
 }
 
 void File::write_all(const void* data, std::size_t size) const {
@@ -218,20 +254,7 @@ void AtomicFile::write(const void* data, std::size_t size) {
 void AtomicFile::patch(
     const void* data, std::size_t size, std::uint64_t offset) {
   flush_buffer();
-  const auto* in = static_cast<const std::uint8_t*>(data);
-  while (size > 0) {
-    const ssize_t put =
-        ::pwrite(file_.fd(), in, size, static_cast<off_t>(offset));
-    if (put < 0) {
-      if (errno == EINTR) {
-        continue;
-      }
-      throw_os_error("Cannot write", file_.path(), errno);
-    }
-    in += put;
-    offset += static_cast<std::uint64_t>(put);
-    size -= static_cast<std::size_t>(put);
-  }
+  pwrite_all(file_.fd(), file_.path(), data, size, offset);
 }
 
 void AtomicFile::commit(bool durable) {

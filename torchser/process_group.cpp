@@ -370,6 +370,58 @@ ProcessGroup init_process_group_from_env(
 }
 
 namespace detail {
+namespace {
+
+// Every rank's byte count, and the longest (at least 1: no empty tensors).
+struct Sizes {
+  std::vector<std::int64_t> each;
+  std::int64_t longest = 1;
+};
+
+Sizes exchange_sizes(
+    const ProcessGroup::Impl& impl, std::size_t mine, const std::string& step) {
+  c10d::AllgatherOptions options;
+  options.timeout = impl.timeout;
+  std::vector<at::Tensor> in{
+      at::full({1}, static_cast<std::int64_t>(mine), at::kLong)
+          .to(impl.device)};
+  std::vector<std::vector<at::Tensor>> out(1);
+  for (int r = 0; r < impl.size(); ++r) {
+    out[0].push_back(at::empty(
+        {1}, at::TensorOptions().device(impl.device).dtype(at::kLong)));
+  }
+  wait(impl.allgather(out, in, options), impl, step);
+  Sizes sizes;
+  for (const at::Tensor& s : out[0]) {
+    sizes.each.push_back(s.cpu().item<std::int64_t>());
+    sizes.longest = std::max(sizes.longest, sizes.each.back());
+  }
+  return sizes;
+}
+
+// `bytes` in a tensor of `length` bytes on `device`.
+at::Tensor padded(
+    const std::string& bytes, std::int64_t length, c10::Device device) {
+  at::Tensor out = at::zeros({length}, at::kByte);
+  std::memcpy(out.data_ptr(), bytes.data(), bytes.size());
+  return out.to(device);
+}
+
+// Each rank's bytes back from its padded tensor.
+std::vector<std::string> unpadded(
+    const std::vector<at::Tensor>& tensors,
+    const std::vector<std::int64_t>& sizes) {
+  std::vector<std::string> result;
+  for (std::size_t r = 0; r < tensors.size(); ++r) {
+    const at::Tensor bytes = tensors[r].cpu();
+    result.emplace_back(
+        static_cast<const char*>(bytes.data_ptr()),
+        static_cast<std::size_t>(sizes[r]));
+  }
+  return result;
+}
+
+} // namespace
 
 std::vector<std::string> all_gather_bytes(
     const ProcessGroup& group,
@@ -380,39 +432,16 @@ std::vector<std::string> all_gather_bytes(
   const auto on_device = at::TensorOptions().device(impl.device);
   c10d::AllgatherOptions options;
   options.timeout = impl.timeout;
-
   // Sizes first, then everyone's bytes padded to the longest.
-  std::vector<at::Tensor> size_in{
-      at::full({1}, static_cast<std::int64_t>(mine.size()), at::kLong)
-          .to(impl.device)};
-  std::vector<std::vector<at::Tensor>> size_out(1);
-  for (int r = 0; r < n; ++r) {
-    size_out[0].push_back(at::empty({1}, on_device.dtype(at::kLong)));
-  }
-  wait(impl.allgather(size_out, size_in, options), impl, step);
-  std::vector<std::int64_t> sizes;
-  std::int64_t longest = 1;
-  for (const at::Tensor& s : size_out[0]) {
-    sizes.push_back(s.cpu().item<std::int64_t>());
-    longest = std::max(longest, sizes.back());
-  }
-
-  at::Tensor padded = at::zeros({longest}, at::kByte);
-  std::memcpy(padded.data_ptr(), mine.data(), mine.size());
-  std::vector<at::Tensor> in{padded.to(impl.device)};
+  const Sizes sizes = exchange_sizes(impl, mine.size(), step);
+  const std::int64_t longest = sizes.longest;
+  std::vector<at::Tensor> in{padded(mine, longest, impl.device)};
   std::vector<std::vector<at::Tensor>> out(1);
   for (int r = 0; r < n; ++r) {
     out[0].push_back(at::empty({longest}, on_device.dtype(at::kByte)));
   }
   wait(impl.allgather(out, in, options), impl, step);
-  std::vector<std::string> result;
-  for (int r = 0; r < n; ++r) {
-    const at::Tensor bytes = out[0][r].cpu();
-    result.emplace_back(
-        static_cast<const char*>(bytes.data_ptr()),
-        static_cast<std::size_t>(sizes[r]));
-  }
-  return result;
+  return unpadded(out[0], sizes.each);
 }
 
 std::vector<std::string> gather_bytes(
@@ -424,48 +453,23 @@ std::vector<std::string> gather_bytes(
   const int n = impl.size();
   const auto on_device = at::TensorOptions().device(impl.device);
   // The sizes go to every rank (eight bytes each), so that all pad alike.
-  std::vector<std::int64_t> sizes;
-  std::int64_t longest = 1;
-  {
-    c10d::AllgatherOptions options;
-    options.timeout = impl.timeout;
-    std::vector<at::Tensor> in{
-        at::full({1}, static_cast<std::int64_t>(mine.size()), at::kLong)
-            .to(impl.device)};
-    std::vector<std::vector<at::Tensor>> out(1);
-    for (int r = 0; r < n; ++r) {
-      out[0].push_back(at::empty({1}, on_device.dtype(at::kLong)));
-    }
-    wait(impl.allgather(out, in, options), impl, step);
-    for (const at::Tensor& s : out[0]) {
-      sizes.push_back(s.cpu().item<std::int64_t>());
-      longest = std::max(longest, sizes.back());
-    }
-  }
+  const Sizes sizes = exchange_sizes(impl, mine.size(), step);
+  const std::int64_t longest = sizes.longest;
   c10d::GatherOptions options;
   options.rootRank = root;
   options.timeout = impl.timeout;
-  at::Tensor padded = at::zeros({longest}, at::kByte);
-  std::memcpy(padded.data_ptr(), mine.data(), mine.size());
-  std::vector<at::Tensor> in{padded.to(impl.device)};
+  std::vector<at::Tensor> in{padded(mine, longest, impl.device)};
   std::vector<std::vector<at::Tensor>> out;
-  if (impl.rank() == root) {
-    out.emplace_back();
-    for (int r = 0; r < n; ++r) {
-      out[0].push_back(at::empty({longest}, on_device.dtype(at::kByte)));
-    }
+  if (impl.rank() != root) {
+    wait(impl.gather(out, in, options), impl, step);
+    return {};
+  }
+  out.emplace_back();
+  for (int r = 0; r < n; ++r) {
+    out[0].push_back(at::empty({longest}, on_device.dtype(at::kByte)));
   }
   wait(impl.gather(out, in, options), impl, step);
-  std::vector<std::string> result;
-  if (impl.rank() == root) {
-    for (int r = 0; r < n; ++r) {
-      const at::Tensor bytes = out[0][r].cpu();
-      result.emplace_back(
-          static_cast<const char*>(bytes.data_ptr()),
-          static_cast<std::size_t>(sizes[r]));
-    }
-  }
-  return result;
+  return unpadded(out[0], sizes.each);
 }
 
 std::string broadcast_bytes(

@@ -21,6 +21,25 @@ namespace torchser::detail {
 [[noreturn]] TORCHSER_API void throw_os_error(
     const std::string& what, const std::filesystem::path& path, int error);
 
+/// Reads exactly `size` bytes at `offset` of descriptor `fd`, looping over
+/// short reads; a file that ends early is an OSError naming `path` and the
+/// offsets.
+TORCHSER_API void pread_exact(
+    int fd,
+    const std::filesystem::path& path,
+    void* data,
+    std::size_t size,
+    std::uint64_t offset);
+
+/// Writes all `size` bytes at `offset` of descriptor `fd`, looping over
+/// short writes; OSError naming `path` and the offset.
+TORCHSER_API void pwrite_all(
+    int fd,
+    const std::filesystem::path& path,
+    const void* data,
+    std::uint64_t size,
+    std::uint64_t offset);
+
 /// An open file descriptor, closed on destruction.
 class TORCHSER_API File {
  public:
