@@ -433,7 +433,10 @@ FullStateDict assemble(const std::vector<RankView>& views) {
     int first_rank = -1;
     std::map<int, const Piece*> on_rank;
     for (const std::string& name : group.names) {
-      for (const auto& [rank, piece] : by_name[name]) {
+      for (const auto& held : by_name[name]) {
+        // (Named copies: C++17 lambdas cannot capture structured bindings.)
+        const int rank = held.first;
+        const Piece* const piece = held.second;
         if (first == nullptr) {
           first = piece;
           first_rank = rank;
