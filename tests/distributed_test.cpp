@@ -279,8 +279,10 @@ TEST_F(
     DistributedSaveTest,
     ARankKilledWhileWritingFailsTheOthersAndLeavesTheOldCheckpointWhole) {
   // (rank, after how many pieces it dies): early, late, rank 0 included.
-  for (const auto& [victim, point] : std::vector<std::pair<int, int>>{
+  for (const auto& kill : std::vector<std::pair<int, int>>{
            {1, 2}, {0, 2}, {2, 9}, {1, 11}, {0, 7}}) {
+    const int victim = kill.first;
+    const int point = kill.second;
     SCOPED_TRACE(
         "rank " + std::to_string(victim) + " killed after " +
         std::to_string(point) + " pieces");
