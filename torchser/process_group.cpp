@@ -103,6 +103,15 @@ std::shared_ptr<ProcessGroup::Impl> make_impl(
   return impl;
 }
 
+// An exception's message; c10::Error's what() carries a C++ backtrace after
+// it.
+std::string message_of(const std::exception& e) {
+  if (const auto* c10_error = dynamic_cast<const c10::Error*>(&e)) {
+    return c10_error->what_without_backtrace();
+  }
+  return e.what();
+}
+
 // Waits for `work`, turning c10d's failures (a peer's closed connection, a
 // timeout) into DistBackendError naming the step and this rank.
 void wait(
@@ -125,13 +134,7 @@ void wait(
   } catch (const DistBackendError&) {
     throw;
   } catch (const std::exception& e) {
-    // c10::Error's what() carries a C++ backtrace; its first line is the
-    // message.
-    std::string why = e.what();
-    if (const auto* c10_error = dynamic_cast<const c10::Error*>(&e)) {
-      why = c10_error->what_without_backtrace();
-    }
-    fail(why);
+    fail(message_of(e));
   }
 }
 
@@ -306,10 +309,7 @@ ProcessGroup init_process_group(const ProcessGroupOptions& options) {
   } catch (const ValueError&) {
     throw;
   } catch (const std::exception& e) {
-    std::string why = e.what();
-    if (const auto* c10_error = dynamic_cast<const c10::Error*>(&e)) {
-      why = c10_error->what_without_backtrace();
-    }
+    const std::string why = message_of(e);
     throw DistBackendError(
         "init_process_group: rank " + std::to_string(rank) + " of " +
         std::to_string(world_size) + " could not reach the rendezvous '" +
@@ -351,10 +351,7 @@ ProcessGroup init_process_group(const ProcessGroupOptions& options) {
             store, rank, world_size, gloo_options);
     return ProcessGroup(group, options.timeout());
   } catch (const std::exception& e) {
-    std::string why = e.what();
-    if (const auto* c10_error = dynamic_cast<const c10::Error*>(&e)) {
-      why = c10_error->what_without_backtrace();
-    }
+    const std::string why = message_of(e);
     throw DistBackendError(
         "init_process_group: rank " + std::to_string(rank) + " of " +
         std::to_string(world_size) + " could not form the " + backend +

@@ -113,8 +113,7 @@ TORCHSER_API ProcessGroup
 init_process_group(const ProcessGroupOptions& options = {});
 
 /// `init_process_group` with `init_method("env://")`: torchrun's RANK,
-/// WORLD_SIZE, MASTER_ADDR and MASTER_PORT (LOCAL_RANK picks the CUDA device
-/// for NCCL).
+/// WORLD_SIZE, MASTER_ADDR and MASTER_PORT.
 TORCHSER_API ProcessGroup init_process_group_from_env(
     const std::string& backend = "gloo",
     std::chrono::milliseconds timeout = kDefaultProcessGroupTimeout);
