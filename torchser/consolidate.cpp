@@ -434,16 +434,8 @@ ConsolidateResult consolidate_safetensors_files(
     file.write(out.head.data(), out.head.size());
     const std::filesystem::path temporary = file.keep(false);
     commit.stage(out.name, temporary);
-    const int fd = ::open(temporary.c_str(), O_WRONLY | O_CLOEXEC);
-    if (fd < 0) {
-      detail::throw_os_error("Cannot open", temporary, errno);
-    }
-    struct Closer {
-      int fd;
-      ~Closer() {
-        ::close(fd);
-      }
-    } closer{fd};
+    const detail::File written = detail::File::open_write(temporary);
+    const int fd = written.fd();
     for (const SafetensorsTensorInfo& info : out.infos) {
       const Tensor& t = tensors[tensor_of.at(info.name)];
       const std::uint64_t base = out.head.size() + info.begin;

@@ -713,35 +713,35 @@ std::filesystem::path directory_base(const std::filesystem::path& directory) {
 
 // Opens a file rank 0 created and checks it is that file (the ranks share a
 // filesystem), by its header.
-int open_shared(
+detail::File open_shared(
     const std::filesystem::path& path,
     const PlannedFile& file,
     const ProcessGroup& group,
     const std::string& host,
     const std::string& host0) {
-  const int fd = ::open(path.c_str(), O_RDWR | O_CLOEXEC);
-  std::string seen;
-  if (fd >= 0) {
-    seen.resize(file.head.size());
-    const ssize_t n = ::pread(fd, seen.data(), seen.size(), 0);
+  std::optional<detail::File> opened;
+  std::string why;
+  try {
+    opened = detail::File::open_write(path);
+    std::string seen(file.head.size(), '\0');
+    const ssize_t n = ::pread(opened->fd(), seen.data(), seen.size(), 0);
     seen.resize(n < 0 ? 0 : static_cast<std::size_t>(n));
-  }
-  if (fd < 0 || seen != file.head) {
-    const int error = errno;
-    if (fd >= 0) {
-      ::close(fd);
+    if (seen != file.head) {
+      why = "see rank 0's header in '" + path.string() + "'";
     }
+  } catch (const OSError& e) {
+    why = "open '" + path.string() + "' (" + e.what() + ")";
+  }
+  if (!why.empty()) {
     throw OSError(
         "rank " + std::to_string(group.rank()) + " (host " + host +
-        ") cannot " + (fd < 0 ? "open" : "see rank 0's header in") + " '" +
-        path.string() + "', which rank 0 (host " + host0 + ") created" +
-        (fd < 0 ? std::string(": ") + std::strerror(error) : std::string()) +
+        ") cannot " + why + ", which rank 0 (host " + host0 + ") created" +
         ". A distributed save writes every file from every rank, so the "
         "directory must be on a filesystem all ranks share (NFS, Lustre, a "
         "local disk for ranks of one host); ranks without one are not "
         "supported.");
   }
-  return fd;
+  return std::move(*opened);
 }
 
 // Each tensor's CRC-32C from the runs the ranks wrote, folded in file
@@ -786,18 +786,9 @@ void write_checksums(
     }
     const std::string header = writers[f]->final_header(crcs);
     const std::filesystem::path path = temporaries[f];
-    const int fd = ::open(path.c_str(), O_WRONLY | O_CLOEXEC);
-    if (fd < 0) {
-      detail::throw_os_error("Cannot open", path, errno);
-    }
-    struct Closer {
-      int fd;
-      ~Closer() {
-        ::close(fd);
-      }
-    } closer{fd};
-    detail::pwrite_all(fd, path, header.data(), header.size(), 8);
-    if (durable && ::fdatasync(fd) != 0) {
+    const detail::File out = detail::File::open_write(path);
+    detail::pwrite_all(out.fd(), path, header.data(), header.size(), 8);
+    if (durable && ::fdatasync(out.fd()) != 0) {
       detail::throw_os_error("Cannot flush", path, errno);
     }
   }
@@ -986,18 +977,7 @@ DistributedSaveResult save_torch_state_dict(
       }
     }
     std::uint64_t done = 0;
-    // Closed however this step ends.
-    struct OpenFile {
-      int fd;
-      std::filesystem::path path;
-    };
-    struct OpenFiles : std::vector<OpenFile> {
-      ~OpenFiles() {
-        for (const OpenFile& file : *this) {
-          ::close(file.fd);
-        }
-      }
-    } opened;
+    std::vector<detail::File> opened; // closed however this step ends
     // Each rank starts at its own file and wraps around, so that ranks of
     // one host write different files at a time (one file's writers share
     // its inode lock).
@@ -1009,8 +989,8 @@ DistributedSaveResult save_torch_state_dict(
       const std::uint32_t f = (first + k) % count;
       const std::filesystem::path path = temporaries.at(f);
       opened.push_back(
-          {open_shared(path, files[f], group, mine.host, views[0].host), path});
-      const int fd = opened.back().fd;
+          open_shared(path, files[f], group, mine.host, views[0].host));
+      const int fd = opened.back().fd();
       PieceWriter writer(fd, path, f, written.checksums() ? &my_runs : nullptr);
       for (const std::size_t g : work[f]) {
         const Group& grp = full.groups[g];
@@ -1045,8 +1025,8 @@ DistributedSaveResult save_torch_state_dict(
     // single-process save's writer threads' do.
     if (written.durable()) {
       detail::parallel_for(opened.size(), 4, [&](std::size_t i) {
-        if (::fdatasync(opened[i].fd) != 0) {
-          detail::throw_os_error("Cannot flush", opened[i].path, errno);
+        if (::fdatasync(opened[i].fd()) != 0) {
+          detail::throw_os_error("Cannot flush", opened[i].path(), errno);
         }
       });
     }

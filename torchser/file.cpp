@@ -30,6 +30,14 @@ void throw_os_error(
   throw OSError(message);
 }
 
+File File::open_write(const std::filesystem::path& path) {
+  const int fd = ::open(path.c_str(), O_RDWR | O_CLOEXEC);
+  if (fd < 0) {
+    throw_os_error("Cannot open", path, errno);
+  }
+  return File(fd, path);
+}
+
 File File::open_read(const std::filesystem::path& path) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) {

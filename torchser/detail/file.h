@@ -45,6 +45,9 @@ class TORCHSER_API File {
  public:
   /// Opens `path` read-only.
   static File open_read(const std::filesystem::path& path);
+  /// Opens the existing file `path` for positional reads and writes (a file
+  /// another writer created, written at its offsets).
+  static File open_write(const std::filesystem::path& path);
 
   File() = default;
   File(File&& other) noexcept;
