@@ -21,6 +21,7 @@
 
 #include "test_utils.h"
 #include "torchser/detail/checksum.h"
+#include "torchser/detail/zip.h"
 
 namespace torchser {
 namespace {
@@ -84,6 +85,31 @@ TEST(ChecksumTest, CombinedCrcsEqualTheCrcOfTheJoinedBytes) {
       torchser::detail::crc32c_combine(
           torchser::detail::crc32c_combine(a, b, 900), c, 4000),
       whole);
+}
+
+// ZIP's CRC-32 (a torch.save record written by several ranks), checked
+// against zlib's value for "123456789" and against the direct CRC.
+TEST(ChecksumTest, CombinedZipCrcsEqualTheCrcOfTheJoinedBytes) {
+  EXPECT_EQ(torchser::detail::crc32(0, "123456789", 9), 0xCBF43926U);
+  std::string bytes;
+  for (int i = 0; i < 5000; ++i) {
+    bytes.push_back(static_cast<char>((i * 7919) % 251));
+  }
+  const std::uint32_t whole =
+      torchser::detail::crc32(0, bytes.data(), bytes.size());
+  for (const std::size_t cut : {0, 1, 7, 8, 1000, 4999, 5000}) {
+    const std::uint32_t a = torchser::detail::crc32(0, bytes.data(), cut);
+    const std::uint32_t b =
+        torchser::detail::crc32(0, bytes.data() + cut, bytes.size() - cut);
+    EXPECT_EQ(torchser::detail::crc32_combine(a, b, bytes.size() - cut), whole)
+        << cut;
+    // The other polynomial's combine gives another value.
+    if (cut != 0 && cut != bytes.size()) {
+      EXPECT_NE(
+          torchser::detail::crc32c_combine(a, b, bytes.size() - cut), whole)
+          << cut;
+    }
+  }
 }
 
 TEST(ChecksumTest, FilesDifferOnlyByTheMetadataKey) {

@@ -180,7 +180,8 @@ TEST(DDUFReadTest, DirectoryEntriesAreSkippedAndBadJsonIsCorruption) {
          },
          [&](const void* d, std::size_t n, std::uint64_t at) {
            out.replace(at, n, static_cast<const char*>(d), n);
-         }},
+         },
+         {}},
         detail::ZipWriter::Options{});
     zip.add("model_index.json", index);
     if (with_directory) {
@@ -400,7 +401,8 @@ std::string archive_with(
        },
        [&](const void* d, std::size_t n, std::uint64_t at) {
          out.replace(at, n, static_cast<const char*>(d), n);
-       }},
+       },
+       {}},
       detail::ZipWriter::Options{});
   for (const auto& [name, content] : entries) {
     zip.add(name, content);

@@ -10,6 +10,7 @@
 //     --key-mapping        save with add_prefix("model.")
 //     --dtype bf16         SaveOptions::dtype
 //     --checksums          SaveOptions::checksums
+//     --bin                SaveOptions::safe_serialization(false)
 //
 // Prints "rank R ok BYTES" and exits 0 when the save committed; prints
 // "rank R ERROR-TYPE: MESSAGE" and exits 3 when it threw.
@@ -86,6 +87,8 @@ int main(int argc, char** argv) {
       exit_before_save = true;
     } else if (arg == "--checksums") {
       options.checksums(true);
+    } else if (arg == "--bin") {
+      options.safe_serialization(false);
     } else if (arg == "--key-mapping") {
       options.key_mapping(torchser::KeyMapping().add_prefix("model."));
     } else if (arg == "--dtype") {

@@ -40,6 +40,7 @@
 
 #include "cached_repo.h"
 #include "dist_harness.h"
+#include "dist_scenarios.h"
 #include "test_utils.h"
 #include "tied_net.h"
 
@@ -891,6 +892,31 @@ TEST(JudgeTest, HuggingFaceStorageReaderReadsATorchserDistributedSave) {
   print_tools(
       read, "HuggingFaceStorageReader of a 2-rank torchser save, 2 Gloo ranks");
   EXPECT_EQ(read.at("tensors"), expected.at("tensors"));
+}
+
+// A 3-rank .bin save, read by Python's torch.load alone: every tensor, the
+// tied embedding still one storage, through the index.
+TEST(JudgeTest, TorchLoadReadsATorchserDistributedBinSave) {
+  REQUIRE_PYTHON_JUDGES();
+  TempDir dir;
+  fs::create_directories(dir / "ckpt");
+  const auto runs =
+      torchser::testing::run_ranks("mixed", dir / "ckpt", 3, [](int) {
+        return std::vector<std::string>{"--max-shard-size", "600", "--bin"};
+      });
+  for (const auto& r : runs) {
+    ASSERT_EQ(r.status, 0) << torchser::testing::describe_runs(runs);
+  }
+  const json read = judge({"torch-load-dir", (dir / "ckpt").string()});
+  print_tools(read, "torch.load(weights_only=True) of a 3-rank .bin save");
+  EXPECT_GT(read.at("files").size(), 3U);
+  expect_same_tensors(
+      read.at("tensors"),
+      torchser::testing::make_scenario("mixed", 0, 1).full,
+      "torch.load");
+  EXPECT_EQ(
+      read.at("shared"),
+      json::parse(R"([["embed.weight", "lm_head.weight"]])"));
 }
 
 // ---------------------------------------------------------------------------

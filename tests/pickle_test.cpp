@@ -175,7 +175,8 @@ std::string archive(
        },
        [&](const void* d, std::size_t n, std::uint64_t at) {
          out.replace(at, n, static_cast<const char*>(d), n);
-       }},
+       },
+       {}},
       detail::ZipWriter::Options{});
   zip.add("archive/data.pkl", pickle);
   for (const auto& [name, bytes] : records) {
@@ -301,7 +302,8 @@ std::vector<HostileCase> hostile_cases() {
               },
               [&](const void* d, std::size_t n, std::uint64_t at) {
                 out.replace(at, n, static_cast<const char*>(d), n);
-              }},
+              },
+              {}},
              detail::ZipWriter::Options{});
          zip.add("archive/version", "3\n");
          zip.finish();

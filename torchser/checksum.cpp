@@ -41,31 +41,33 @@ std::uint32_t crc32c(const void* data, std::size_t size, std::uint32_t crc) {
 
 namespace {
 
-// CRC-32C's polynomial, bit-reflected, as the register holds it.
+// The polynomials, bit-reflected, as the registers hold them: CRC-32C's and
+// ZIP's CRC-32 (ISO 3309).
 constexpr std::uint32_t kCastagnoli = 0x82F63B78u;
+constexpr std::uint32_t kIso3309 = 0xEDB88320u;
 
-// a × b modulo the polynomial, in the reflected representation (x^0 is the
-// top bit).
-std::uint32_t multiply_mod(std::uint32_t a, std::uint32_t b) {
+// a × b modulo `poly`, in the reflected representation (x^0 is the top bit).
+std::uint32_t multiply_mod(
+    std::uint32_t a, std::uint32_t b, std::uint32_t poly) {
   std::uint32_t product = 0;
   for (std::uint32_t bit = 1u << 31; bit != 0; bit >>= 1) {
     if ((a & bit) != 0) {
       product ^= b;
     }
-    b = (b & 1) != 0 ? (b >> 1) ^ kCastagnoli : b >> 1;
+    b = (b & 1) != 0 ? (b >> 1) ^ poly : b >> 1;
   }
   return product;
 }
 
-// x^(8 × bytes) modulo the polynomial, by squaring.
-std::uint32_t shift_of(std::uint64_t bytes) {
+// x^(8 × bytes) modulo `poly`, by squaring.
+std::uint32_t shift_of(std::uint64_t bytes, std::uint32_t poly) {
   std::uint32_t result = 1u << 31; // x^0
   std::uint32_t power = 1u << 23;  // x^8: one byte
   while (bytes != 0) {
     if ((bytes & 1) != 0) {
-      result = multiply_mod(power, result);
+      result = multiply_mod(power, result, poly);
     }
-    power = multiply_mod(power, power);
+    power = multiply_mod(power, power, poly);
     bytes >>= 1;
   }
   return result;
@@ -78,7 +80,14 @@ std::uint32_t crc32c_combine(
   // CRC is linear: the first part's register, moved past the second part's
   // bytes, plus the second part's CRC (the pre- and post-inversions of the
   // standard CRC cancel).
-  return multiply_mod(shift_of(second_size), first) ^ second;
+  return multiply_mod(shift_of(second_size, kCastagnoli), first, kCastagnoli) ^
+         second;
+}
+
+std::uint32_t crc32_combine(
+    std::uint32_t first, std::uint32_t second, std::uint64_t second_size) {
+  return multiply_mod(shift_of(second_size, kIso3309), first, kIso3309) ^
+         second;
 }
 
 std::uint32_t crc32c_of(const at::Tensor& tensor) {

@@ -394,7 +394,8 @@ void export_entries_as_dduf(
       {[&](const void* d, std::size_t n) { file.write(d, n); },
        [&](const void* d, std::size_t n, std::uint64_t at) {
          file.patch(d, n, at);
-       }},
+       },
+       {}},
       zip_options);
   std::set<std::string> raw_names;
   std::optional<nlohmann::json> index;

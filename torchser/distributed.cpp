@@ -35,9 +35,11 @@
 #include "torchser/detail/collectives.h"
 #include "torchser/detail/file.h"
 #include "torchser/detail/parallel.h"
+#include "torchser/detail/pickle_writer.h"
 #include "torchser/detail/python_format.h"
 #include "torchser/detail/save_plan.h"
 #include "torchser/detail/tiling.h"
+#include "torchser/detail/zip.h"
 
 namespace torchser {
 namespace {
@@ -547,18 +549,24 @@ FullStateDict assemble(const std::vector<RankView>& views) {
 // Stand-ins for the assembled tensors: the full shapes and dtypes, one per
 // storage (ties share one), at addresses that are never read, so that the
 // single-process planner and header builder see what a real assembled state
-// dict would show them.
-StateDict stand_ins(const FullStateDict& full) {
+// dict would show them. With `cast`, floating-point tensors have that dtype,
+// as SaveOptions::dtype gives torch.save's records.
+StateDict stand_ins(
+    const FullStateDict& full,
+    std::optional<c10::ScalarType> cast = std::nullopt) {
   std::vector<at::Tensor> per_group;
   std::uintptr_t address = std::uintptr_t{1} << 40;
   for (const Group& group : full.groups) {
+    const c10::ScalarType dtype =
+        cast.has_value() && c10::isFloatingType(group.dtype) ? *cast
+                                                             : group.dtype;
     const std::uint64_t size = static_cast<std::uint64_t>(volume(group.full)) *
-                               c10::elementSize(group.dtype);
+                               c10::elementSize(dtype);
     per_group.push_back(at::from_blob(
         reinterpret_cast<void*>(address),
         group.full,
         [](void*) {},
-        at::TensorOptions().dtype(group.dtype)));
+        at::TensorOptions().dtype(dtype)));
     address += (size + 4095) / 4096 * 4096 + 4096;
   }
   StateDict out;
@@ -574,8 +582,9 @@ StateDict stand_ins(const FullStateDict& full) {
 
 constexpr std::size_t kChunkBytes = std::size_t{16} << 20;
 
-// One run of bytes a rank wrote, with its CRC-32C when the save records
-// checksums: rank 0 folds them, in file order, into each tensor's.
+// One run of bytes a rank wrote, with its CRC when the files need one (the
+// CRC-32C of SaveOptions::checksums, ZIP's CRC-32 of torch.save records):
+// rank 0 folds them, in file order, into each tensor's or record's.
 struct WrittenRun {
   std::uint32_t file;
   std::uint32_t crc;
@@ -583,14 +592,25 @@ struct WrittenRun {
   std::uint64_t size;
 };
 
+// A CRC continued over more bytes: detail::crc32c's or detail::crc32's.
+using CrcFunction = std::uint32_t (*)(std::uint32_t, const void*, std::size_t);
+std::uint32_t continue_crc32c(std::uint32_t crc, const void* d, std::size_t n) {
+  return detail::crc32c(d, n, crc);
+}
+std::uint32_t continue_crc32(std::uint32_t crc, const void* d, std::size_t n) {
+  return detail::crc32(crc, d, n);
+}
+
 class PieceWriter {
  public:
+  // `runs`, when given, receives every run written with its CRC by `crc`.
   PieceWriter(
       int fd,
       std::filesystem::path path,
       std::uint32_t file,
-      std::vector<WrittenRun>* runs)
-      : fd_(fd), path_(std::move(path)), file_(file), runs_(runs) {}
+      std::vector<WrittenRun>* runs,
+      CrcFunction crc)
+      : fd_(fd), path_(std::move(path)), file_(file), runs_(runs), crc_(crc) {}
 
   // `local`'s elements, placed at `offsets` of a row-major tensor of shape
   // `full` whose first byte is at `base` in the file, in `dtype`.
@@ -677,7 +697,7 @@ class PieceWriter {
       std::uint64_t offset,
       std::uint32_t* crc) {
     if (crc != nullptr) {
-      *crc = detail::crc32c(data, static_cast<std::size_t>(size), *crc);
+      *crc = crc_(*crc, data, static_cast<std::size_t>(size));
     }
     detail::pwrite_all(fd_, path_, data, size, offset);
   }
@@ -686,15 +706,36 @@ class PieceWriter {
   std::filesystem::path path_;
   std::uint32_t file_;
   std::vector<WrittenRun>* runs_;
+  CrcFunction crc_;
   std::unique_ptr<std::uint8_t[]> chunk_;
 };
 
 // One file of the checkpoint as every rank knows it.
 struct PlannedFile {
   std::string name;
-  std::string head; // the 8-byte length and the header
+  // The bytes rank 0 writes, (offset, bytes), with placeholder CRCs: a
+  // safetensors file's length and header, a torch.save archive's headers,
+  // pickle and central directory. The first run starts the file.
+  std::vector<std::pair<std::uint64_t, std::string>> fixed;
   std::uint64_t size = 0;
   std::map<std::string, std::uint64_t> begin; // tensor → first byte in file
+  // What each CRC covers, in file order: (tensor or record, first, end).
+  std::vector<std::tuple<std::string, std::uint64_t, std::uint64_t>> checked;
+  // What makes the final bytes once the CRCs are known: one of the two.
+  std::unique_ptr<SafetensorsWriter> writer;
+  std::optional<detail::TorchSaveArchive> archive;
+
+  const std::string& head() const {
+    return fixed.front().second;
+  }
+  // The runs of `fixed` again, with the CRCs in place.
+  std::vector<std::pair<std::uint64_t, std::string>> final_bytes(
+      const std::vector<std::uint32_t>& crcs) const {
+    if (writer) {
+      return {{8, writer->final_header(crcs)}};
+    }
+    return detail::torch_save_layout(*archive, crcs).fixed;
+  }
 };
 
 std::string encode_length(std::uint64_t n) {
@@ -723,10 +764,10 @@ detail::File open_shared(
   std::string why;
   try {
     opened = detail::File::open_write(path);
-    std::string seen(file.head.size(), '\0');
+    std::string seen(file.head().size(), '\0');
     const ssize_t n = ::pread(opened->fd(), seen.data(), seen.size(), 0);
     seen.resize(n < 0 ? 0 : static_cast<std::size_t>(n));
-    if (seen != file.head) {
+    if (seen != file.head()) {
       why = "see rank 0's header in '" + path.string() + "'";
     }
   } catch (const OSError& e) {
@@ -744,11 +785,10 @@ detail::File open_shared(
   return std::move(*opened);
 }
 
-// Each tensor's CRC-32C from the runs the ranks wrote, folded in file
-// order, written over the placeholders of each file's header.
-void write_checksums(
+// Each tensor's or record's CRC from the runs the ranks wrote, folded in
+// file order, written over the placeholders.
+void write_crcs(
     const std::vector<PlannedFile>& files,
-    const std::vector<std::unique_ptr<SafetensorsWriter>>& writers,
     std::vector<WrittenRun> runs,
     const std::vector<std::string>& temporaries,
     bool durable) {
@@ -758,10 +798,11 @@ void write_checksums(
       });
   std::size_t next = 0;
   for (std::uint32_t f = 0; f < files.size(); ++f) {
+    const PlannedFile& file = files[f];
+    const auto combine =
+        file.writer ? detail::crc32c_combine : detail::crc32_combine;
     std::vector<std::uint32_t> crcs;
-    for (const SafetensorsTensorInfo& info : writers[f]->tensors()) {
-      const std::uint64_t begin = files[f].head.size() + info.begin;
-      const std::uint64_t end = files[f].head.size() + info.end;
+    for (const auto& [name, begin, end] : file.checked) {
       std::uint32_t crc = 0;
       std::uint64_t at = begin;
       while (next < runs.size() && runs[next].file == f &&
@@ -769,25 +810,26 @@ void write_checksums(
         const WrittenRun& run = runs[next++];
         if (run.offset != at) {
           throw RuntimeError(
-              "distributed save: the ranks' writes of tensor '" + info.name +
-              "' in " + files[f].name + " leave bytes " + std::to_string(at) +
-              "…" + std::to_string(run.offset) + " unaccounted for");
+              "distributed save: the ranks' writes of '" + name + "' in " +
+              file.name + " leave bytes " + std::to_string(at) + "…" +
+              std::to_string(run.offset) + " unaccounted for");
         }
-        crc = detail::crc32c_combine(crc, run.crc, run.size);
+        crc = combine(crc, run.crc, run.size);
         at += run.size;
       }
       if (at != end) {
         throw RuntimeError(
-            "distributed save: the ranks' writes of tensor '" + info.name +
-            "' in " + files[f].name + " end at byte " + std::to_string(at) +
-            ", not " + std::to_string(end));
+            "distributed save: the ranks' writes of '" + name + "' in " +
+            file.name + " end at byte " + std::to_string(at) + ", not " +
+            std::to_string(end));
       }
       crcs.push_back(crc);
     }
-    const std::string header = writers[f]->final_header(crcs);
     const std::filesystem::path path = temporaries[f];
     const detail::File out = detail::File::open_write(path);
-    detail::pwrite_all(out.fd(), path, header.data(), header.size(), 8);
+    for (const auto& [offset, bytes] : file.final_bytes(crcs)) {
+      detail::pwrite_all(out.fd(), path, bytes.data(), bytes.size(), offset);
+    }
     if (durable && ::fdatasync(out.fd()) != 0) {
       detail::throw_os_error("Cannot flush", path, errno);
     }
@@ -808,12 +850,6 @@ DistributedSaveResult save_torch_state_dict(
   SaveOptions written = options;
   RankView mine;
   detail::run_step(group, "checking each rank's state dict", [&] {
-    if (!options.safe_serialization()) {
-      throw ValueError(
-          "A distributed save writes safetensors only for now: "
-          "safe_serialization(false) (torch.save .bin files) is not "
-          "supported by save_torch_state_dict over a process group");
-    }
     if (!options.key_mapping().empty()) {
       std::vector<std::string> names;
       for (const auto& item : state_dict) {
@@ -847,27 +883,67 @@ DistributedSaveResult save_torch_state_dict(
   // that differ between ranks, fail every rank here, before any file.
   detail::SavePlan plan;
   std::vector<PlannedFile> files;
-  std::vector<std::unique_ptr<SafetensorsWriter>> writers; // the headers
   std::string plan_digest;
   detail::run_step(group, "planning the files", [&] {
     plan = detail::plan_save(stand_ins(full), written);
     const auto& shards = plan.split.filename_to_tensors.items();
+    // torch.save records hold the cast bytes; safetensors headers are
+    // built by the writer from the dtype.
+    const StateDict records = plan.safe || !written.dtype().has_value()
+                                  ? StateDict()
+                                  : stand_ins(full, written.dtype());
     for (std::size_t i = 0; i < shards.size(); ++i) {
-      writers.push_back(std::make_unique<SafetensorsWriter>(
-          plan.shard_dict(i),
-          plan.file_metadata(),
-          true,
-          written.dtype(),
-          written.checksums()));
-      const SafetensorsWriter& writer = *writers.back();
       PlannedFile file;
       file.name = shards[i].key();
-      file.head = encode_length(writer.header().size()) + writer.header();
-      file.size = writer.size();
-      for (const SafetensorsTensorInfo& info : writer.tensors()) {
-        file.begin[info.name] = file.head.size() + info.begin;
+      if (plan.safe) {
+        file.writer = std::make_unique<SafetensorsWriter>(
+            plan.shard_dict(i),
+            plan.file_metadata(),
+            true,
+            written.dtype(),
+            written.checksums());
+        const SafetensorsWriter& writer = *file.writer;
+        const std::string head =
+            encode_length(writer.header().size()) + writer.header();
+        file.fixed.emplace_back(0, head);
+        file.size = writer.size();
+        for (const SafetensorsTensorInfo& info : writer.tensors()) {
+          file.begin[info.name] = head.size() + info.begin;
+          file.checked.emplace_back(
+              info.name, head.size() + info.begin, head.size() + info.end);
+        }
+      } else {
+        StateDict shard = plan.shard_dict(i);
+        if (!records.is_empty()) {
+          for (auto& item : shard) {
+            item.value() = records[item.key()];
+          }
+        }
+        const std::string stem = std::filesystem::path(file.name).stem();
+        file.archive =
+            detail::torch_save_archive(shard, stem.empty() ? "archive" : stem);
+        const detail::TorchSaveLayout layout = detail::torch_save_layout(
+            *file.archive,
+            std::vector<std::uint32_t>(file.archive->records.size(), 0));
+        file.fixed = layout.fixed;
+        file.size = layout.size;
+        for (std::size_t k = 0; k < file.archive->records.size(); ++k) {
+          const detail::TorchSaveRecord& record = file.archive->records[k];
+          const std::uint64_t begin = layout.data_offset[k];
+          for (const std::string& name : record.names) {
+            file.begin[name] = begin;
+          }
+          file.checked.emplace_back(
+              "record " + std::to_string(k) + " ('" + record.names.front() +
+                  "')",
+              begin,
+              begin + record.nbytes());
+        }
       }
-      plan_digest += file.name + '\n' + file.head + '\n';
+      plan_digest += file.name + '\n';
+      for (const auto& [offset, bytes] : file.fixed) {
+        plan_digest += std::to_string(offset) + ':' + bytes + '\n';
+      }
       files.push_back(std::move(file));
     }
     plan_digest += plan.split.is_sharded ? plan.index() : std::string();
@@ -909,7 +985,9 @@ DistributedSaveResult save_torch_state_dict(
     for (const PlannedFile& file : files) {
       detail::AtomicFile out(commit->target(file.name));
       out.preallocate(file.size);
-      out.write(file.head.data(), file.head.size());
+      for (const auto& [offset, bytes] : file.fixed) {
+        out.patch(bytes.data(), bytes.size(), offset);
+      }
       const std::filesystem::path temporary = out.keep(written.durable());
       commit->stage(file.name, temporary);
       // Said relative to the directory's parent, which every rank names its
@@ -991,7 +1069,14 @@ DistributedSaveResult save_torch_state_dict(
       opened.push_back(
           open_shared(path, files[f], group, mine.host, views[0].host));
       const int fd = opened.back().fd();
-      PieceWriter writer(fd, path, f, written.checksums() ? &my_runs : nullptr);
+      // torch.save records always carry a CRC; safetensors tensors when the
+      // save records checksums.
+      PieceWriter writer(
+          fd,
+          path,
+          f,
+          (plan.safe && !written.checksums()) ? nullptr : &my_runs,
+          plan.safe ? continue_crc32c : continue_crc32);
       for (const std::size_t g : work[f]) {
         const Group& grp = full.groups[g];
         std::string kept;
@@ -1032,9 +1117,10 @@ DistributedSaveResult save_torch_state_dict(
     }
   });
 
-  // Checksums: every rank's runs and their CRCs, for rank 0 to fold.
+  // Every rank's runs and their CRCs, for rank 0 to fold.
+  const bool crcs = !plan.safe || written.checksums();
   std::vector<WrittenRun> all_runs;
-  if (written.checksums()) {
+  if (crcs) {
     const std::string mine_runs(
         reinterpret_cast<const char*>(my_runs.data()),
         my_runs.size() * sizeof(WrittenRun));
@@ -1053,8 +1139,8 @@ DistributedSaveResult save_torch_state_dict(
     if (me != 0) {
       return;
     }
-    if (written.checksums()) {
-      write_checksums(files, writers, all_runs, temporaries, written.durable());
+    if (crcs) {
+      write_crcs(files, all_runs, temporaries, written.durable());
     }
     if (plan.split.is_sharded) {
       const std::string index = plan.index();

@@ -111,19 +111,16 @@ class PickleWriter {
 
 namespace detail {
 
-void write_torch_save(
-    const StateDict& state_dict,
-    AtomicFile& file,
-    const std::string& archive,
-    const RecordWritten& written) {
+std::uint64_t TorchSaveRecord::nbytes() const {
+  return static_cast<std::uint64_t>(numel) * c10::elementSize(dtype);
+}
+
+TorchSaveArchive torch_save_archive(
+    const StateDict& state_dict, const std::string& folder) {
+  TorchSaveArchive archive;
+  archive.folder = folder;
+  std::vector<TorchSaveRecord>& records = archive.records;
   // One record per storage, in first-use order; tensors keep their views.
-  struct Record {
-    at::Tensor storage; // 1-D uint8 view of the whole storage
-    at::ScalarType dtype;
-    std::int64_t numel;
-    std::vector<std::string> names; // the tensors on it
-  };
-  std::vector<Record> records;
   // Keyed by the storage itself, as torch.save keys by storage._cdata: two
   // empty tensors have equal StorageIds (no data) but are separate storages.
   std::unordered_map<const c10::StorageImpl*, std::size_t> record_of;
@@ -166,7 +163,7 @@ void write_torch_save(
           "), which torch.save's typed storages cannot express.");
     }
     records[it->second].names.push_back(item.key());
-    const Record& r = records[it->second];
+    const TorchSaveRecord& r = records[it->second];
     // As PyTorch 2.x writes them: dtypes with a typed storage class through
     // _rebuild_tensor_v2; the others (float8, uint16..64, float4) through
     // _rebuild_tensor_v3 over an untyped storage sized in bytes, with the
@@ -208,20 +205,47 @@ void write_torch_save(
   p.op('u'); // SETITEMS
   p.op('.');
 
-  detail::ZipWriter zip(
+  archive.pickle = p.bytes();
+  return archive;
+}
+
+namespace {
+
+// The entries in torch.save's order; `record(zip, k, name)` adds the k-th
+// storage's.
+void add_entries(
+    const TorchSaveArchive& archive,
+    ZipWriter& zip,
+    const std::function<void(std::size_t, const std::string&)>& record) {
+  zip.add(archive.folder + "/data.pkl", archive.pickle);
+  zip.add(archive.folder + "/byteorder", "little");
+  for (std::size_t k = 0; k < archive.records.size(); ++k) {
+    record(k, archive.folder + "/data/" + std::to_string(k));
+  }
+  zip.add(archive.folder + "/version", "3\n");
+  zip.finish();
+}
+
+} // namespace
+
+void write_torch_save(
+    const StateDict& state_dict,
+    AtomicFile& file,
+    const std::string& folder,
+    const RecordWritten& written) {
+  const TorchSaveArchive archive = torch_save_archive(state_dict, folder);
+  ZipWriter zip(
       {[&](const void* d, std::size_t n) { file.write(d, n); },
        [&](const void* d, std::size_t n, std::uint64_t offset) {
          file.patch(d, n, offset);
-       }},
-      detail::ZipWriter::Options{});
-  zip.add(archive + "/data.pkl", p.bytes());
-  zip.add(archive + "/byteorder", "little");
-  for (std::size_t k = 0; k < records.size(); ++k) {
-    const Record& r = records[k];
-    const std::uint64_t nbytes =
-        static_cast<std::uint64_t>(r.numel) * c10::elementSize(r.dtype);
+       },
+       {}},
+      ZipWriter::Options{});
+  add_entries(archive, zip, [&](std::size_t k, const std::string& name) {
+    const TorchSaveRecord& r = archive.records[k];
+    const std::uint64_t nbytes = r.nbytes();
     zip.add(
-        archive + "/data/" + std::to_string(k),
+        name,
         nbytes,
         [&](const std::function<void(const void*, std::size_t)>& sink) {
           if (nbytes == 0) {
@@ -241,9 +265,39 @@ void write_torch_save(
     if (written) {
       written(r.names, nbytes);
     }
-  }
-  zip.add(archive + "/version", "3\n");
-  zip.finish();
+  });
+}
+
+TorchSaveLayout torch_save_layout(
+    const TorchSaveArchive& archive, const std::vector<std::uint32_t>& crcs) {
+  TorchSaveLayout layout;
+  std::uint64_t end = 0;
+  const auto append = [&](const void* d, std::size_t n) {
+    if (layout.fixed.empty() ||
+        layout.fixed.back().first + layout.fixed.back().second.size() != end) {
+      layout.fixed.emplace_back(end, std::string());
+    }
+    layout.fixed.back().second.append(static_cast<const char*>(d), n);
+    end += n;
+  };
+  const auto patch = [&](const void* d, std::size_t n, std::uint64_t at) {
+    for (auto& [offset, bytes] : layout.fixed) {
+      if (at >= offset && at + n <= offset + bytes.size()) {
+        bytes.replace(at - offset, n, static_cast<const char*>(d), n);
+        return;
+      }
+    }
+    throw RuntimeError("torch.save layout: a patch outside the headers");
+  };
+  ZipWriter zip(
+      {append, patch, [&](std::uint64_t n) { end += n; }},
+      ZipWriter::Options{});
+  add_entries(archive, zip, [&](std::size_t k, const std::string& name) {
+    zip.add_reserved(name, archive.records[k].nbytes(), crcs.at(k));
+    layout.data_offset.push_back(end - archive.records[k].nbytes());
+  });
+  layout.size = end;
+  return layout;
 }
 
 } // namespace detail

@@ -356,6 +356,14 @@ void ZipWriter::add_streaming(
   add_entry(name, std::nullopt, produce);
 }
 
+void ZipWriter::add_reserved(
+    const std::string& name, std::uint64_t size, std::uint32_t crc) {
+  if (!output_.skip) {
+    fail("ZipWriter::add_reserved needs an output that can skip bytes");
+  }
+  add_entry(name, size, {}, crc);
+}
+
 void ZipWriter::add(const std::string& name, std::string_view content) {
   add_entry(
       name,
@@ -381,7 +389,8 @@ void ZipWriter::add_entry(
     const std::string& name,
     std::optional<std::uint64_t> size,
     const std::function<
-        void(const std::function<void(const void*, std::size_t)>&)>& produce) {
+        void(const std::function<void(const void*, std::size_t)>&)>& produce,
+    std::optional<std::uint32_t> reserved_crc) {
   if (finished_) {
     fail("ZipWriter::add after finish");
   }
@@ -399,7 +408,7 @@ void ZipWriter::add_entry(
   put16(header, kDosTime);
   put16(header, kDosDate);
   const std::uint64_t crc_offset = offset_ + header.size();
-  put32(header, 0); // CRC, patched below
+  put32(header, reserved_crc.value_or(0)); // else patched below
   put32(header, zip64 ? k32 : static_cast<std::uint32_t>(*size));
   put32(header, zip64 ? k32 : static_cast<std::uint32_t>(*size));
   put16(header, static_cast<std::uint16_t>(name.size()));
@@ -441,24 +450,33 @@ void ZipWriter::add_entry(
 
   std::uint32_t crc = 0;
   std::uint64_t written = 0;
-  produce([&](const void* data, std::size_t n) {
-    if (size.has_value() && n > *size - written) {
-      fail(
-          "entry '" + name + "' produced more than its declared " +
-          std::to_string(*size) + " bytes");
-    }
-    crc = crc32(crc, data, n);
-    emit(data, n);
-    written += n;
-  });
+  if (reserved_crc.has_value()) {
+    crc = *reserved_crc;
+    written = *size;
+    output_.skip(written);
+    offset_ += written;
+  } else {
+    produce([&](const void* data, std::size_t n) {
+      if (size.has_value() && n > *size - written) {
+        fail(
+            "entry '" + name + "' produced more than its declared " +
+            std::to_string(*size) + " bytes");
+      }
+      crc = crc32(crc, data, n);
+      emit(data, n);
+      written += n;
+    });
+  }
   if (size.has_value() && written != *size) {
     fail(
         "entry '" + name + "' produced " + std::to_string(written) +
         " bytes, not the declared " + std::to_string(*size));
   }
-  std::string crc_bytes;
-  put32(crc_bytes, crc);
-  output_.patch(crc_bytes.data(), crc_bytes.size(), crc_offset);
+  if (!reserved_crc.has_value()) {
+    std::string crc_bytes;
+    put32(crc_bytes, crc);
+    output_.patch(crc_bytes.data(), crc_bytes.size(), crc_offset);
+  }
   if (!size.has_value()) {
     std::string sizes;
     put64(sizes, written);

@@ -134,12 +134,14 @@ struct TORCHSER_API DistributedSaveResult {
 ///   The old checkpoint stays whole either way.
 ///
 /// Options as `save_torch_state_dict` (rank 0 is the main process):
-/// `max_shard_size`, `filename_pattern`, `metadata`,
+/// `safe_serialization`, `max_shard_size`, `filename_pattern`, `metadata`,
 /// `shared_tensors_to_discard`, `force_contiguous`, `key_mapping`, `dtype`,
 /// `durable`, `progress` (this rank's bytes), `checksums` (each rank
 /// computes the CRC-32C of the runs it writes; rank 0 combines them in file
-/// order). Not yet distributed, and a ValueError: `safe_serialization(false)`
-/// (torch.save `.bin` files).
+/// order). torch.save `.bin` files (`safe_serialization(false)`) are laid
+/// out by the single-process writer too (pickle, ZIP headers, central
+/// directory); each record's ZIP CRC-32 is combined the same way from the
+/// ranks' runs.
 TORCHSER_API DistributedSaveResult save_torch_state_dict(
     const DistributedStateDict& state_dict,
     const std::filesystem::path& save_directory,

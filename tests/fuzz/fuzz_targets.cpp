@@ -237,7 +237,8 @@ void pickle_vm(const std::uint8_t* data, std::size_t size) {
        },
        [&](const void* p, std::size_t n, std::uint64_t at) {
          archive.replace(at, n, static_cast<const char*>(p), n);
-       }},
+       },
+       {}},
       {});
   zip.add(
       "archive/data.pkl",

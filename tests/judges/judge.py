@@ -429,6 +429,26 @@ def dcp(directory, mode, world="2"):
                        start_method="spawn")
 
 
+def torch_load_dir(directory):
+    """torch.load(weights_only=True) of every .bin file of a directory, through
+    its index when it has one; names sharing one storage are listed together."""
+    index = os.path.join(directory, "pytorch_model.bin.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        files = sorted(set(weight_map.values()))
+    else:
+        files = ["pytorch_model.bin"]
+    tensors, storages = {}, {}
+    for name in files:
+        for key, t in torch.load(os.path.join(directory, name), map_location="cpu", weights_only=True).items():
+            tensors[key] = t
+            if t.untyped_storage().nbytes() > 0:  # empty storages have no address to compare
+                storages.setdefault((name, t.untyped_storage().data_ptr()), []).append(key)
+    emit({"tensors": describe_all(tensors), "files": files,
+          "shared": sorted(sorted(v) for v in storages.values() if len(v) > 1), "versions": versions()})
+
+
 # --- crash safety ----------------------------------------------------------
 
 def kill_check(manifest_path):
@@ -486,7 +506,7 @@ def kill_check(manifest_path):
 
 COMMANDS = {"kill-check": kill_check, "st-roundtrip": st_roundtrip, "pickle-roundtrip": pickle_roundtrip, "st-supported": st_supported, "hub-save": hub_save, "hub-load": hub_load,
             "hub-split": hub_split, "hub-dduf": hub_dduf, "hub-cache": hub_cache, "hub-local-dir": hub_local_dir, "st-checksums": st_checksums, "tf-save": tf_save, "tf-load": tf_load, "dcp": dcp,
-            "versions": lambda: emit(versions())}
+            "torch-load-dir": torch_load_dir, "versions": lambda: emit(versions())}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:

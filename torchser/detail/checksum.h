@@ -30,6 +30,11 @@ TORCHSER_API std::uint32_t crc32c(
 TORCHSER_API std::uint32_t crc32c_combine(
     std::uint32_t first, std::uint32_t second, std::uint64_t second_size);
 
+/// The same for ZIP's CRC-32 (detail::crc32): the records of a torch.save
+/// archive that several ranks wrote.
+TORCHSER_API std::uint32_t crc32_combine(
+    std::uint32_t first, std::uint32_t second, std::uint64_t second_size);
+
 /// CRC-32C of a tensor's bytes as a file stores them (contiguous, on CPU).
 TORCHSER_API std::uint32_t crc32c_of(const at::Tensor& tensor);
 

@@ -80,6 +80,8 @@ class TORCHSER_API ZipWriter {
     std::function<void(const void*, std::size_t)> write;
     /// Overwrites bytes already written at an absolute offset.
     std::function<void(const void*, std::size_t, std::uint64_t)> patch;
+    /// Moves the end past bytes written by someone else (add_reserved only).
+    std::function<void(std::uint64_t)> skip;
   };
   struct Options {
     std::uint64_t alignment = 64;
@@ -106,6 +108,12 @@ class TORCHSER_API ZipWriter {
           void(const std::function<void(const void*, std::size_t)>&)>& produce);
   /// Adds a stored entry from memory.
   void add(const std::string& name, std::string_view content);
+  /// Adds a stored entry of `size` bytes whose CRC-32 is `crc` and whose data
+  /// someone else writes: the output skips it. Lays out archives whose data
+  /// several processes write at their offsets (the headers are written again
+  /// once the CRCs are known).
+  void add_reserved(
+      const std::string& name, std::uint64_t size, std::uint32_t crc);
   /// Adds a stored entry of a size not known in advance (python_zip64_layout
   /// only): `produce` writes any number of bytes.
   void add_streaming(
@@ -125,7 +133,8 @@ class TORCHSER_API ZipWriter {
       const std::string& name,
       std::optional<std::uint64_t> size,
       const std::function<
-          void(const std::function<void(const void*, std::size_t)>&)>& produce);
+          void(const std::function<void(const void*, std::size_t)>&)>& produce,
+      std::optional<std::uint32_t> reserved_crc = std::nullopt);
   Output output_;
   Options options_;
   std::uint64_t offset_ = 0;
