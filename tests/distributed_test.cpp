@@ -16,6 +16,8 @@
 #include <thread>
 #include <vector>
 
+#include <torch/cuda.h>
+
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
@@ -552,13 +554,13 @@ TEST(ProcessGroupTest, MissingOrBadSettingsAreValueErrorsNamingThem) {
       message(
           torchser::ProcessGroupOptions().backend("mpi").rank(0).world_size(1)),
       HasSubstr("'mpi' is not one torchser offers"));
-#ifndef TORCHSER_WITH_NCCL
-  EXPECT_THAT(
-      message(
-          torchser::ProcessGroupOptions().backend("nccl").rank(0).world_size(
-              1)),
-      HasSubstr("needs a LibTorch built with CUDA and NCCL"));
-#endif
+  if (!torchser::is_nccl_available()) {
+    EXPECT_THAT(
+        message(
+            torchser::ProcessGroupOptions().backend("nccl").rank(0).world_size(
+                1)),
+        HasSubstr("needs a LibTorch built with CUDA and NCCL"));
+  }
   ::setenv("WORLD_SIZE", "two", 1);
   EXPECT_THAT(
       message(torchser::ProcessGroupOptions().rank(0)),
@@ -598,6 +600,52 @@ TEST(ProcessGroupTest, AOneRankGroupSavesInProcess) {
       torchser::save_torch_state_dict(bad.local, root / "dist", group),
       torchser::ValueError);
   expect_same_directory(root / "single", root / "dist");
+}
+
+// Runs where the build has NCCL and the host a GPU (tests/device/check.sh):
+// the group's collectives move bytes through CUDA, the pieces are copied to
+// the file through the chunk.
+TEST(ProcessGroupTest, AnNcclGroupSavesCudaPiecesAsASingleProcessSave) {
+  if (!torchser::is_nccl_available() || !torch::cuda::is_available()) {
+    GTEST_SKIP() << "needs a build with NCCL and a CUDA device";
+  }
+  const torchser::testing::TempDir temp;
+  const fs::path root = temp.path();
+  const torchser::ProcessGroup group = torchser::init_process_group(
+      torchser::ProcessGroupOptions()
+          .backend("nccl")
+          .device_id(0)
+          .init_method("file://" + (root / "store").string())
+          .rank(0)
+          .world_size(1)
+          .timeout(std::chrono::seconds(60)));
+  EXPECT_EQ(group.backend(), "nccl");
+  const auto s = torchser::testing::make_scenario("mixed", 0, 1);
+  torchser::DistributedStateDict on_gpu;
+  std::vector<std::pair<at::Tensor, at::Tensor>> moved; // ties stay ties
+  for (const auto& item : s.local) {
+    torchser::DistributedTensor t = item.value();
+    const auto same =
+        std::find_if(moved.begin(), moved.end(), [&](const auto& m) {
+          return m.first.is_same(t.local);
+        });
+    const at::Tensor cuda =
+        same != moved.end() ? same->second : t.local.to(at::kCUDA);
+    moved.emplace_back(t.local, cuda);
+    t.local = cuda;
+    on_gpu.insert(item.key(), t);
+  }
+  for (const bool safe : {true, false}) {
+    const auto options =
+        torchser::SaveOptions().max_shard_size(700).safe_serialization(safe);
+    const fs::path single = root / ("single" + std::to_string(safe));
+    const fs::path dist = root / ("dist" + std::to_string(safe));
+    fs::create_directories(single);
+    fs::create_directories(dist);
+    torchser::save_torch_state_dict(s.full, single, options);
+    torchser::save_torch_state_dict(on_gpu, dist, group, options);
+    expect_same_directory(single, dist);
+  }
 }
 
 } // namespace

@@ -16,6 +16,7 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #ifdef TORCHSER_WITH_NCCL
+#include <c10/cuda/CUDAFunctions.h>
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
@@ -221,6 +222,14 @@ std::string ProcessGroup::backend() const {
   return impl_->backend();
 }
 
+bool is_nccl_available() noexcept {
+#ifdef TORCHSER_WITH_NCCL
+  return true;
+#else
+  return false;
+#endif
+}
+
 ProcessGroup init_process_group(const ProcessGroupOptions& options) {
   const std::string& backend = options.backend();
   if (backend != "gloo" && backend != "nccl") {
@@ -319,6 +328,26 @@ ProcessGroup init_process_group(const ProcessGroupOptions& options) {
   try {
 #ifdef TORCHSER_WITH_NCCL
     if (backend == "nccl") {
+      // One GPU per rank, as torchrun lays them out: device_id, else
+      // LOCAL_RANK, else the current device. The group's collectives use
+      // the current device, so it is set before the group forms.
+      std::optional<int> device = options.device_id();
+      if (!device.has_value()) {
+        if (const auto local = env("LOCAL_RANK")) {
+          device = parse_int(*local, "the environment variable LOCAL_RANK", 0);
+        }
+      }
+      if (device.has_value()) {
+        const int count = static_cast<int>(c10::cuda::device_count());
+        if (*device < 0 || *device >= count) {
+          throw ValueError(
+              "init_process_group: rank " + std::to_string(rank) +
+              " would use CUDA device " + std::to_string(*device) +
+              " (device_id or LOCAL_RANK), but this host has " +
+              std::to_string(count) + " CUDA devices");
+        }
+        c10::cuda::set_device(static_cast<c10::DeviceIndex>(*device));
+      }
       auto nccl_options = c10d::ProcessGroupNCCL::Options::create();
       nccl_options->timeout = options.timeout();
       using NcclBase = std::conditional_t<
@@ -350,6 +379,8 @@ ProcessGroup init_process_group(const ProcessGroupOptions& options) {
         c10::make_intrusive<c10d::ProcessGroupGloo>(
             store, rank, world_size, gloo_options);
     return ProcessGroup(group, options.timeout());
+  } catch (const ValueError&) {
+    throw;
   } catch (const std::exception& e) {
     const std::string why = message_of(e);
     throw DistBackendError(

@@ -54,7 +54,16 @@ struct TORCHSER_API ProcessGroupOptions {
   /// The address Gloo binds on this host; unset: MASTER_ADDR for env:// and
   /// tcp:// when it is a loopback address, otherwise this host's name.
   TORCH_ARG(std::optional<std::string>, hostname) = std::nullopt;
+  /// NCCL only: this rank's CUDA device (Python's `device_id`); unset: the
+  /// LOCAL_RANK variable when set (torchrun's one GPU per rank), else the
+  /// current device. It becomes the current device.
+  TORCH_ARG(std::optional<int>, device_id) = std::nullopt;
 };
+
+/// Whether this build offers NCCL process groups (`torch.distributed.
+/// is_nccl_available()`): LibTorch with CUDA and NCCL, and torchser built
+/// against it (CMake option TORCHSER_WITH_NCCL, AUTO by default).
+TORCHSER_API bool is_nccl_available() noexcept;
 
 /// A c10d process group as torchser uses it: its rank, its size, its
 /// timeout, and the few collectives a distributed checkpoint needs. Copies
