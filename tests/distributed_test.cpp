@@ -581,6 +581,7 @@ TEST(ProcessGroupTest, AOneRankGroupSavesInProcess) {
   EXPECT_EQ(group.rank(), 0);
   EXPECT_EQ(group.size(), 1);
   EXPECT_EQ(group.backend(), "gloo");
+  group.barrier();
   const auto s = torchser::testing::make_scenario("mixed", 0, 1);
   fs::create_directories(root / "single");
   fs::create_directories(root / "dist");

@@ -16,6 +16,7 @@
 #include <list>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <numeric>
 #include <optional>
 #include <set>
@@ -582,6 +583,13 @@ StateDict stand_ins(
 
 constexpr std::size_t kChunkBytes = std::size_t{16} << 20;
 
+// Runs at least this long are contiguous enough for the disk to start on as
+// soon as they are written. Shorter ones (column pieces) interleave with
+// other ranks' runs: written back early, they would go out as small
+// fragments, so they wait for the flush after every rank's writes, when
+// their pages are contiguous.
+constexpr std::uint64_t kLongRun = std::uint64_t{1} << 20;
+
 // One run of bytes a rank wrote, with its CRC when the files need one (the
 // CRC-32C of SaveOptions::checksums, ZIP's CRC-32 of torch.save records):
 // rank 0 folds them, in file order, into each tensor's or record's.
@@ -614,14 +622,20 @@ class PieceWriter {
 
   // `local`'s elements, placed at `offsets` of a row-major tensor of shape
   // `full` whose first byte is at `base` in the file, in `dtype`.
+  // With `start_writeback`, the disk starts on the piece's bytes when its
+  // runs are long (see the caller).
   std::uint64_t write(
       const at::Tensor& local,
       const Shape& full,
       const Shape& offsets,
       c10::ScalarType dtype,
-      std::uint64_t base) {
+      std::uint64_t base,
+      bool start_writeback) {
     const std::size_t esize = c10::elementSize(dtype);
     std::uint64_t written = 0;
+    std::uint64_t shortest = UINT64_MAX;
+    std::uint64_t span_begin = UINT64_MAX;
+    std::uint64_t span_end = 0;
     const Shape sizes(local.sizes().begin(), local.sizes().end());
     detail::for_each_run(
         sizes,
@@ -641,7 +655,18 @@ class PieceWriter {
             runs_->push_back(WrittenRun{file_, crc, at, bytes});
           }
           written += bytes;
+          shortest = std::min(shortest, bytes);
+          span_begin = std::min(span_begin, at);
+          span_end = std::max(span_end, at + bytes);
         });
+    if (start_writeback && written > 0 && shortest >= kLongRun) {
+      // Only a hint, which does not wait: the flush makes the bytes durable.
+      (void)::sync_file_range(
+          fd_,
+          static_cast<off_t>(span_begin),
+          static_cast<off_t>(span_end - span_begin),
+          SYNC_FILE_RANGE_WRITE);
+    }
     return written;
   }
 
@@ -1009,6 +1034,8 @@ DistributedSaveResult save_torch_state_dict(
 
   // 4. Every rank writes its bytes at their offsets, and makes them durable.
   std::vector<WrittenRun> my_runs;
+  std::vector<std::optional<detail::File>> opened(files.size());
+  std::vector<std::vector<std::size_t>> work(files.size()); // file → groups
   detail::run_step(group, "writing the tensors", [&] {
     std::map<std::string, std::size_t> file_of_name;
     for (std::size_t f = 0; f < files.size(); ++f) {
@@ -1016,7 +1043,6 @@ DistributedSaveResult save_torch_state_dict(
         file_of_name[name] = f;
       }
     }
-    std::map<std::size_t, std::vector<std::size_t>> work; // file → groups
     for (std::size_t g = 0; g < full.groups.size(); ++g) {
       const Group& grp = full.groups[g];
       const bool mine_to_write =
@@ -1047,7 +1073,7 @@ DistributedSaveResult save_torch_state_dict(
           });
     };
     std::uint64_t planned = 0;
-    for (const auto& [f, groups] : work) {
+    for (const std::vector<std::size_t>& groups : work) {
       for (const std::size_t g : groups) {
         const Group& grp = full.groups[g];
         planned += static_cast<std::uint64_t>(volume(my_holder(grp).sizes)) *
@@ -1055,27 +1081,26 @@ DistributedSaveResult save_torch_state_dict(
       }
     }
     std::uint64_t done = 0;
-    std::vector<detail::File> opened; // closed however this step ends
+    std::mutex mutex; // for my_runs, result, done and progress calls
     // Each rank starts at its own file and wraps around, so that ranks of
     // one host write different files at a time (one file's writers share
-    // its inode lock).
+    // its inode lock), on up to four threads.
     const auto count = static_cast<std::uint32_t>(files.size());
     const auto first = static_cast<std::uint32_t>(
         static_cast<std::uint64_t>(me) * count /
         static_cast<std::uint64_t>(group.size()));
-    for (std::uint32_t k = 0; k < count; ++k) {
-      const std::uint32_t f = (first + k) % count;
+    detail::parallel_for(count, 4, [&](std::size_t k) {
+      const auto f = static_cast<std::uint32_t>((first + k) % count);
       const std::filesystem::path path = temporaries.at(f);
-      opened.push_back(
-          open_shared(path, files[f], group, mine.host, views[0].host));
-      const int fd = opened.back().fd();
+      opened[f] = open_shared(path, files[f], group, mine.host, views[0].host);
       // torch.save records always carry a CRC; safetensors tensors when the
       // save records checksums.
+      std::vector<WrittenRun> runs;
       PieceWriter writer(
-          fd,
+          opened[f]->fd(),
           path,
           f,
-          (plan.safe && !written.checksums()) ? nullptr : &my_runs,
+          (plan.safe && !written.checksums()) ? nullptr : &runs,
           plan.safe ? continue_crc32c : continue_crc32);
       for (const std::size_t g : work[f]) {
         const Group& grp = full.groups[g];
@@ -1098,23 +1123,33 @@ DistributedSaveResult save_torch_state_dict(
             grp.full,
             my_holder(grp).offsets,
             written_dtype(grp),
-            files[f].begin.at(kept));
+            files[f].begin.at(kept),
+            written.durable());
+        const std::lock_guard<std::mutex> guard(mutex);
         result.bytes_written += bytes;
         done += bytes;
         if (written.progress()) {
           written.progress()(Progress{files[f].name, kept, done, planned});
         }
       }
+      const std::lock_guard<std::mutex> guard(mutex);
+      my_runs.insert(my_runs.end(), runs.begin(), runs.end());
+    });
+  });
+
+  // Every rank flushes the files it wrote once all have written: the pages
+  // of interleaved pieces are then contiguous, and each flush mostly waits
+  // for writeback already under way. (Each rank flushes its own writes,
+  // which on a network filesystem only its host holds.)
+  detail::run_step(group, "flushing the tensors", [&] {
+    if (!written.durable()) {
+      return;
     }
-    // The flushes overlap (the disk takes several at once), as a
-    // single-process save's writer threads' do.
-    if (written.durable()) {
-      detail::parallel_for(opened.size(), 4, [&](std::size_t i) {
-        if (::fdatasync(opened[i].fd()) != 0) {
-          detail::throw_os_error("Cannot flush", opened[i].path(), errno);
-        }
-      });
-    }
+    detail::parallel_for(opened.size(), 4, [&](std::size_t f) {
+      if (!work[f].empty() && ::fdatasync(opened[f]->fd()) != 0) {
+        detail::throw_os_error("Cannot flush", opened[f]->path(), errno);
+      }
+    });
   });
 
   // Every rank's runs and their CRCs, for rank 0 to fold.

@@ -221,6 +221,9 @@ std::chrono::milliseconds ProcessGroup::timeout() const {
 std::string ProcessGroup::backend() const {
   return impl_->backend();
 }
+void ProcessGroup::barrier() const {
+  detail::agree(*this, std::nullopt, "barrier");
+}
 
 bool is_nccl_available() noexcept {
 #ifdef TORCHSER_WITH_NCCL

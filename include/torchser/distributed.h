@@ -124,8 +124,9 @@ struct TORCHSER_API DistributedSaveResult {
 ///   see on a shared filesystem; ranks that do not are told so). Column and
 ///   block pieces are written as their contiguous runs. Each replicated
 ///   tensor is written by one of its holders, chosen to balance the bytes
-///   each rank writes. Extra memory per rank is one chunk (16 MiB) at most,
-///   for pieces that must be copied (non-contiguous, on a GPU, or cast).
+///   each rank writes. Each rank writes on up to four threads; extra memory
+///   per rank is one chunk (16 MiB) per thread at most, for pieces that must
+///   be copied (non-contiguous, on a GPU, or cast).
 /// - One commit, by rank 0, after every rank's bytes are durable: the
 ///   checkpoint is replaced whole, for every reader, as a single-process
 ///   save replaces it. A rank that fails makes every rank throw (its own

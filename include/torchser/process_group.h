@@ -96,6 +96,9 @@ class TORCHSER_API ProcessGroup {
   std::chrono::milliseconds timeout() const;
   /// "gloo", "nccl", ... as c10d names it.
   std::string backend() const;
+  /// `torch.distributed.barrier()`: returns once every rank called it.
+  /// DistBackendError when a rank does not come within the timeout.
+  void barrier() const;
 
   /// Internal: the collectives, for torchser's distributed code.
   struct Impl;
