@@ -112,6 +112,24 @@ inline Scenario make_scenario(const std::string& name, int rank, int world) {
   const auto add_full = [&](const std::string& key, const at::Tensor& t) {
     s.full.insert(key, t);
   };
+  if (name == "big") {
+    // 1 MiB tensors split by rows and columns, and a replicated one: what
+    // each rank reads is measured against its share.
+    const std::vector<std::pair<std::string, int>> tensors = {
+        {"big.rows", 0},
+        {"big.columns", 1},
+        {"big.replicated", -1},
+        {"big.more_rows", 0}};
+    for (const auto& [key, how] : tensors) {
+      const at::Tensor full = full_tensor(key, {256, 1024}, at::kFloat);
+      add_full(key, full);
+      s.local.insert(
+          key,
+          how >= 0 ? chunk_of(full, how, rank, world)
+                   : DistributedTensor{full.clone(), Placement::replicate()});
+    }
+    return s;
+  }
   // Tied, split by rows (a vocabulary-parallel embedding).
   const at::Tensor embed = full_tensor("embed", {37, 16}, at::kFloat);
   add_full("embed.weight", embed);

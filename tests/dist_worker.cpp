@@ -11,17 +11,28 @@
 //     --dtype bf16         SaveOptions::dtype
 //     --checksums          SaveOptions::checksums
 //     --bin                SaveOptions::safe_serialization(false)
+//     --load               load DIR into zeroed copies of the scenario's
+//                          pieces instead, compare them with the pieces,
+//                          print "rank R loaded BYTES_READ RCHAR PIECE_BYTES"
+//                          and exit 0 when all match (4 when one differs)
+//     --strict             LoadOptions::strict (with --load)
 //
 // Prints "rank R ok BYTES" and exits 0 when the save committed; prints
 // "rank R ERROR-TYPE: MESSAGE" and exits 3 when it threw.
 
+#include <algorithm>
 #include <csignal>
 #include <cstdlib>
 #include <iostream>
 #include <string>
 #include <thread>
 
+#include <fstream>
+
+#include <ATen/ops/zeros_like.h>
+
 #include <torchser/distributed.h>
+#include <torchser/distributed_load.h>
 #include <torchser/errors.h>
 #include <torchser/process_group.h>
 
@@ -39,6 +50,9 @@ const char* type_of(const std::exception& e) {
   if (dynamic_cast<const torchser::ValueError*>(&e) != nullptr) {
     return "ValueError";
   }
+  if (dynamic_cast<const torchser::RuntimeError*>(&e) != nullptr) {
+    return "RuntimeError";
+  }
   if (dynamic_cast<const torchser::OSError*>(&e) != nullptr) {
     return "OSError";
   }
@@ -46,6 +60,65 @@ const char* type_of(const std::exception& e) {
     return "torchser::Error";
   }
   return "std::exception";
+}
+
+std::int64_t rchar() {
+  std::ifstream io("/proc/self/io");
+  std::string key;
+  std::int64_t value = 0;
+  while (io >> key >> value) {
+    if (key == "rchar:") {
+      return value;
+    }
+  }
+  return -1;
+}
+
+// Loads `dir` into zeroed copies of the scenario's pieces (tied pieces
+// stay one tensor) and compares them with the pieces.
+int load_and_compare(
+    const torchser::testing::Scenario& s,
+    const std::string& dir,
+    const torchser::ProcessGroup& group,
+    const torchser::LoadOptions& options) {
+  torchser::DistributedStateDict targets;
+  std::vector<std::pair<at::Tensor, at::Tensor>> copies;
+  std::int64_t piece_bytes = 0;
+  for (const auto& item : s.local) {
+    torchser::DistributedTensor t = item.value();
+    const auto same =
+        std::find_if(copies.begin(), copies.end(), [&](const auto& c) {
+          return c.first.is_same(t.local);
+        });
+    if (same != copies.end()) {
+      t.local = same->second;
+    } else {
+      const at::Tensor zeros = at::zeros_like(t.local);
+      copies.emplace_back(t.local, zeros);
+      piece_bytes += static_cast<std::int64_t>(t.local.nbytes());
+      t.local = zeros;
+    }
+    targets.insert(item.key(), t);
+  }
+  const std::int64_t before = rchar();
+  const auto result =
+      torchser::load_torch_state_dict(targets, dir, group, options);
+  const std::int64_t read = rchar() - before;
+  int status = 0;
+  for (const auto& item : s.local) {
+    if (!targets[item.key()]
+             .local.to(item.value().local.scalar_type())
+             .equal(item.value().local)) {
+      std::cout << "rank " << group.rank() << " differs: " << item.key()
+                << std::endl;
+      status = 4;
+    }
+  }
+  std::cout << "rank " << group.rank() << " loaded " << result.bytes_read << " "
+            << read << " " << piece_bytes << " missing "
+            << result.missing_keys.size() << " unexpected "
+            << result.unexpected_keys.size() << std::endl;
+  return status;
 }
 
 } // namespace
@@ -66,6 +139,8 @@ int main(int argc, char** argv) {
   int kill_after = -1;
   int hang_after = -1;
   bool exit_before_save = false;
+  bool load = false;
+  torchser::LoadOptions load_options;
   for (int i = 6; i < argc; ++i) {
     const std::string arg = argv[i];
     const auto next = [&]() -> std::string {
@@ -89,6 +164,11 @@ int main(int argc, char** argv) {
       options.checksums(true);
     } else if (arg == "--bin") {
       options.safe_serialization(false);
+      load_options.safe(false);
+    } else if (arg == "--load") {
+      load = true;
+    } else if (arg == "--strict") {
+      load_options.strict(true);
     } else if (arg == "--key-mapping") {
       options.key_mapping(torchser::KeyMapping().add_prefix("model."));
     } else if (arg == "--dtype") {
@@ -124,6 +204,9 @@ int main(int argc, char** argv) {
       }
     });
     const auto s = torchser::testing::make_scenario(scenario, rank, world);
+    if (load) {
+      return load_and_compare(s, dir, group, load_options);
+    }
     const auto result =
         torchser::save_torch_state_dict(s.local, dir, group, options);
     std::cout << "rank " << rank << " ok " << result.bytes_written << std::endl;

@@ -571,6 +571,10 @@ const std::filesystem::path& SafeOpen::path() const noexcept {
   return state_->path;
 }
 
+std::uint64_t SafeOpen::data_offset() const noexcept {
+  return state_->header.data_start;
+}
+
 bool SafeOpen::contains(std::string_view name) const {
   return state_->header.index.contains(name);
 }

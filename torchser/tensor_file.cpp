@@ -19,6 +19,7 @@
 #include <ATen/Context.h>
 
 #include "torchser/detail/file.h"
+#include "torchser/detail/torch_load_layout.h"
 #include "torchser/detail/zip.h"
 
 namespace torchser::detail {
@@ -183,6 +184,15 @@ class SafetensorsFile final : public TensorFile {
   at::Tensor get(const std::string& name) const override {
     return file_.get_tensor(name);
   }
+  std::optional<std::uint64_t> file_offset(
+      const std::string& name) const override {
+    for (const auto& info : file_.tensors()) {
+      if (info.name == name) {
+        return file_.data_offset() + info.begin;
+      }
+    }
+    throw KeyError("'" + display_ + "' holds no tensor '" + name + "'.");
+  }
   void release(const std::string& name) const override {
     file_.release_pages(name);
   }
@@ -199,8 +209,13 @@ class PickleFile final : public TensorFile {
       std::string note,
       bool mapped,
       std::string selection,
-      bool ambiguous)
-      : tensors_(std::move(tensors)), mapped_(mapped) {
+      bool ambiguous,
+      fs::path path,
+      std::optional<std::string> key)
+      : tensors_(std::move(tensors)),
+        mapped_(mapped),
+        path_(std::move(path)),
+        key_(std::move(key)) {
     selection_ = std::move(selection);
     ambiguous_ = ambiguous;
     format_ = TensorFormat::kPickle;
@@ -232,6 +247,25 @@ class PickleFile final : public TensorFile {
     }
     return *t;
   }
+  std::optional<std::uint64_t> file_offset(
+      const std::string& name) const override {
+    get(name); // KeyError for an unknown name
+    if (!layout_.has_value()) {
+      // The same pickle again, over stand-in storages that say where each
+      // record lies (nothing else is read), and the same dict chosen.
+      layout_ =
+          select_state_dict(torch_load_layout(path_), key_, display_).tensors;
+    }
+    const at::Tensor* t = layout_->find(name);
+    if (t == nullptr || !t->is_contiguous()) {
+      return std::nullopt;
+    }
+    if (t->numel() == 0) {
+      return 0;
+    }
+    return static_cast<std::uint64_t>(
+        reinterpret_cast<std::uintptr_t>(t->data_ptr()) - kLayoutBase);
+  }
   void release(const std::string& name) const override {
     // The record's pages of the private file mapping: dropped, they are
     // read from the file again if touched (as SafeOpen::release_pages).
@@ -260,6 +294,9 @@ class PickleFile final : public TensorFile {
 
   StateDict tensors_;
   bool mapped_;
+  fs::path path_;
+  std::optional<std::string> key_;
+  mutable std::optional<StateDict> layout_;
   std::unordered_map<std::string, std::string>
       last_user_; // storage → its last tensor
   std::unordered_map<std::string, std::string> storage_of_; // tensor → storage
@@ -345,7 +382,9 @@ std::unique_ptr<TensorFile> open_tensor_file(
       std::move(note),
       options.backend == LoadBackend::kMmap && !options.device.has_value(),
       std::move(selected.selection),
-      selected.ambiguous);
+      selected.ambiguous,
+      path,
+      options.key);
 }
 
 std::unique_ptr<TensorFile> open_tensor_file(

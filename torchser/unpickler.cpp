@@ -17,6 +17,7 @@
 #include <torchser/storage.h>
 
 #include "torchser/detail/file.h"
+#include "torchser/detail/torch_load_layout.h"
 #include "torchser/detail/torch_storage_types.h"
 #include "torchser/detail/torch_version.h"
 #include "torchser/detail/zip.h"
@@ -773,8 +774,34 @@ bool is_tensor_dict(const PickleValue& v) {
 // ---------------------------------------------------------------------------
 // torch_load
 
+namespace {
+
+PickleValue load_archive(
+    const std::filesystem::path& path,
+    const TorchLoadOptions& options,
+    bool layout_only);
+
+} // namespace
+
 PickleValue torch_load(
     const std::filesystem::path& path, const TorchLoadOptions& options) {
+  return load_archive(path, options, false);
+}
+
+namespace detail {
+
+PickleValue torch_load_layout(const std::filesystem::path& path) {
+  return load_archive(path, TorchLoadOptions().mmap(false), true);
+}
+
+} // namespace detail
+
+namespace {
+
+PickleValue load_archive(
+    const std::filesystem::path& path,
+    const TorchLoadOptions& options,
+    bool layout_only) {
   const std::string source = "'" + path.string() + "'";
   const detail::File file = detail::File::open_read(path);
   // mmap: tensors are views of a mapping of the file. Otherwise nothing is
@@ -882,6 +909,14 @@ PickleValue torch_load(
     }
     const auto options_dtype = at::TensorOptions().dtype(dtype);
     at::Tensor base;
+    if (layout_only) {
+      // A stand-in whose address says where the record's data starts.
+      return at::from_blob(
+          reinterpret_cast<void*>(detail::kLayoutBase + e.data_offset),
+          {numel},
+          [](void*) {},
+          options_dtype);
+    }
     if (nbytes == 0) {
       base = at::empty({numel}, options_dtype);
     } else if (
@@ -929,6 +964,8 @@ PickleValue torch_load(
         "Cannot load " + source + ": " + e.what_without_backtrace());
   }
 }
+
+} // namespace
 
 StateDict extract_state_dict(const PickleValue& checkpoint) {
   const PickleValue* found = is_tensor_dict(checkpoint) ? &checkpoint : nullptr;

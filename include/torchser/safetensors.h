@@ -317,6 +317,10 @@ class TORCHSER_API SafeOpen {
   SafeSlice get_slice(std::string_view name) const;
   /// The file's path.
   const std::filesystem::path& path() const noexcept;
+  /// Where the data section starts in the file (after the 8-byte length and
+  /// the header; in an archive, after the entry's offset too): tensor `t`'s
+  /// bytes are at data_offset() + t.begin.
+  std::uint64_t data_offset() const noexcept;
 
   /// With the mmap backend: drops this process's mapped pages of tensor
   /// `name` (they stay in the page cache), so that a loader copying tensor

@@ -8,6 +8,7 @@
 #include <torchser/constants.h>
 #include <torchser/dduf.h>
 #include <torchser/distributed.h>
+#include <torchser/distributed_load.h>
 #include <torchser/errors.h>
 #include <torchser/export.h>
 #include <torchser/hub_cache.h>

@@ -92,6 +92,13 @@ class TORCHSER_API TensorFile {
   }
   /// The tensor `name` (KeyError naming the file when absent).
   virtual at::Tensor get(const std::string& name) const = 0;
+  /// Where `name`'s elements start in the file when they lie there
+  /// contiguously in row-major order (every safetensors tensor; a torch.save
+  /// tensor that is a contiguous view of its record), for readers that
+  /// fetch byte ranges themselves; nullopt otherwise. KeyError naming the
+  /// file when absent.
+  virtual std::optional<std::uint64_t> file_offset(
+      const std::string& name) const = 0;
   /// Drops this process's mapped pages of `name` once copied, so that a
   /// loop over a file keeps resident memory near one tensor; a hint.
   virtual void release(const std::string& name) const = 0;

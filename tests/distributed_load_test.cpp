@@ -1,0 +1,194 @@
+// Resharding on load, tested as users run it: one process per rank on
+// 127.0.0.1 (dist_worker --load), each filling zeroed copies of its pieces
+// from a checkpoint saved by another world size (or one process, or the
+// .bin writer), then comparing them with the pieces it should hold.
+
+#include <filesystem>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <torchser/save.h>
+
+#include "dist_harness.h"
+#include "dist_scenarios.h"
+#include "test_utils.h"
+
+namespace fs = std::filesystem;
+using ::testing::HasSubstr;
+
+namespace {
+
+using torchser::testing::describe_runs;
+using torchser::testing::RankRun;
+using torchser::testing::run_ranks;
+
+struct Loaded {
+  std::uint64_t bytes_read = 0; // torchser's count
+  std::uint64_t rchar = 0;      // the kernel's
+  std::uint64_t piece_bytes = 0;
+};
+
+Loaded loaded_of(const RankRun& run) {
+  Loaded out;
+  const auto at = run.output.find(" loaded ");
+  EXPECT_NE(at, std::string::npos) << run.output;
+  if (at != std::string::npos) {
+    std::istringstream in(run.output.substr(at + 8));
+    in >> out.bytes_read >> out.rchar >> out.piece_bytes;
+  }
+  return out;
+}
+
+class DistributedLoadTest : public ::testing::Test {
+ protected:
+  fs::path dir(const std::string& name) {
+    fs::create_directories(temp_ / name);
+    return temp_.path() / name;
+  }
+  // Saves `scenario` with `world` ranks (0: one process) into a new folder.
+  fs::path saved(
+      const std::string& scenario,
+      int world,
+      const std::vector<std::string>& args) {
+    const fs::path out =
+        dir("saved-" + scenario + "-" + std::to_string(world) + "-" +
+            std::to_string(counter_++));
+    if (world == 0) {
+      torchser::SaveOptions options;
+      for (std::size_t i = 0; i < args.size(); ++i) {
+        if (args[i] == "--max-shard-size") {
+          options.max_shard_size(torchser::testing::shard_size(args[++i]));
+        } else if (args[i] == "--bin") {
+          options.safe_serialization(false);
+        }
+      }
+      torchser::save_torch_state_dict(
+          torchser::testing::make_scenario(scenario, 0, 1).full, out, options);
+      return out;
+    }
+    const auto runs =
+        run_ranks(scenario, out, world, [&](int) { return args; });
+    for (const RankRun& run : runs) {
+      EXPECT_EQ(run.status, 0) << describe_runs(runs);
+    }
+    return out;
+  }
+  torchser::testing::TempDir temp_;
+  int counter_ = 0;
+};
+
+TEST_F(
+    DistributedLoadTest,
+    EveryWorldSizeLoadsWhatAnyWorldSizeSavedIntoItsPieces) {
+  for (const bool bin : {false, true}) {
+    for (const int saver : {0, 1, 2, 3, 4}) {
+      std::vector<std::string> args = {"--max-shard-size", "600"};
+      if (bin) {
+        args.push_back("--bin");
+      }
+      const fs::path checkpoint = saved("mixed", saver, args);
+      // Each saver against two loader sizes, every pair covered over the
+      // loop (the 1–4 × 1–4 grid, with a one-process save as world 0).
+      for (const int loader : {1 + saver % 4, 1 + (saver + 2) % 4}) {
+        SCOPED_TRACE(
+            std::string(bin ? ".bin" : "safetensors") + ", saved by " +
+            std::to_string(saver) + ", loaded by " + std::to_string(loader));
+        std::vector<std::string> load_args = {"--load", "--strict"};
+        if (bin) {
+          load_args.push_back("--bin");
+        }
+        const auto runs = run_ranks(
+            "mixed", checkpoint, loader, [&](int) { return load_args; });
+        for (const RankRun& run : runs) {
+          ASSERT_EQ(run.status, 0) << describe_runs(runs);
+          EXPECT_THAT(run.output, HasSubstr("missing 0 unexpected 0"));
+          const Loaded l = loaded_of(run);
+          // Every piece's bytes once (tied pieces once), nothing more.
+          EXPECT_EQ(l.bytes_read, l.piece_bytes) << run.output;
+        }
+      }
+    }
+  }
+}
+
+// The kernel's count of bytes each rank read (rchar: every read and pread,
+// the collectives' socket reads and the headers included) against its
+// share: its row and column pieces and the replicated tensor.
+TEST_F(DistributedLoadTest, EachRankReadsOnlyItsShareOfTheCheckpoint) {
+  for (const int loader : {2, 3, 4}) {
+    SCOPED_TRACE("loaded by " + std::to_string(loader));
+    const fs::path checkpoint = saved("big", 0, {"--max-shard-size", "2MB"});
+    const auto runs = run_ranks("big", checkpoint, loader, [&](int) {
+      return std::vector<std::string>{"--load", "--strict"};
+    });
+    std::uint64_t total = 0;
+    for (const RankRun& run : runs) {
+      ASSERT_EQ(run.status, 0) << describe_runs(runs);
+      const Loaded l = loaded_of(run);
+      EXPECT_EQ(l.bytes_read, l.piece_bytes);
+      EXPECT_LE(l.rchar, l.piece_bytes * 101 / 100) << run.output;
+      EXPECT_GE(l.rchar, l.piece_bytes) << run.output;
+      total += l.bytes_read;
+    }
+    // Three split tensors once in all, the replicated one on every rank.
+    EXPECT_EQ(total, (3 + loader) * std::uint64_t{1} << 20);
+  }
+}
+
+TEST_F(DistributedLoadTest, StrictLoadsFailOnEveryRankNamingTheKeys) {
+  // A checkpoint of "big" lacks every "mixed" name, and holds names no
+  // "mixed" rank has.
+  const fs::path checkpoint = saved("big", 0, {});
+  const auto runs = run_ranks("mixed", checkpoint, 2, [&](int) {
+    return std::vector<std::string>{"--load", "--strict"};
+  });
+  ASSERT_EQ(runs.size(), 2U);
+  EXPECT_EQ(runs[0].status, 3) << describe_runs(runs);
+  EXPECT_EQ(runs[1].status, 3) << describe_runs(runs);
+  EXPECT_THAT(runs[0].output, HasSubstr("RuntimeError"));
+  EXPECT_THAT(
+      runs[0].output,
+      HasSubstr("Error(s) in loading state_dict on rank 0 from"));
+  EXPECT_THAT(
+      runs[0].output,
+      HasSubstr("Missing key(s) in state_dict: \"embed.weight\""));
+  EXPECT_THAT(
+      runs[0].output,
+      HasSubstr("Unexpected key(s) in state_dict (held by no rank): "
+                "\"big.columns\""));
+  // Without strict the load goes on and reports them.
+  const auto lenient = run_ranks("mixed", checkpoint, 2, [&](int) {
+    return std::vector<std::string>{"--load"};
+  });
+  for (const RankRun& run : lenient) {
+    // Nothing was loaded, so the pieces differ from the expected ones.
+    EXPECT_EQ(run.status, 4) << describe_runs(lenient);
+    EXPECT_THAT(run.output, HasSubstr("unexpected 4"));
+  }
+}
+
+TEST_F(DistributedLoadTest, ShapeMismatchesFailOnEveryRankNamingTensorAndRank) {
+  // "bad-shape" places the last rank's rows in a tensor of 24 rows; the
+  // checkpoint's has 23.
+  const fs::path checkpoint = saved("mixed", 0, {});
+  const auto runs = run_ranks("bad-shape", checkpoint, 3, [&](int) {
+    return std::vector<std::string>{"--load"};
+  });
+  for (const RankRun& run : runs) {
+    EXPECT_EQ(run.status, 3) << describe_runs(runs);
+  }
+  EXPECT_THAT(
+      runs[2].output,
+      HasSubstr("size mismatch for layers.0.up.weight: copying a param with "
+                "shape torch.Size([23, 16]) from checkpoint"));
+  EXPECT_THAT(runs[2].output, HasSubstr("torch.Size([24, 16])"));
+  EXPECT_THAT(runs[2].output, HasSubstr("on rank 2"));
+  EXPECT_THAT(runs[0].output, HasSubstr("DistError"));
+  EXPECT_THAT(runs[0].output, HasSubstr("rank 2 failed"));
+}
+
+} // namespace

@@ -1,0 +1,454 @@
+// Resharding on load: each rank matches its pieces with the checkpoint's
+// tensors (through the checkpoint layer: which files, which headers, where
+// each tensor's bytes lie), the ranks check the whole together, and each
+// reads the byte ranges of its own pieces with positional reads.
+
+#include <torchser/distributed_load.h>
+
+#include <algorithm>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <optional>
+#include <set>
+
+#include <ATen/ops/from_blob.h>
+#include <c10/core/GradMode.h>
+#include <nlohmann/json.hpp>
+
+#include <torchser/errors.h>
+#include <torchser/hub_cache.h>
+#include <torchser/key_mapping.h>
+#include <torchser/module.h>
+#include <torchser/safetensors.h>
+
+#include "torchser/detail/checkpoint_dir.h"
+#include "torchser/detail/collectives.h"
+#include "torchser/detail/file.h"
+#include "torchser/detail/key_filter.h"
+#include "torchser/detail/tensor_file.h"
+#include "torchser/detail/tiling.h"
+
+namespace torchser {
+namespace {
+
+using detail::Shape;
+using detail::shape_text;
+using detail::volume;
+
+constexpr std::size_t kChunkBytes = std::size_t{16} << 20;
+
+at::ScalarType dtype_of(
+    const detail::TensorEntry& entry, const std::string& file) {
+  if (const auto code = parse_safetensors_dtype(entry.dtype)) {
+    return to_torch_dtype(*code);
+  }
+  if (entry.dtype == c10::toString(at::kComplexDouble)) {
+    return at::kComplexDouble;
+  }
+  throw ValueError(
+      "Tensor '" + entry.name + "' of " + file + " has dtype " + entry.dtype +
+      ", which this LibTorch build cannot hold");
+}
+
+// Reads the byte runs of pieces of one file's row-major tensors.
+class PieceReader {
+ public:
+  PieceReader(std::filesystem::path path)
+      : path_(std::move(path)), file_(detail::File::open_read(path_)) {}
+
+  // `local`'s elements from `offsets` of a row-major tensor of shape `full`
+  // and dtype `dtype` whose first element is at `base` in the file.
+  std::uint64_t read(
+      const at::Tensor& local,
+      const Shape& full,
+      const Shape& offsets,
+      c10::ScalarType dtype,
+      std::uint64_t base) {
+    const std::size_t esize = c10::elementSize(dtype);
+    std::uint64_t read = 0;
+    const Shape sizes(local.sizes().begin(), local.sizes().end());
+    detail::for_each_run(
+        sizes,
+        full,
+        offsets,
+        [&](const Shape& leading, std::int64_t element, std::int64_t count) {
+          at::Tensor run = local;
+          for (const std::int64_t i : leading) {
+            run = run.select(0, i);
+          }
+          block(run, base + static_cast<std::uint64_t>(element) * esize, dtype);
+          read += static_cast<std::uint64_t>(count) * esize;
+        });
+    return read;
+  }
+
+ private:
+  // A block the file holds contiguously: read straight into the tensor
+  // when its bytes are the file's, else through the chunk.
+  void block(
+      const at::Tensor& dst, std::uint64_t offset, c10::ScalarType dtype) {
+    const std::size_t esize = c10::elementSize(dtype);
+    const std::uint64_t nbytes =
+        static_cast<std::uint64_t>(dst.numel()) * esize;
+    if (nbytes == 0) {
+      return;
+    }
+    if (dst.is_cpu() && dst.scalar_type() == dtype && dst.is_contiguous()) {
+      file_.pread_exact(
+          dst.data_ptr(), static_cast<std::size_t>(nbytes), offset);
+      return;
+    }
+    if (nbytes <= kChunkBytes) {
+      if (!chunk_) {
+        chunk_ = std::make_unique<std::uint8_t[]>(kChunkBytes);
+      }
+      file_.pread_exact(chunk_.get(), static_cast<std::size_t>(nbytes), offset);
+      dst.copy_(at::from_blob(
+          chunk_.get(), dst.sizes(), at::TensorOptions().dtype(dtype)));
+      return;
+    }
+    const std::int64_t rows = dst.size(0);
+    const std::uint64_t row_bytes = nbytes / static_cast<std::uint64_t>(rows);
+    const std::int64_t per = std::max<std::int64_t>(
+        1,
+        static_cast<std::int64_t>(
+            kChunkBytes / std::max<std::uint64_t>(row_bytes, 1)));
+    for (std::int64_t r = 0; r < rows; r += per) {
+      const std::int64_t n = std::min(per, rows - r);
+      block(
+          n == 1 && row_bytes > kChunkBytes ? dst.select(0, r)
+                                            : dst.narrow(0, r, n),
+          offset + static_cast<std::uint64_t>(r) * row_bytes,
+          dtype);
+    }
+  }
+
+  std::filesystem::path path_;
+  detail::File file_;
+  std::unique_ptr<std::uint8_t[]> chunk_;
+};
+
+// One local tensor and where its values come from.
+struct Target {
+  std::string local_name;
+  std::string checkpoint_name;
+  std::size_t file = 0; // into Plan::files
+  Shape full;
+  Shape offsets;
+  at::ScalarType dtype = at::kFloat;
+  std::optional<std::uint64_t> offset; // in the file; none: not contiguous
+  std::uint64_t nbytes = 0;            // of the checkpoint's whole tensor
+};
+
+struct Plan {
+  std::vector<std::unique_ptr<detail::TensorFile>> files;
+  std::vector<std::string> file_names; // in messages and progress
+  std::vector<std::filesystem::path> paths;
+  std::vector<Target> targets;
+  std::vector<std::string> missing;
+  std::vector<std::string> checkpoint_names; // mapped, not ignored
+  std::string where;                         // the checkpoint in messages
+};
+
+std::string size_text(const Shape& shape) {
+  std::string out = "torch.Size([";
+  for (std::size_t i = 0; i < shape.size(); ++i) {
+    out += (i == 0 ? "" : ", ") + std::to_string(shape[i]);
+  }
+  return out + "])";
+}
+
+Plan plan_load(
+    const DistributedStateDict& state_dict,
+    const std::filesystem::path& target,
+    const LoadOptions& options,
+    int rank) {
+  if (options.map_location().has_value() || options.dtype().has_value()) {
+    throw ValueError(
+        "A distributed load copies into the local tensors, which decide "
+        "device and dtype: LoadOptions::map_location and dtype are refused");
+  }
+  const detail::KeyFilter filter(options);
+  detail::ResolveOptions resolve;
+  resolve.filename_pattern = options.filename_pattern();
+  resolve.allow_pickle = !options.safe();
+  const detail::Checkpoint checkpoint =
+      detail::resolve_checkpoint(target, resolve);
+  Plan plan;
+  plan.where = checkpoint.kind == detail::Checkpoint::Kind::kSharded
+                   ? checkpoint.index_path.string()
+                   : checkpoint.files.front().string();
+
+  // The checkpoint's names, the file holding each, and the alias records.
+  std::vector<std::string> keys;
+  std::map<std::string, std::string> file_of; // name → file, sharded only
+  std::vector<std::pair<std::string, std::string>> aliases;
+  const bool is_single =
+      checkpoint.kind != detail::Checkpoint::Kind::kSharded;
+  std::unique_ptr<detail::TensorFile> single;
+  const detail::TensorFileOptions open{LoadBackend::kMmap, std::nullopt, {}};
+  if (checkpoint.kind == detail::Checkpoint::Kind::kSharded) {
+    keys.assign(checkpoint.index.keys.begin(), checkpoint.index.keys.end());
+    for (const auto& [shard, names] : checkpoint.index.shards) {
+      for (const std::string& name : names) {
+        file_of[name] = shard;
+      }
+    }
+    aliases = checkpoint.index.metadata;
+  } else {
+    single = detail::open_tensor_file(checkpoint.files.front(), open);
+    single->check_format_metadata();
+    for (const detail::TensorEntry& entry : single->entries()) {
+      keys.push_back(entry.name);
+    }
+    aliases = single->metadata().value_or(
+        std::vector<std::pair<std::string, std::string>>{});
+  }
+  std::vector<std::string> selected;
+  for (const std::string& key : keys) {
+    if (filter.selected(key)) {
+      selected.push_back(key);
+    }
+  }
+  std::map<std::string, std::string> source_of; // local → checkpoint name
+  for (const auto& [checkpoint_name, local_name] :
+       map_keys(selected, options.key_mapping(), plan.where)) {
+    if (filter.ignored(local_name)) {
+      continue;
+    }
+    plan.checkpoint_names.push_back(local_name);
+    if (state_dict.contains(local_name)) {
+      source_of.emplace(local_name, checkpoint_name);
+    }
+  }
+  const std::set<std::string> selected_set(selected.begin(), selected.end());
+  for (const auto& [alias, kept] : aliases) {
+    if (selected_set.count(kept) == 0 || selected_set.count(alias) != 0) {
+      continue;
+    }
+    const auto local_name = map_key(alias, options.key_mapping());
+    if (local_name.has_value() && state_dict.contains(*local_name) &&
+        source_of.count(*local_name) == 0) {
+      source_of.emplace(*local_name, kept);
+    }
+  }
+
+  // Each needed file opened once (its header; a torch.save file's pickle),
+  // every piece checked against its tensor.
+  std::map<std::string, std::size_t> opened;
+  for (const auto& item : state_dict) {
+    const std::string& name = item.key();
+    const auto source = source_of.find(name);
+    if (source == source_of.end()) {
+      if (!filter.ignored(name)) {
+        plan.missing.push_back(name);
+      }
+      continue;
+    }
+    const std::string& checkpoint_name = source->second;
+    const std::string file_name =
+        is_single ? checkpoint.files.front().filename().string()
+                  : file_of.at(checkpoint_name);
+    auto at = opened.find(file_name);
+    if (at == opened.end()) {
+      at = opened.emplace(file_name, plan.files.size()).first;
+      if (is_single) {
+        plan.files.push_back(std::move(single));
+      } else {
+        plan.files.push_back(
+            detail::open_tensor_file(checkpoint.directory / file_name, open));
+        plan.files.back()->check_format_metadata();
+      }
+      plan.file_names.push_back(file_name);
+      plan.paths.push_back(checkpoint.directory / file_name);
+    }
+    const detail::TensorFile& file = *plan.files[at->second];
+    const detail::TensorEntry* entry = nullptr;
+    for (const detail::TensorEntry& e : file.entries()) {
+      if (e.name == checkpoint_name) {
+        entry = &e;
+        break;
+      }
+    }
+    if (entry == nullptr) {
+      throw ValueError(
+          "Index " + plan.where + " places '" + checkpoint_name + "' in " +
+          file_name + ", but " + file.display_name() + " does not hold it");
+    }
+    Target t;
+    t.local_name = name;
+    t.checkpoint_name = checkpoint_name;
+    t.file = at->second;
+    item.value().placement.locate(item.value().local, name, t.full, t.offsets);
+    if (entry->shape != t.full) {
+      throw RuntimeError(
+          "Error(s) in loading state_dict on rank " + std::to_string(rank) +
+          ":\n\tsize mismatch for " + name + ": copying a param with shape " +
+          size_text(entry->shape) + " from checkpoint (" + file.display_name() +
+          "), the shape in current model is " + size_text(t.full) +
+          (item.value().placement.is_replicate()
+               ? std::string()
+               : " (the full shape of its placement)") +
+          ".");
+    }
+    t.dtype = dtype_of(*entry, file.display_name());
+    t.offset = file.file_offset(checkpoint_name);
+    t.nbytes = entry->nbytes;
+    plan.targets.push_back(std::move(t));
+  }
+  std::sort(plan.missing.begin(), plan.missing.end());
+  return plan;
+}
+
+std::string joined(const std::vector<std::string>& names) {
+  std::string out;
+  for (const std::string& name : names) {
+    out += (out.empty() ? "\"" : ", \"") + name + "\"";
+  }
+  return out;
+}
+
+} // namespace
+
+DistributedLoadResult load_torch_state_dict(
+    DistributedStateDict& state_dict,
+    const std::filesystem::path& checkpoint,
+    const ProcessGroup& group,
+    const LoadOptions& options) {
+  const int me = group.rank();
+  DistributedLoadResult result;
+
+  // 1. Each rank matches its tensors with the checkpoint's.
+  Plan plan;
+  std::optional<detail::DirectoryLock> lock;
+  detail::run_step(group, "matching each rank's tensors", [&] {
+    const std::filesystem::path path = resolve_hub_path(checkpoint);
+    std::error_code ec;
+    if (!std::filesystem::exists(path, ec)) {
+      throw ValueError("Checkpoint path " + path.string() + " does not exist");
+    }
+    if (std::filesystem::is_directory(path, ec)) {
+      // Held until the last byte is read: a concurrent save's commit is
+      // never seen halfway (see detail/checkpoint_dir.h).
+      lock.emplace(detail::lock_for_reading(path));
+    }
+    plan = plan_load(state_dict, path, options, me);
+  });
+
+  // 2. The names every rank loads, for the checkpoint's names no rank holds.
+  nlohmann::json mine = {
+      {"loaded", nlohmann::json::object()}, {"local", nlohmann::json::array()}};
+  for (const Target& t : plan.targets) {
+    mine["loaded"][t.checkpoint_name] = t.nbytes;
+    mine["local"].push_back(t.local_name);
+  }
+  std::set<std::string> read_anywhere;   // checkpoint names
+  std::set<std::string> loaded_anywhere; // local names
+  for (const std::string& text : detail::all_gather_bytes(
+           group, mine.dump(), "exchanging the names each rank loads")) {
+    const nlohmann::json theirs = nlohmann::json::parse(text);
+    for (const auto& [name, nbytes] : theirs.at("loaded").items()) {
+      if (read_anywhere.insert(name).second) {
+        result.total_bytes += nbytes.get<std::uint64_t>();
+      }
+    }
+    for (const auto& name : theirs.at("local")) {
+      loaded_anywhere.insert(name.get<std::string>());
+    }
+  }
+  for (const std::string& name : plan.checkpoint_names) {
+    if (loaded_anywhere.count(name) == 0) {
+      result.unexpected_keys.push_back(name);
+    }
+  }
+  std::sort(result.unexpected_keys.begin(), result.unexpected_keys.end());
+  result.missing_keys = plan.missing;
+
+  detail::run_step(group, "checking the keys", [&] {
+    if (!options.strict() ||
+        (result.missing_keys.empty() && result.unexpected_keys.empty())) {
+      return;
+    }
+    std::string message = "Error(s) in loading state_dict on rank " +
+                          std::to_string(me) + " from " + plan.where + ":";
+    if (!result.missing_keys.empty()) {
+      message +=
+          "\n\tMissing key(s) in state_dict: " + joined(result.missing_keys) +
+          ".";
+    }
+    if (!result.unexpected_keys.empty()) {
+      message += "\n\tUnexpected key(s) in state_dict (held by no rank): " +
+                 joined(result.unexpected_keys) + ".";
+    }
+    throw RuntimeError(message);
+  });
+
+  // 3. Each rank reads its pieces, file by file.
+  detail::run_step(group, "reading the tensors", [&] {
+    const c10::AutoGradMode no_grad(false);
+    std::uint64_t planned = 0;
+    for (const Target& t : plan.targets) {
+      planned += static_cast<std::uint64_t>(volume(Shape(
+                     state_dict[t.local_name].local.sizes().begin(),
+                     state_dict[t.local_name].local.sizes().end()))) *
+                 c10::elementSize(t.dtype);
+    }
+    std::vector<at::Tensor> done_tensors; // tied locals are read once
+    for (std::size_t f = 0; f < plan.files.size(); ++f) {
+      std::optional<PieceReader> reader;
+      for (const Target& t : plan.targets) {
+        if (t.file != f) {
+          continue;
+        }
+        at::Tensor& local = state_dict[t.local_name].local;
+        result.loaded_keys.push_back(t.local_name);
+        if (std::any_of(
+                done_tensors.begin(),
+                done_tensors.end(),
+                [&](const at::Tensor& d) { return d.is_same(local); })) {
+          continue;
+        }
+        done_tensors.push_back(local);
+        std::uint64_t bytes = 0;
+        if (t.offset.has_value()) {
+          if (!reader) {
+            reader.emplace(plan.paths[f]);
+          }
+          bytes = reader->read(local, t.full, t.offsets, t.dtype, *t.offset);
+        } else {
+          // A torch.save tensor that is no contiguous view of its record:
+          // its piece, through the mapping.
+          at::Tensor whole = plan.files[f]->get(t.checkpoint_name);
+          for (std::size_t d = 0; d < t.offsets.size(); ++d) {
+            whole = whole.narrow(
+                static_cast<std::int64_t>(d), t.offsets[d], local.size(d));
+          }
+          local.copy_(whole);
+          bytes = static_cast<std::uint64_t>(local.numel()) *
+                  c10::elementSize(t.dtype);
+        }
+        result.bytes_read += bytes;
+        if (options.progress()) {
+          options.progress()(Progress{
+              plan.file_names[f], t.local_name, result.bytes_read, planned});
+        }
+      }
+      plan.files[f].reset();
+    }
+  });
+  std::sort(result.loaded_keys.begin(), result.loaded_keys.end());
+  return result;
+}
+
+DistributedLoadResult load_torch_model(
+    torch::nn::Module& model,
+    const OrderedMap<Placement>& placements,
+    const std::filesystem::path& checkpoint,
+    const ProcessGroup& group,
+    const LoadOptions& options) {
+  DistributedStateDict local = distribute(state_dict(model), placements);
+  return load_torch_state_dict(local, checkpoint, group, options);
+}
+
+} // namespace torchser
