@@ -139,6 +139,23 @@ TEST_F(DistributedLoadTest, EachRankReadsOnlyItsShareOfTheCheckpoint) {
   }
 }
 
+// Files written by PyTorch 2.13's DCP consolidation (the fixture), loaded
+// into DTensor-like pieces by 1–3 ranks.
+TEST_F(DistributedLoadTest, ACheckpointPyTorchWroteLoadsIntoEveryWorldSize) {
+  const fs::path fixture = fs::path(TORCHSER_FIXTURES_DIR) / "dcp" / "world2";
+  for (const int loader : {1, 2, 3}) {
+    SCOPED_TRACE("loaded by " + std::to_string(loader));
+    const auto runs = run_ranks("dcp-fixture", fixture, loader, [&](int) {
+      return std::vector<std::string>{"--load", "--strict"};
+    });
+    for (const RankRun& run : runs) {
+      ASSERT_EQ(run.status, 0) << describe_runs(runs);
+      const Loaded l = loaded_of(run);
+      EXPECT_EQ(l.bytes_read, l.piece_bytes);
+    }
+  }
+}
+
 TEST_F(DistributedLoadTest, StrictLoadsFailOnEveryRankNamingTheKeys) {
   // A checkpoint of "big" lacks every "mixed" name, and holds names no
   // "mixed" rank has.

@@ -184,8 +184,7 @@ Plan plan_load(
   std::vector<std::string> keys;
   std::map<std::string, std::string> file_of; // name → file, sharded only
   std::vector<std::pair<std::string, std::string>> aliases;
-  const bool is_single =
-      checkpoint.kind != detail::Checkpoint::Kind::kSharded;
+  const bool is_single = checkpoint.kind != detail::Checkpoint::Kind::kSharded;
   std::unique_ptr<detail::TensorFile> single;
   const detail::TensorFileOptions open{LoadBackend::kMmap, std::nullopt, {}};
   if (checkpoint.kind == detail::Checkpoint::Kind::kSharded) {
@@ -403,10 +402,19 @@ DistributedLoadResult load_torch_state_dict(
         }
         at::Tensor& local = state_dict[t.local_name].local;
         result.loaded_keys.push_back(t.local_name);
+        // Ties as the distributed save finds them: identical views of one
+        // storage.
         if (std::any_of(
                 done_tensors.begin(),
                 done_tensors.end(),
-                [&](const at::Tensor& d) { return d.is_same(local); })) {
+                [&](const at::Tensor& d) {
+                  return d.is_same(local) ||
+                         (d.storage().is_alias_of(local.storage()) &&
+                          d.storage_offset() == local.storage_offset() &&
+                          d.sizes() == local.sizes() &&
+                          d.strides() == local.strides() &&
+                          d.scalar_type() == local.scalar_type());
+                })) {
           continue;
         }
         done_tensors.push_back(local);

@@ -11,9 +11,16 @@
 // whole model writes: with WORLD_SIZE=1 (or unset) the program does exactly
 // that, with the plain save_torch_model, so the two can be compared.
 //
+// With --load DIR, every rank builds the same model with zeroed tensors,
+// loads DIR into its part of it (whatever world size, or single process,
+// saved DIR: each rank reads only its pieces' bytes), compares every local
+// tensor with the expected values, and prints the bytes it read.
+//
 // Usage: distributed_checkpoint --save DIR [--max-shard-size SIZE]
 //                               [--timeout SECONDS]
-// Every rank exits 0 only when the checkpoint was committed.
+//        distributed_checkpoint --load DIR [--timeout SECONDS]
+// Every rank exits 0 only when the checkpoint was committed (--save), or
+// when every local tensor matches (--load).
 
 #include <chrono>
 #include <cstdint>
@@ -21,13 +28,18 @@
 #include <filesystem>
 #include <iostream>
 #include <memory>
+#include <optional>
+#include <set>
 #include <string>
 
 #include <ATen/ATen.h>
 #include <torch/nn/module.h>
 
 #include <torchser/distributed.h>
+#include <torchser/distributed_load.h>
 #include <torchser/errors.h>
+#include <torchser/load.h>
+#include <torchser/module.h>
 #include <torchser/process_group.h>
 #include <torchser/save.h>
 
@@ -168,6 +180,7 @@ int usage() {
   std::cerr
       << "usage: distributed_checkpoint --save DIR [--max-shard-size SIZE] "
          "[--timeout SECONDS]\n"
+         "       distributed_checkpoint --load DIR [--timeout SECONDS]\n"
          "  started as WORLD_SIZE processes with torchrun's variables "
          "(run_local.sh N ARGS... starts N on 127.0.0.1)\n";
   return 2;
@@ -178,19 +191,86 @@ int env_int(const char* name, int fallback) {
   return value == nullptr || *value == '\0' ? fallback : std::atoi(value);
 }
 
+// --load: DIR into a zeroed copy of this rank's part, compared with the
+// part the model should hold.
+int load(const std::filesystem::path& dir, int timeout_s) {
+  const int world = env_int("WORLD_SIZE", 1);
+  const int rank = env_int("RANK", 0);
+  const std::string who =
+      "[rank " + std::to_string(rank) + "/" + std::to_string(world) + "] ";
+  try {
+    const ExampleLM expected(rank, world);
+    ExampleLM model(rank, world);
+    {
+      const c10::AutoGradMode no_grad(false);
+      for (const auto& item : torchser::state_dict(*model.root)) {
+        item.value().zero_();
+      }
+    }
+    const auto options = torchser::LoadOptions().strict(true);
+    std::optional<torchser::ProcessGroup> group;
+    if (world > 1) {
+      group = torchser::init_process_group_from_env(
+          "gloo", std::chrono::seconds(timeout_s));
+      group->barrier(); // the clock starts with every rank ready
+    }
+    const auto t0 = std::chrono::steady_clock::now();
+    std::uint64_t bytes_read = 0;
+    if (!group) {
+      torchser::load_torch_model(*model.root, dir, options);
+      // The whole checkpoint: every storage once (the tied head is the
+      // embedding).
+      std::set<const void*> seen;
+      for (const auto& item : torchser::state_dict(*model.root)) {
+        if (seen.insert(item.value().data_ptr()).second) {
+          bytes_read += item.value().nbytes();
+        }
+      }
+    } else {
+      bytes_read = torchser::load_torch_model(
+                       *model.root, model.placements, dir, *group, options)
+                       .bytes_read;
+    }
+    const double seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0)
+            .count();
+    const torchser::StateDict want = torchser::state_dict(*expected.root);
+    int wrong = 0;
+    for (const auto& item : torchser::state_dict(*model.root)) {
+      if (!item.value().equal(want[item.key()])) {
+        std::cerr << who << item.key() << " differs from the expected values\n";
+        ++wrong;
+      }
+    }
+    std::cout << who << "read " << bytes_read << " tensor bytes in " << seconds
+              << " s; " << want.size() - wrong << " of " << want.size()
+              << " local tensors match\n";
+    return wrong == 0 ? 0 : 1;
+  } catch (const std::exception& e) {
+    std::cerr << who << "load failed: " << e.what() << "\n";
+    return 1;
+  }
+}
+
 } // namespace
 
 int main(int argc, char** argv) {
   std::filesystem::path dir;
+  bool loading = false;
   std::string max_shard_size = "5GB";
   int timeout_s = 300;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
-    if ((arg == "--save" || arg == "--max-shard-size" || arg == "--timeout") &&
+    if ((arg == "--save" || arg == "--load" || arg == "--max-shard-size" ||
+         arg == "--timeout") &&
         i + 1 < argc) {
       const std::string value = argv[++i];
-      if (arg == "--save") {
+      if (arg == "--save" || arg == "--load") {
+        if (!dir.empty()) {
+          return usage();
+        }
         dir = value;
+        loading = arg == "--load";
       } else if (arg == "--max-shard-size") {
         max_shard_size = value;
       } else {
@@ -202,6 +282,9 @@ int main(int argc, char** argv) {
   }
   if (dir.empty()) {
     return usage();
+  }
+  if (loading) {
+    return load(dir, timeout_s);
   }
   const int world = env_int("WORLD_SIZE", 1);
   const int rank = env_int("RANK", 0);
