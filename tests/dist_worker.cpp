@@ -194,7 +194,7 @@ int main(int argc, char** argv) {
       return 0;
     }
     int pieces = 0;
-    options.progress([&](const torchser::Progress&) {
+    const auto progress = [&](const torchser::Progress&) {
       ++pieces;
       if (pieces == kill_after) {
         std::raise(SIGKILL);
@@ -202,7 +202,9 @@ int main(int argc, char** argv) {
       if (pieces == hang_after) {
         std::this_thread::sleep_for(std::chrono::hours(1));
       }
-    });
+    };
+    options.progress(progress);
+    load_options.progress(progress);
     const auto s = torchser::testing::make_scenario(scenario, rank, world);
     if (load) {
       return load_and_compare(s, dir, group, load_options);

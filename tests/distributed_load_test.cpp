@@ -3,6 +3,9 @@
 // from a checkpoint saved by another world size (or one process, or the
 // .bin writer), then comparing them with the pieces it should hold.
 
+#include <signal.h>
+
+#include <chrono>
 #include <filesystem>
 #include <sstream>
 #include <string>
@@ -206,6 +209,43 @@ TEST_F(DistributedLoadTest, ShapeMismatchesFailOnEveryRankNamingTensorAndRank) {
   EXPECT_THAT(runs[2].output, HasSubstr("on rank 2"));
   EXPECT_THAT(runs[0].output, HasSubstr("DistError"));
   EXPECT_THAT(runs[0].output, HasSubstr("rank 2 failed"));
+}
+
+TEST_F(DistributedLoadTest, ARankThatDiesOrHangsMidLoadFailsTheOthersInTime) {
+  const fs::path checkpoint = saved("mixed", 0, {"--max-shard-size", "600"});
+  // Killed after its 3rd piece: the others see the dead peer by themselves.
+  const auto killed = run_ranks("mixed", checkpoint, 3, [&](int r) {
+    std::vector<std::string> args = {"--load", "--timeout-ms", "60000"};
+    if (r == 1) {
+      args.insert(args.end(), {"--kill-after", "3"});
+    }
+    return args;
+  });
+  EXPECT_EQ(killed[1].status, -SIGKILL) << describe_runs(killed);
+  for (const int r : {0, 2}) {
+    EXPECT_FALSE(killed[r].killed_by_harness) << describe_runs(killed);
+    EXPECT_EQ(killed[r].status, 3) << describe_runs(killed);
+    EXPECT_THAT(killed[r].output, HasSubstr("DistBackendError"));
+  }
+  // Hung after its first piece: the others give up after the group's 3 s.
+  const auto hung = run_ranks(
+      "mixed",
+      checkpoint,
+      3,
+      [&](int r) {
+        std::vector<std::string> args = {"--load", "--timeout-ms", "3000"};
+        if (r == 2) {
+          args.insert(args.end(), {"--hang-after", "1"});
+        }
+        return args;
+      },
+      std::chrono::seconds(10));
+  for (const int r : {0, 1}) {
+    EXPECT_FALSE(hung[r].killed_by_harness) << describe_runs(hung);
+    EXPECT_EQ(hung[r].status, 3) << describe_runs(hung);
+    EXPECT_THAT(hung[r].output, HasSubstr("timeout of 3 s"));
+  }
+  EXPECT_TRUE(hung[2].killed_by_harness);
 }
 
 } // namespace
