@@ -16,6 +16,7 @@
 //                          print "rank R loaded BYTES_READ RCHAR PIECE_BYTES"
 //                          and exit 0 when all match (4 when one differs)
 //     --strict             LoadOptions::strict (with --load)
+//     --read-once on|off   DistributedLoadOptions::read_once (with --load)
 //
 // Prints "rank R ok BYTES" and exits 0 when the save committed; prints
 // "rank R ERROR-TYPE: MESSAGE" and exits 3 when it threw.
@@ -80,7 +81,8 @@ int load_and_compare(
     const torchser::testing::Scenario& s,
     const std::string& dir,
     const torchser::ProcessGroup& group,
-    const torchser::LoadOptions& options) {
+    const torchser::LoadOptions& options,
+    const torchser::DistributedLoadOptions& distributed) {
   torchser::DistributedStateDict targets;
   std::vector<std::pair<at::Tensor, at::Tensor>> copies;
   std::int64_t piece_bytes = 0;
@@ -101,8 +103,8 @@ int load_and_compare(
     targets.insert(item.key(), t);
   }
   const std::int64_t before = rchar();
-  const auto result =
-      torchser::load_torch_state_dict(targets, dir, group, options);
+  const auto result = torchser::load_torch_state_dict(
+      targets, dir, group, options, distributed);
   const std::int64_t read = rchar() - before;
   int status = 0;
   for (const auto& item : s.local) {
@@ -117,7 +119,8 @@ int load_and_compare(
   std::cout << "rank " << group.rank() << " loaded " << result.bytes_read << " "
             << read << " " << piece_bytes << " missing "
             << result.missing_keys.size() << " unexpected "
-            << result.unexpected_keys.size() << std::endl;
+            << result.unexpected_keys.size() << " received "
+            << result.bytes_received << std::endl;
   return status;
 }
 
@@ -141,6 +144,7 @@ int main(int argc, char** argv) {
   bool exit_before_save = false;
   bool load = false;
   torchser::LoadOptions load_options;
+  torchser::DistributedLoadOptions distributed_options;
   for (int i = 6; i < argc; ++i) {
     const std::string arg = argv[i];
     const auto next = [&]() -> std::string {
@@ -169,6 +173,8 @@ int main(int argc, char** argv) {
       load = true;
     } else if (arg == "--strict") {
       load_options.strict(true);
+    } else if (arg == "--read-once") {
+      distributed_options.read_once(next() == "on");
     } else if (arg == "--key-mapping") {
       options.key_mapping(torchser::KeyMapping().add_prefix("model."));
     } else if (arg == "--dtype") {
@@ -207,7 +213,7 @@ int main(int argc, char** argv) {
     load_options.progress(progress);
     const auto s = torchser::testing::make_scenario(scenario, rank, world);
     if (load) {
-      return load_and_compare(s, dir, group, load_options);
+      return load_and_compare(s, dir, group, load_options, distributed_options);
     }
     const auto result =
         torchser::save_torch_state_dict(s.local, dir, group, options);

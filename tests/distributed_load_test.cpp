@@ -33,6 +33,7 @@ struct Loaded {
   std::uint64_t bytes_read = 0; // torchser's count
   std::uint64_t rchar = 0;      // the kernel's
   std::uint64_t piece_bytes = 0;
+  std::uint64_t received = 0; // over the group (read_once)
 };
 
 Loaded loaded_of(const RankRun& run) {
@@ -42,6 +43,10 @@ Loaded loaded_of(const RankRun& run) {
   if (at != std::string::npos) {
     std::istringstream in(run.output.substr(at + 8));
     in >> out.bytes_read >> out.rchar >> out.piece_bytes;
+  }
+  const auto received = run.output.find(" received ");
+  if (received != std::string::npos) {
+    out.received = std::stoull(run.output.substr(received + 10));
   }
   return out;
 }
@@ -156,6 +161,44 @@ TEST_F(DistributedLoadTest, ACheckpointPyTorchWroteLoadsIntoEveryWorldSize) {
       const Loaded l = loaded_of(run);
       EXPECT_EQ(l.bytes_read, l.piece_bytes);
     }
+  }
+}
+
+// read_once: each tensor several ranks need whole is read by one of them
+// and broadcast, so the group reads the checkpoint once in all.
+TEST_F(
+    DistributedLoadTest, ReadOnceReadsEachByteOnceInAllAndBroadcastsTheRest) {
+  const fs::path big = saved("big", 0, {"--max-shard-size", "2MB"});
+  for (const int loader : {2, 3, 4}) {
+    SCOPED_TRACE("big, loaded by " + std::to_string(loader));
+    const auto runs = run_ranks("big", big, loader, [&](int) {
+      return std::vector<std::string>{
+          "--load", "--strict", "--read-once", "on"};
+    });
+    std::uint64_t total = 0;
+    for (const RankRun& run : runs) {
+      ASSERT_EQ(run.status, 0) << describe_runs(runs);
+      const Loaded l = loaded_of(run);
+      EXPECT_EQ(l.bytes_read + l.received, l.piece_bytes) << run.output;
+      total += l.bytes_read;
+    }
+    // The four 1 MiB tensors, once.
+    EXPECT_EQ(total, std::uint64_t{4} << 20) << describe_runs(runs);
+  }
+  // Every kind of piece, dtype, tie and layout, read once where shared.
+  const fs::path mixed = saved("mixed", 3, {"--max-shard-size", "600"});
+  for (const int loader : {2, 4}) {
+    SCOPED_TRACE("mixed, loaded by " + std::to_string(loader));
+    const auto runs = run_ranks("mixed", mixed, loader, [&](int) {
+      return std::vector<std::string>{
+          "--load", "--strict", "--read-once", "on"};
+    });
+    std::uint64_t received = 0;
+    for (const RankRun& run : runs) {
+      ASSERT_EQ(run.status, 0) << describe_runs(runs);
+      received += loaded_of(run).received;
+    }
+    EXPECT_GT(received, 0U);
   }
 }
 

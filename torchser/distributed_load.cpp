@@ -5,6 +5,8 @@
 
 #include <torchser/distributed_load.h>
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <cstring>
 #include <map>
@@ -12,6 +14,7 @@
 #include <optional>
 #include <set>
 
+#include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <c10/core/GradMode.h>
 #include <nlohmann/json.hpp>
@@ -139,7 +142,31 @@ struct Target {
   at::ScalarType dtype = at::kFloat;
   std::optional<std::uint64_t> offset; // in the file; none: not contiguous
   std::uint64_t nbytes = 0;            // of the checkpoint's whole tensor
+  bool whole = false;                  // the piece is the whole tensor
 };
+
+// A tensor read once, by `reader`, and broadcast to the group.
+struct FanOut {
+  int reader = 0;
+  std::uint64_t nbytes = 0;
+};
+
+// The bytes of a contiguous CPU tensor, as a byte tensor viewing them.
+at::Tensor bytes_of(const at::Tensor& t) {
+  return at::from_blob(
+      t.data_ptr(),
+      {static_cast<std::int64_t>(t.numel() * t.element_size())},
+      at::TensorOptions().dtype(at::kByte));
+}
+
+bool takes_file_bytes(const at::Tensor& t, at::ScalarType dtype) {
+  return t.is_cpu() && t.scalar_type() == dtype && t.is_contiguous();
+}
+
+std::string host_name() {
+  char buffer[256] = {};
+  return ::gethostname(buffer, sizeof(buffer) - 1) == 0 ? buffer : "?";
+}
 
 struct Plan {
   std::vector<std::unique_ptr<detail::TensorFile>> files;
@@ -294,6 +321,14 @@ Plan plan_load(
     t.dtype = dtype_of(*entry, file.display_name());
     t.offset = file.file_offset(checkpoint_name);
     t.nbytes = entry->nbytes;
+    t.whole = std::all_of(
+                  t.offsets.begin(),
+                  t.offsets.end(),
+                  [](std::int64_t o) { return o == 0; }) &&
+              Shape(
+                  item.value().local.sizes().begin(),
+                  item.value().local.sizes().end()) == t.full &&
+              t.offset.has_value();
     plan.targets.push_back(std::move(t));
   }
   std::sort(plan.missing.begin(), plan.missing.end());
@@ -314,7 +349,8 @@ DistributedLoadResult load_torch_state_dict(
     DistributedStateDict& state_dict,
     const std::filesystem::path& checkpoint,
     const ProcessGroup& group,
-    const LoadOptions& options) {
+    const LoadOptions& options,
+    const DistributedLoadOptions& distributed) {
   const int me = group.rank();
   DistributedLoadResult result;
 
@@ -336,17 +372,44 @@ DistributedLoadResult load_torch_state_dict(
   });
 
   // 2. The names every rank loads, for the checkpoint's names no rank holds.
+  // With each rank's whole tensors and the bytes of its other pieces, for
+  // the choice of who reads what once.
   nlohmann::json mine = {
-      {"loaded", nlohmann::json::object()}, {"local", nlohmann::json::array()}};
+      {"loaded", nlohmann::json::object()},
+      {"local", nlohmann::json::array()},
+      {"whole", nlohmann::json::array()},
+      {"split_bytes", 0},
+      {"host", host_name()}};
+  std::uint64_t split_bytes = 0;
   for (const Target& t : plan.targets) {
     mine["loaded"][t.checkpoint_name] = t.nbytes;
     mine["local"].push_back(t.local_name);
+    if (t.whole) {
+      mine["whole"].push_back(t.checkpoint_name);
+    } else {
+      split_bytes += t.nbytes; // an upper bound of the piece: the balance
+    }
   }
-  std::set<std::string> read_anywhere;   // checkpoint names
-  std::set<std::string> loaded_anywhere; // local names
+  mine["split_bytes"] = split_bytes;
+  std::set<std::string> read_anywhere;           // checkpoint names
+  std::set<std::string> loaded_anywhere;         // local names
+  std::map<std::string, std::set<int>> whole_on; // checkpoint name → ranks
+  std::map<std::string, std::uint64_t> nbytes_of;
+  std::vector<std::uint64_t> rank_bytes;
+  std::set<std::string> hosts;
+  int from_rank = 0;
   for (const std::string& text : detail::all_gather_bytes(
            group, mine.dump(), "exchanging the names each rank loads")) {
     const nlohmann::json theirs = nlohmann::json::parse(text);
+    for (const auto& name : theirs.at("whole")) {
+      whole_on[name.get<std::string>()].insert(from_rank);
+    }
+    rank_bytes.push_back(theirs.at("split_bytes").get<std::uint64_t>());
+    hosts.insert(theirs.at("host").get<std::string>());
+    for (const auto& [name, nbytes] : theirs.at("loaded").items()) {
+      nbytes_of[name] = nbytes.get<std::uint64_t>();
+    }
+    ++from_rank;
     for (const auto& [name, nbytes] : theirs.at("loaded").items()) {
       if (read_anywhere.insert(name).second) {
         result.total_bytes += nbytes.get<std::uint64_t>();
@@ -354,6 +417,31 @@ DistributedLoadResult load_torch_state_dict(
     }
     for (const auto& name : theirs.at("local")) {
       loaded_anywhere.insert(name.get<std::string>());
+    }
+  }
+  // Who reads each tensor several ranks need whole: the holder with the
+  // fewest bytes so far, largest tensors first (as saves pick writers).
+  std::map<std::string, FanOut> fan_out;
+  if (distributed.read_once().value_or(hosts.size() > 1)) {
+    std::vector<std::string> shared;
+    for (const auto& [name, ranks] : whole_on) {
+      if (ranks.size() > 1) {
+        shared.push_back(name);
+      }
+    }
+    std::stable_sort(
+        shared.begin(), shared.end(), [&](const auto& a, const auto& b) {
+          return nbytes_of.at(a) > nbytes_of.at(b);
+        });
+    for (const std::string& name : shared) {
+      int best = *whole_on[name].begin();
+      for (const int r : whole_on[name]) {
+        if (rank_bytes[r] < rank_bytes[best]) {
+          best = r;
+        }
+      }
+      rank_bytes[best] += nbytes_of.at(name);
+      fan_out[name] = FanOut{best, nbytes_of.at(name)};
     }
   }
   for (const std::string& name : plan.checkpoint_names) {
@@ -383,7 +471,9 @@ DistributedLoadResult load_torch_state_dict(
     throw RuntimeError(message);
   });
 
-  // 3. Each rank reads its pieces, file by file.
+  // 3. Each rank reads its pieces, file by file (and what it reads for the
+  // group).
+  std::map<std::string, at::Tensor> sources; // read for the group
   detail::run_step(group, "reading the tensors", [&] {
     const c10::AutoGradMode no_grad(false);
     std::uint64_t planned = 0;
@@ -402,6 +492,31 @@ DistributedLoadResult load_torch_state_dict(
         }
         at::Tensor& local = state_dict[t.local_name].local;
         result.loaded_keys.push_back(t.local_name);
+        const auto fanned = fan_out.find(t.checkpoint_name);
+        if (fanned != fan_out.end()) {
+          if (fanned->second.reader != me ||
+              sources.count(t.checkpoint_name) != 0) {
+            continue; // received, or already read for the group
+          }
+          // Read for the group: into the local tensor when it holds the
+          // file's bytes as they are, else into a copy that is broadcast.
+          if (!reader) {
+            reader.emplace(plan.paths[f]);
+          }
+          at::Tensor source =
+              takes_file_bytes(local, t.dtype)
+                  ? local
+                  : at::empty(t.full, at::TensorOptions().dtype(t.dtype));
+          const Shape zeros(t.full.size(), 0);
+          result.bytes_read +=
+              reader->read(source, t.full, zeros, t.dtype, *t.offset);
+          if (!source.is_same(local)) {
+            local.copy_(source);
+          }
+          sources.emplace(t.checkpoint_name, source);
+          done_tensors.push_back(local);
+          continue;
+        }
         // Ties as the distributed save finds them: identical views of one
         // storage.
         if (std::any_of(
@@ -445,6 +560,69 @@ DistributedLoadResult load_torch_state_dict(
       plan.files[f].reset();
     }
   });
+  // 4. The tensors read once, broadcast chunk by chunk, straight into the
+  // holders' local tensors where they take the file's bytes.
+  if (!fan_out.empty()) {
+    detail::run_step(group, "sharing the tensors read once", [&] {
+      const c10::AutoGradMode no_grad(false);
+      at::Tensor chunk; // for ranks that do not hold a tensor
+      for (const auto& [name, fan] : fan_out) {
+        std::vector<const Target*> mine_of;
+        for (const Target& t : plan.targets) {
+          if (t.checkpoint_name == name) {
+            mine_of.push_back(&t);
+          }
+        }
+        at::Tensor staged; // a holder's copy in the file's dtype and layout
+        at::Tensor bytes;
+        if (fan.reader == me) {
+          bytes = bytes_of(sources.at(name));
+        } else if (!mine_of.empty()) {
+          const Target& t = *mine_of.front();
+          at::Tensor& local = state_dict[t.local_name].local;
+          staged = takes_file_bytes(local, t.dtype)
+                       ? local
+                       : at::empty(t.full, at::TensorOptions().dtype(t.dtype));
+          bytes = bytes_of(staged);
+        }
+        for (std::uint64_t at = 0; at < fan.nbytes; at += kChunkBytes) {
+          const auto n = static_cast<std::int64_t>(
+              std::min<std::uint64_t>(kChunkBytes, fan.nbytes - at));
+          at::Tensor view;
+          if (bytes.defined()) {
+            view = bytes.narrow(0, static_cast<std::int64_t>(at), n);
+          } else {
+            if (!chunk.defined()) {
+              chunk = at::empty(
+                  {static_cast<std::int64_t>(kChunkBytes)},
+                  at::TensorOptions().dtype(at::kByte));
+            }
+            view = chunk.narrow(0, 0, n);
+          }
+          detail::broadcast_tensor(
+              group, view, fan.reader, "broadcasting '" + name + "'");
+        }
+        if (mine_of.empty()) {
+          continue;
+        }
+        const at::Tensor& first = state_dict[mine_of.front()->local_name].local;
+        if (fan.reader != me) {
+          result.bytes_received += fan.nbytes;
+          if (!staged.is_same(first)) {
+            state_dict[mine_of.front()->local_name].local.copy_(staged);
+          }
+        }
+        // Other names of this rank with the same source (an alias record
+        // and its kept tensor held apart).
+        for (std::size_t k = 1; k < mine_of.size(); ++k) {
+          at::Tensor& other = state_dict[mine_of[k]->local_name].local;
+          if (!other.is_same(first)) {
+            other.copy_(first);
+          }
+        }
+      }
+    });
+  }
   std::sort(result.loaded_keys.begin(), result.loaded_keys.end());
   return result;
 }
@@ -454,9 +632,10 @@ DistributedLoadResult load_torch_model(
     const OrderedMap<Placement>& placements,
     const std::filesystem::path& checkpoint,
     const ProcessGroup& group,
-    const LoadOptions& options) {
+    const LoadOptions& options,
+    const DistributedLoadOptions& distributed) {
   DistributedStateDict local = distribute(state_dict(model), placements);
-  return load_torch_state_dict(local, checkpoint, group, options);
+  return load_torch_state_dict(local, checkpoint, group, options, distributed);
 }
 
 } // namespace torchser

@@ -503,6 +503,25 @@ std::vector<std::string> gather_bytes(
   return unpadded(out[0], sizes.each);
 }
 
+void broadcast_tensor(
+    const ProcessGroup& group,
+    const at::Tensor& data,
+    int root,
+    const std::string& step) {
+  const ProcessGroup::Impl& impl = group.impl();
+  c10d::BroadcastOptions options;
+  options.rootRank = root;
+  options.timeout = impl.timeout;
+  if (impl.device.is_cpu()) {
+    std::vector<at::Tensor> payload{data};
+    wait(impl.broadcast(payload, options), impl, step);
+    return;
+  }
+  std::vector<at::Tensor> payload{data.to(impl.device)};
+  wait(impl.broadcast(payload, options), impl, step);
+  data.copy_(payload[0]);
+}
+
 std::string broadcast_bytes(
     const ProcessGroup& group,
     const std::string& bytes,

@@ -7,10 +7,13 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <optional>
 #include <string>
 #include <vector>
 
+#include <torch/arg.h>
 #include <torchser/distributed.h>
+
 #include <torchser/export.h>
 #include <torchser/load.h>
 #include <torchser/ordered_map.h>
@@ -22,11 +25,27 @@ class Module;
 
 namespace torchser {
 
+/// How the ranks share the reading (beyond LoadOptions).
+struct TORCHSER_API DistributedLoadOptions {
+  /// Tensors several ranks need whole (replicated weights, or a whole
+  /// model on every rank) are read by one of them, chosen to balance the
+  /// bytes each rank reads, and broadcast over the group in 16 MiB chunks,
+  /// so that the group reads each byte of the checkpoint once. Unset: on
+  /// when the ranks span several hosts (each host's disk or network link
+  /// then carries its share only); off on one host, where the page cache
+  /// already serves every rank from one copy and a broadcast only adds a
+  /// copy over loopback (see the benchmark in the README).
+  TORCH_ARG(std::optional<bool>, read_once) = std::nullopt;
+};
+
 /// What one rank's distributed load did.
 struct TORCHSER_API DistributedLoadResult {
   /// Tensor bytes this rank read from the files (headers, indexes and
-  /// pickles aside): its pieces' bytes, in the checkpoint's dtypes.
+  /// pickles aside): its pieces' bytes, in the checkpoint's dtypes, and the
+  /// tensors it read for others (read_once).
   std::uint64_t bytes_read = 0;
+  /// Tensor bytes it received over the group instead (read_once).
+  std::uint64_t bytes_received = 0;
   /// Tensor bytes of the checkpoint's tensors that some rank loaded.
   std::uint64_t total_bytes = 0;
   /// This rank's names the checkpoint lacks, sorted.
@@ -68,7 +87,8 @@ TORCHSER_API DistributedLoadResult load_torch_state_dict(
     DistributedStateDict& state_dict,
     const std::filesystem::path& checkpoint,
     const ProcessGroup& group,
-    const LoadOptions& options = {});
+    const LoadOptions& options = {},
+    const DistributedLoadOptions& distributed = {});
 
 /// The distributed load into `model`'s own tensors (its state dict on this
 /// rank), placed as distribute() places them.
@@ -77,6 +97,7 @@ TORCHSER_API DistributedLoadResult load_torch_model(
     const OrderedMap<Placement>& placements,
     const std::filesystem::path& checkpoint,
     const ProcessGroup& group,
-    const LoadOptions& options = {});
+    const LoadOptions& options = {},
+    const DistributedLoadOptions& distributed = {});
 
 } // namespace torchser

@@ -11,6 +11,8 @@
 #include <string>
 #include <vector>
 
+#include <ATen/core/Tensor.h>
+
 #include <torchser/export.h>
 #include <torchser/process_group.h>
 
@@ -34,6 +36,14 @@ TORCHSER_API std::vector<std::string> gather_bytes(
 TORCHSER_API std::string broadcast_bytes(
     const ProcessGroup& group,
     const std::string& bytes,
+    int root,
+    const std::string& step);
+
+/// Broadcasts `data` (a contiguous CPU byte tensor, the same size on every
+/// rank) from `root` in place: the root's bytes land in every rank's.
+TORCHSER_API void broadcast_tensor(
+    const ProcessGroup& group,
+    const at::Tensor& data,
     int root,
     const std::string& step);
 
