@@ -19,11 +19,15 @@
 
 #include <cstdlib>
 #include <fstream>
+#include <map>
 #include <sstream>
 
 #include <ATen/ops/rand.h>
+#include <ATen/ops/zeros.h>
 
 #include <torchser/distributed.h>
+#include <torchser/distributed_load.h>
+#include <torchser/load.h>
 #include <torchser/process_group.h>
 #include <torchser/save.h>
 
@@ -159,12 +163,118 @@ if __name__ == "__main__":
   return numbers;
 }
 
+// Starts `world` ranks of this binary (--dist-rank R WORLD ARGS...) and
+// returns the `count` numbers each printed, or nothing when one failed.
+std::vector<std::vector<double>> spawn_ranks(
+    const std::filesystem::path& dir,
+    int world,
+    const std::vector<std::string>& args,
+    std::size_t count) {
+  std::vector<pid_t> pids;
+  std::vector<std::string> outputs;
+  for (int r = 0; r < world; ++r) {
+    const std::string out = (dir / ("dist-rank" + std::to_string(r))).string();
+    outputs.push_back(out);
+    std::vector<std::string> argv_s = {
+        "/proc/self/exe",
+        "--dist-rank",
+        std::to_string(r),
+        std::to_string(world)};
+    argv_s.insert(argv_s.end(), args.begin(), args.end());
+    std::vector<char*> argv;
+    for (auto& a : argv_s) {
+      argv.push_back(a.data());
+    }
+    argv.push_back(nullptr);
+    posix_spawn_file_actions_t actions;
+    posix_spawn_file_actions_init(&actions);
+    posix_spawn_file_actions_addopen(
+        &actions, 1, out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    pid_t pid = 0;
+    const int spawned = posix_spawn(
+        &pid, "/proc/self/exe", &actions, nullptr, argv.data(), environ);
+    posix_spawn_file_actions_destroy(&actions);
+    if (spawned != 0) {
+      std::cerr << "cannot start a rank\n";
+      return {};
+    }
+    pids.push_back(pid);
+  }
+  std::vector<std::vector<double>> numbers(world);
+  bool ok = true;
+  for (int r = 0; r < world; ++r) {
+    int status = 0;
+    ::waitpid(pids[r], &status, 0);
+    std::ifstream in(outputs[r]);
+    numbers[r].resize(count);
+    for (double& v : numbers[r]) {
+      ok = ok && static_cast<bool>(in >> v);
+    }
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0 || !ok) {
+      std::cerr << "rank " << r << " failed\n";
+      ok = false;
+    }
+    std::filesystem::remove(outputs[r]);
+  }
+  return ok ? numbers : std::vector<std::vector<double>>{};
+}
+
 } // namespace
 
 // The rank processes: torchser_bench --dist-rank RANK WORLD STORE DIR
 // TENSORS ROWS. Prints "seconds wchar extra_rss bytes_written".
+namespace {
+
+// A loading rank: MODE "load-shard" (the save's placements), "load-all"
+// (every tensor whole on every rank, each reading everything) or
+// "load-once" (the same, read once and broadcast). Prints "seconds
+// bytes_read bytes_received rchar".
+int load_rank(
+    const torchser::ProcessGroup& group,
+    const std::filesystem::path& dir,
+    std::int64_t tensors,
+    std::int64_t rows,
+    const std::string& mode) {
+  const int rank = group.rank();
+  const int world = group.size();
+  torchser::DistributedStateDict local;
+  for (std::int64_t i = 0; i < tensors; ++i) {
+    const std::string name = "layers." + std::to_string(i) + ".weight";
+    const int kind = mode == "load-shard" ? kind_of(i) : 2;
+    if (kind == 2) {
+      local.insert(
+          name,
+          {at::zeros({rows, kColumns}), torchser::Placement::replicate()});
+    } else {
+      const std::int64_t dim = kind == 0 ? 0 : 1;
+      const std::int64_t size = dim == 0 ? rows : kColumns;
+      const auto [offset, n] = torchser::chunk_range(size, rank, world);
+      local.insert(
+          name,
+          {dim == 0 ? at::zeros({n, kColumns}) : at::zeros({rows, n}),
+           torchser::Placement::shard(dim, size, offset)});
+    }
+  }
+  group.barrier();
+  const std::int64_t rchar0 = read_io("rchar");
+  const auto start = Clock::now();
+  const auto result = torchser::load_torch_state_dict(
+      local,
+      dir,
+      group,
+      torchser::LoadOptions().strict(true),
+      torchser::DistributedLoadOptions().read_once(mode == "load-once"));
+  const double seconds = seconds_since(start);
+  std::cout << seconds << " " << result.bytes_read << " "
+            << result.bytes_received << " " << read_io("rchar") - rchar0
+            << std::endl;
+  return 0;
+}
+
+} // namespace
+
 int torchser::bench::bench_distributed_rank(int argc, char** argv) {
-  if (argc != 8) {
+  if (argc != 8 && argc != 9) {
     return 2;
   }
   const int rank = std::atoi(argv[2]);
@@ -180,6 +290,9 @@ int torchser::bench::bench_distributed_rank(int argc, char** argv) {
                                        .world_size(world)
                                        .hostname("127.0.0.1")
                                        .timeout(std::chrono::minutes(5)));
+  if (argc == 9) {
+    return load_rank(group, dir, tensors, rows, argv[8]);
+  }
   torchser::DistributedStateDict local;
   for (std::int64_t i = 0; i < tensors; ++i) {
     const std::string name = "layers." + std::to_string(i) + ".weight";
@@ -260,62 +373,26 @@ int torchser::bench::bench_distributed(const Config& config) {
     const std::string store =
         (dir / ("dist-store-" + std::to_string(round))).string();
     std::filesystem::remove(store);
-    std::vector<pid_t> pids;
-    std::vector<std::string> outputs;
-    for (int r = 0; r < world; ++r) {
-      const std::string out =
-          (dir / ("dist-rank" + std::to_string(r))).string();
-      outputs.push_back(out);
-      std::vector<std::string> argv_s = {
-          "/proc/self/exe",
-          "--dist-rank",
-          std::to_string(r),
-          std::to_string(world),
-          store,
-          dist_dir.string(),
-          std::to_string(args.tensors),
-          std::to_string(rows)};
-      std::vector<char*> argv;
-      for (auto& a : argv_s) {
-        argv.push_back(a.data());
-      }
-      argv.push_back(nullptr);
-      posix_spawn_file_actions_t actions;
-      posix_spawn_file_actions_init(&actions);
-      posix_spawn_file_actions_addopen(
-          &actions, 1, out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-      pid_t pid = 0;
-      if (posix_spawn(
-              &pid,
-              "/proc/self/exe",
-              &actions,
-              nullptr,
-              argv.data(),
-              environ) != 0) {
-        std::cerr << "cannot start a rank\n";
-        return 1;
-      }
-      posix_spawn_file_actions_destroy(&actions);
-      pids.push_back(pid);
+    const auto ranks = spawn_ranks(
+        dir,
+        world,
+        {store,
+         dist_dir.string(),
+         std::to_string(args.tensors),
+         std::to_string(rows)},
+        4);
+    if (ranks.empty()) {
+      return 1;
     }
     double slowest = 0;
     double written = 0;
     double worst_rss = 0;
     std::vector<double> rank_bytes;
-    for (int r = 0; r < world; ++r) {
-      int status = 0;
-      ::waitpid(pids[r], &status, 0);
-      std::ifstream in(outputs[r]);
-      double seconds = 0, wchar = 0, rss = 0, tensor_bytes = 0;
-      if (!WIFEXITED(status) || WEXITSTATUS(status) != 0 ||
-          !(in >> seconds >> wchar >> rss >> tensor_bytes)) {
-        std::cerr << "rank " << r << " failed\n";
-        return 1;
-      }
-      slowest = std::max(slowest, seconds);
-      written += wchar;
-      worst_rss = std::max(worst_rss, rss);
-      rank_bytes.push_back(tensor_bytes);
+    for (const std::vector<double>& r : ranks) {
+      slowest = std::max(slowest, r[0]);
+      written += r[1];
+      worst_rss = std::max(worst_rss, r[2]);
+      rank_bytes.push_back(r[3]);
     }
     std::filesystem::remove(store);
     if (const auto peer = dcp_peer(dir, args.tensors, rows); !peer.empty()) {
@@ -377,6 +454,89 @@ int torchser::bench::bench_distributed(const Config& config) {
             << "% of the tensor bytes\n"
             << "- extra peak resident memory, worst rank: "
             << median(extra_rss) / (1 << 20) << " MiB\n";
+
+  // Loading the single-process checkpoint back, warm (just written), on 2
+  // ranks: resharded into the save's pieces, and the whole model on every
+  // rank, each reading everything or read once and broadcast.
+  std::cout << "\n### distributed load, 2 ranks, warm page cache\n\n";
+  std::vector<double> pread_t;
+  std::vector<char> buffer;
+  const std::vector<std::pair<std::string, std::string>> modes = {
+      {"load-shard", "resharded into the save's pieces (2 ranks)"},
+      {"load-all", "whole model on both ranks, each reading all of it"},
+      {"load-once", "whole model on both ranks, read once + broadcast"}};
+  std::map<std::string, std::vector<double>> load_t, read_sum, received_sum,
+      rchar_sum;
+  for (int round = 0; round < args.repeats; ++round) {
+    auto start = Clock::now();
+    for (const auto& e : std::filesystem::directory_iterator(single_dir)) {
+      const int fd = ::open(e.path().c_str(), O_RDONLY);
+      const auto size = static_cast<std::size_t>(e.file_size());
+      buffer.resize(size);
+      for (std::size_t done = 0; done < size;) {
+        const ssize_t n = ::pread(
+            fd, buffer.data() + done, size - done, static_cast<off_t>(done));
+        if (n <= 0) {
+          break;
+        }
+        done += static_cast<std::size_t>(n);
+      }
+      ::close(fd);
+    }
+    pread_t.push_back(seconds_since(start));
+    for (const auto& [mode, what] : modes) {
+      const std::string store =
+          (dir / ("dist-load-store-" + mode + std::to_string(round))).string();
+      std::filesystem::remove(store);
+      const auto ranks = spawn_ranks(
+          dir,
+          world,
+          {store,
+           single_dir.string(),
+           std::to_string(args.tensors),
+           std::to_string(rows),
+           mode},
+          4);
+      std::filesystem::remove(store);
+      if (ranks.empty()) {
+        return 1;
+      }
+      double slowest = 0, read = 0, received = 0, rchar = 0;
+      for (const std::vector<double>& r : ranks) {
+        slowest = std::max(slowest, r[0]);
+        read += r[1];
+        received += r[2];
+        rchar += r[3];
+      }
+      load_t[mode].push_back(slowest);
+      read_sum[mode].push_back(read / bytes);
+      received_sum[mode].push_back(received / bytes);
+      rchar_sum[mode].push_back(rchar / bytes);
+    }
+  }
+  const double pread_one = median(pread_t);
+  std::vector<Row> load_rows = {
+      {"pread() of the checkpoint's files, 1 process",
+       pread_one,
+       bytes,
+       "pread",
+       1.0}};
+  for (const auto& [mode, what] : modes) {
+    const double t = median(load_t[mode]);
+    // The whole-model rows move the model to each rank: 2× the bytes.
+    const double moved = mode == "load-shard" ? bytes : 2 * bytes;
+    load_rows.push_back({what, t, moved, "pread", pread_one / t});
+  }
+  print(load_rows);
+  for (const auto& [mode, what] : modes) {
+    std::cout << "- " << what << ": the ranks read " << median(read_sum[mode])
+              << "× the checkpoint's tensor bytes (" << median(rchar_sum[mode])
+              << "× by the kernel's count, /proc/self/io rchar), received "
+              << median(received_sum[mode]) << "× over the group\n";
+  }
+  std::cout << "- read once vs each rank reading everything: "
+            << median(load_t["load-all"]) / median(load_t["load-once"])
+            << "× the speed\n";
   std::filesystem::remove_all(single_dir);
   std::filesystem::remove_all(dist_dir);
   return 0;
