@@ -636,16 +636,11 @@ class PieceWriter {
     std::uint64_t shortest = UINT64_MAX;
     std::uint64_t span_begin = UINT64_MAX;
     std::uint64_t span_end = 0;
-    const Shape sizes(local.sizes().begin(), local.sizes().end());
-    detail::for_each_run(
-        sizes,
+    detail::for_each_block(
+        local,
         full,
         offsets,
-        [&](const Shape& leading, std::int64_t element, std::int64_t count) {
-          at::Tensor run = local;
-          for (const std::int64_t i : leading) {
-            run = run.select(0, i);
-          }
+        [&](const at::Tensor& run, std::int64_t element, std::int64_t count) {
           const std::uint64_t at =
               base + static_cast<std::uint64_t>(element) * esize;
           std::uint32_t crc = 0;
@@ -680,40 +675,28 @@ class PieceWriter {
       std::size_t esize,
       c10::ScalarType dtype,
       std::uint32_t* crc) {
-    const std::uint64_t nbytes =
-        static_cast<std::uint64_t>(src.numel()) * esize;
     if (src.is_cpu() && src.scalar_type() == dtype && src.is_contiguous()) {
-      pwrite_all(src.data_ptr(), nbytes, offset, crc);
-      return;
-    }
-    if (nbytes <= kChunkBytes) {
-      if (!chunk_) {
-        chunk_ = std::make_unique<std::uint8_t[]>(kChunkBytes);
-      }
-      at::Tensor staged = at::from_blob(
-          chunk_.get(), src.sizes(), at::TensorOptions().dtype(dtype));
-      staged.copy_(src);
-      pwrite_all(chunk_.get(), nbytes, offset, crc);
-      return;
-    }
-    const std::int64_t rows = src.size(0);
-    const std::uint64_t row_bytes = nbytes / static_cast<std::uint64_t>(rows);
-    const std::int64_t per = std::max<std::int64_t>(
-        1,
-        static_cast<std::int64_t>(
-            kChunkBytes / std::max<std::uint64_t>(row_bytes, 1)));
-    for (std::int64_t r = 0; r < rows; r += per) {
-      const std::int64_t n = std::min(per, rows - r);
-      const at::Tensor part = n == 1 && row_bytes > kChunkBytes
-                                  ? src.select(0, r)
-                                  : src.narrow(0, r, n);
-      block(
-          part,
-          offset + static_cast<std::uint64_t>(r) * row_bytes,
-          esize,
-          dtype,
+      pwrite_all(
+          src.data_ptr(),
+          static_cast<std::uint64_t>(src.numel()) * esize,
+          offset,
           crc);
+      return;
     }
+    detail::for_each_chunk(
+        src, esize, kChunkBytes, [&](const at::Tensor& part, std::uint64_t at) {
+          if (!chunk_) {
+            chunk_ = std::make_unique<std::uint8_t[]>(kChunkBytes);
+          }
+          at::from_blob(
+              chunk_.get(), part.sizes(), at::TensorOptions().dtype(dtype))
+              .copy_(part);
+          pwrite_all(
+              chunk_.get(),
+              static_cast<std::uint64_t>(part.numel()) * esize,
+              offset + at,
+              crc);
+        });
   }
 
   void pwrite_all(

@@ -54,6 +54,11 @@ at::ScalarType dtype_of(
       ", which this LibTorch build cannot hold");
 }
 
+// Whether `t` holds a file's bytes as they are (no conversion, no gaps).
+bool takes_file_bytes(const at::Tensor& t, at::ScalarType dtype) {
+  return t.is_cpu() && t.scalar_type() == dtype && t.is_contiguous();
+}
+
 // Reads the byte runs of pieces of one file's row-major tensors.
 class PieceReader {
  public:
@@ -61,7 +66,9 @@ class PieceReader {
       : path_(std::move(path)), file_(detail::File::open_read(path_)) {}
 
   // `local`'s elements from `offsets` of a row-major tensor of shape `full`
-  // and dtype `dtype` whose first element is at `base` in the file.
+  // and dtype `dtype` whose first element is at `base` in the file: each
+  // run straight into the tensor when its bytes are the file's, else
+  // through the chunk.
   std::uint64_t read(
       const at::Tensor& local,
       const Shape& full,
@@ -70,63 +77,41 @@ class PieceReader {
       std::uint64_t base) {
     const std::size_t esize = c10::elementSize(dtype);
     std::uint64_t read = 0;
-    const Shape sizes(local.sizes().begin(), local.sizes().end());
-    detail::for_each_run(
-        sizes,
+    detail::for_each_block(
+        local,
         full,
         offsets,
-        [&](const Shape& leading, std::int64_t element, std::int64_t count) {
-          at::Tensor run = local;
-          for (const std::int64_t i : leading) {
-            run = run.select(0, i);
-          }
-          block(run, base + static_cast<std::uint64_t>(element) * esize, dtype);
+        [&](const at::Tensor& block, std::int64_t element, std::int64_t count) {
+          const std::uint64_t at =
+              base + static_cast<std::uint64_t>(element) * esize;
           read += static_cast<std::uint64_t>(count) * esize;
+          if (takes_file_bytes(block, dtype)) {
+            file_.pread_exact(
+                block.data_ptr(), static_cast<std::size_t>(count) * esize, at);
+            return;
+          }
+          detail::for_each_chunk(
+              block,
+              esize,
+              kChunkBytes,
+              [&](const at::Tensor& part, std::uint64_t offset) {
+                if (!chunk_) {
+                  chunk_ = std::make_unique<std::uint8_t[]>(kChunkBytes);
+                }
+                file_.pread_exact(
+                    chunk_.get(),
+                    static_cast<std::size_t>(part.numel()) * esize,
+                    at + offset);
+                part.copy_(at::from_blob(
+                    chunk_.get(),
+                    part.sizes(),
+                    at::TensorOptions().dtype(dtype)));
+              });
         });
     return read;
   }
 
  private:
-  // A block the file holds contiguously: read straight into the tensor
-  // when its bytes are the file's, else through the chunk.
-  void block(
-      const at::Tensor& dst, std::uint64_t offset, c10::ScalarType dtype) {
-    const std::size_t esize = c10::elementSize(dtype);
-    const std::uint64_t nbytes =
-        static_cast<std::uint64_t>(dst.numel()) * esize;
-    if (nbytes == 0) {
-      return;
-    }
-    if (dst.is_cpu() && dst.scalar_type() == dtype && dst.is_contiguous()) {
-      file_.pread_exact(
-          dst.data_ptr(), static_cast<std::size_t>(nbytes), offset);
-      return;
-    }
-    if (nbytes <= kChunkBytes) {
-      if (!chunk_) {
-        chunk_ = std::make_unique<std::uint8_t[]>(kChunkBytes);
-      }
-      file_.pread_exact(chunk_.get(), static_cast<std::size_t>(nbytes), offset);
-      dst.copy_(at::from_blob(
-          chunk_.get(), dst.sizes(), at::TensorOptions().dtype(dtype)));
-      return;
-    }
-    const std::int64_t rows = dst.size(0);
-    const std::uint64_t row_bytes = nbytes / static_cast<std::uint64_t>(rows);
-    const std::int64_t per = std::max<std::int64_t>(
-        1,
-        static_cast<std::int64_t>(
-            kChunkBytes / std::max<std::uint64_t>(row_bytes, 1)));
-    for (std::int64_t r = 0; r < rows; r += per) {
-      const std::int64_t n = std::min(per, rows - r);
-      block(
-          n == 1 && row_bytes > kChunkBytes ? dst.select(0, r)
-                                            : dst.narrow(0, r, n),
-          offset + static_cast<std::uint64_t>(r) * row_bytes,
-          dtype);
-    }
-  }
-
   std::filesystem::path path_;
   detail::File file_;
   std::unique_ptr<std::uint8_t[]> chunk_;
@@ -159,10 +144,6 @@ at::Tensor bytes_of(const at::Tensor& t) {
       at::TensorOptions().dtype(at::kByte));
 }
 
-bool takes_file_bytes(const at::Tensor& t, at::ScalarType dtype) {
-  return t.is_cpu() && t.scalar_type() == dtype && t.is_contiguous();
-}
-
 std::string host_name() {
   char buffer[256] = {};
   return ::gethostname(buffer, sizeof(buffer) - 1) == 0 ? buffer : "?";
@@ -179,11 +160,7 @@ struct Plan {
 };
 
 std::string size_text(const Shape& shape) {
-  std::string out = "torch.Size([";
-  for (std::size_t i = 0; i < shape.size(); ++i) {
-    out += (i == 0 ? "" : ", ") + std::to_string(shape[i]);
-  }
-  return out + "])";
+  return "torch.Size(" + shape_text(shape) + ")";
 }
 
 Plan plan_load(

@@ -10,6 +10,7 @@
 #include <sstream>
 #include <type_traits>
 
+#include <ATen/ops/from_blob.h>
 #include <torch/csrc/distributed/c10d/Backend.hpp>
 #include <torch/csrc/distributed/c10d/FileStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
@@ -527,25 +528,16 @@ std::string broadcast_bytes(
     const std::string& bytes,
     int root,
     const std::string& step) {
-  const ProcessGroup::Impl& impl = group.impl();
-  c10d::BroadcastOptions options;
-  options.rootRank = root;
-  options.timeout = impl.timeout;
-  std::vector<at::Tensor> size{
-      at::full({1}, static_cast<std::int64_t>(bytes.size()), at::kLong)
-          .to(impl.device)};
-  wait(impl.broadcast(size, options), impl, step);
-  const std::int64_t n = size[0].cpu().item<std::int64_t>();
+  std::int64_t n = static_cast<std::int64_t>(bytes.size());
+  const at::Tensor size = at::from_blob(&n, {1}, at::kLong);
+  broadcast_tensor(group, size, root, step);
   at::Tensor data = at::zeros({std::max<std::int64_t>(n, 1)}, at::kByte);
-  if (impl.rank() == root) {
+  if (group.rank() == root) {
     std::memcpy(data.data_ptr(), bytes.data(), bytes.size());
   }
-  std::vector<at::Tensor> payload{data.to(impl.device)};
-  wait(impl.broadcast(payload, options), impl, step);
-  const at::Tensor received = payload[0].cpu();
+  broadcast_tensor(group, data, root, step);
   return std::string(
-      static_cast<const char*>(received.data_ptr()),
-      static_cast<std::size_t>(n));
+      static_cast<const char*>(data.data_ptr()), static_cast<std::size_t>(n));
 }
 
 void agree(

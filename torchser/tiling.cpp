@@ -16,6 +16,61 @@ std::int64_t volume(const Shape& shape) {
   return n;
 }
 
+void for_each_block(
+    const at::Tensor& local,
+    const Shape& full,
+    const Shape& offsets,
+    const std::function<void(
+        const at::Tensor& block, std::int64_t element, std::int64_t count)>&
+        run) {
+  for_each_run(
+      Shape(local.sizes().begin(), local.sizes().end()),
+      full,
+      offsets,
+      [&](const Shape& leading, std::int64_t element, std::int64_t count) {
+        at::Tensor block = local;
+        for (const std::int64_t i : leading) {
+          block = block.select(0, i);
+        }
+        run(block, element, count);
+      });
+}
+
+void for_each_chunk(
+    const at::Tensor& block,
+    std::size_t element_size,
+    std::uint64_t max_bytes,
+    const std::function<void(const at::Tensor& part, std::uint64_t offset)>&
+        part) {
+  const std::uint64_t nbytes =
+      static_cast<std::uint64_t>(block.numel()) * element_size;
+  if (nbytes <= max_bytes || block.dim() == 0) {
+    part(block, 0);
+    return;
+  }
+  const std::int64_t rows = block.size(0);
+  const std::uint64_t row_bytes = nbytes / static_cast<std::uint64_t>(rows);
+  if (row_bytes > max_bytes) {
+    for (std::int64_t r = 0; r < rows; ++r) {
+      const std::uint64_t base = static_cast<std::uint64_t>(r) * row_bytes;
+      for_each_chunk(
+          block.select(0, r),
+          element_size,
+          max_bytes,
+          [&](const at::Tensor& p, std::uint64_t offset) {
+            part(p, base + offset);
+          });
+    }
+    return;
+  }
+  const auto per = static_cast<std::int64_t>(max_bytes / row_bytes);
+  for (std::int64_t r = 0; r < rows; r += per) {
+    part(
+        block.narrow(0, r, std::min(per, rows - r)),
+        static_cast<std::uint64_t>(r) * row_bytes);
+  }
+}
+
 std::string shape_text(const Shape& shape) {
   std::string out = "[";
   for (std::size_t i = 0; i < shape.size(); ++i) {

@@ -19,6 +19,7 @@
 
 #include <cstdlib>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <sstream>
 
@@ -225,6 +226,35 @@ std::vector<std::vector<double>> spawn_ranks(
 // TENSORS ROWS. Prints "seconds wchar extra_rss bytes_written".
 namespace {
 
+// This rank's pieces of the model, made by `make`: split by kind_of(), or
+// every tensor whole (`split` false).
+torchser::DistributedStateDict rank_pieces(
+    std::int64_t tensors,
+    std::int64_t rows,
+    int rank,
+    int world,
+    bool split,
+    const std::function<at::Tensor(at::IntArrayRef)>& make) {
+  torchser::DistributedStateDict local;
+  for (std::int64_t i = 0; i < tensors; ++i) {
+    const std::string name = "layers." + std::to_string(i) + ".weight";
+    const int kind = split ? kind_of(i) : 2;
+    if (kind == 2) {
+      local.insert(
+          name, {make({rows, kColumns}), torchser::Placement::replicate()});
+      continue;
+    }
+    const std::int64_t dim = kind == 0 ? 0 : 1;
+    const std::int64_t size = dim == 0 ? rows : kColumns;
+    const auto [offset, n] = torchser::chunk_range(size, rank, world);
+    local.insert(
+        name,
+        {dim == 0 ? make({n, kColumns}) : make({rows, n}),
+         torchser::Placement::shard(dim, size, offset)});
+  }
+  return local;
+}
+
 // A loading rank: MODE "load-shard" (the save's placements), "load-all"
 // (every tensor whole on every rank, each reading everything) or
 // "load-once" (the same, read once and broadcast). Prints "seconds
@@ -237,24 +267,13 @@ int load_rank(
     const std::string& mode) {
   const int rank = group.rank();
   const int world = group.size();
-  torchser::DistributedStateDict local;
-  for (std::int64_t i = 0; i < tensors; ++i) {
-    const std::string name = "layers." + std::to_string(i) + ".weight";
-    const int kind = mode == "load-shard" ? kind_of(i) : 2;
-    if (kind == 2) {
-      local.insert(
-          name,
-          {at::zeros({rows, kColumns}), torchser::Placement::replicate()});
-    } else {
-      const std::int64_t dim = kind == 0 ? 0 : 1;
-      const std::int64_t size = dim == 0 ? rows : kColumns;
-      const auto [offset, n] = torchser::chunk_range(size, rank, world);
-      local.insert(
-          name,
-          {dim == 0 ? at::zeros({n, kColumns}) : at::zeros({rows, n}),
-           torchser::Placement::shard(dim, size, offset)});
-    }
-  }
+  torchser::DistributedStateDict local = rank_pieces(
+      tensors,
+      rows,
+      rank,
+      world,
+      mode == "load-shard",
+      [](at::IntArrayRef shape) { return at::zeros(shape); });
   group.barrier();
   const std::int64_t rchar0 = read_io("rchar");
   const auto start = Clock::now();
@@ -293,23 +312,10 @@ int torchser::bench::bench_distributed_rank(int argc, char** argv) {
   if (argc == 9) {
     return load_rank(group, dir, tensors, rows, argv[8]);
   }
-  torchser::DistributedStateDict local;
-  for (std::int64_t i = 0; i < tensors; ++i) {
-    const std::string name = "layers." + std::to_string(i) + ".weight";
-    const int kind = kind_of(i);
-    if (kind == 2) {
-      local.insert(
-          name, {at::rand({rows, kColumns}), torchser::Placement::replicate()});
-    } else {
-      const std::int64_t dim = kind == 0 ? 0 : 1;
-      const std::int64_t size = dim == 0 ? rows : kColumns;
-      const auto [offset, n] = torchser::chunk_range(size, rank, world);
-      local.insert(
-          name,
-          {dim == 0 ? at::rand({n, kColumns}) : at::rand({rows, n}),
-           torchser::Placement::shard(dim, size, offset)});
-    }
-  }
+  torchser::DistributedStateDict local =
+      rank_pieces(tensors, rows, rank, world, true, [](at::IntArrayRef shape) {
+        return at::rand(shape);
+      });
   // The clock starts when both ranks are ready (making the tensors takes
   // each its own time).
   group.barrier();

@@ -3,12 +3,15 @@
 // Pieces of a row-major tensor: whether they tile it (no overlap, no hole),
 // and the contiguous runs each piece occupies in it. The distributed save
 // writes a rank's pieces by these runs; consolidation copies DCP's pieces by
-// them. Never installed; exported only so that the tests can reach it.
+// them; the distributed load reads by them. Never installed; exported only so
+// that the tests can reach it.
 
 #include <cstdint>
 #include <functional>
 #include <string>
 #include <vector>
+
+#include <ATen/core/Tensor.h>
 
 #include <torchser/export.h>
 
@@ -45,6 +48,28 @@ TORCHSER_API void for_each_run(
     const Shape& offsets,
     const std::function<void(
         const Shape& leading, std::int64_t element, std::int64_t count)>& run);
+
+/// for_each_run() over a piece held as `local`: `block` is the part of
+/// `local` one run covers (its leading indices selected), whose elements
+/// are contiguous in the full tensor from `element` on.
+TORCHSER_API void for_each_block(
+    const at::Tensor& local,
+    const Shape& full,
+    const Shape& offsets,
+    const std::function<void(
+        const at::Tensor& block, std::int64_t element, std::int64_t count)>&
+        run);
+
+/// Splits `block` (elements of `element_size` bytes, contiguous in a file in
+/// row-major order) into parts of at most `max_bytes` (whole rows, or a
+/// row's own rows when one row is larger), with each part's byte offset
+/// from the block's start: copies through a chunk of that size.
+TORCHSER_API void for_each_chunk(
+    const at::Tensor& block,
+    std::size_t element_size,
+    std::uint64_t max_bytes,
+    const std::function<void(const at::Tensor& part, std::uint64_t offset)>&
+        part);
 
 /// Elements of `shape`; ValueError when negative or past 2^63 − 1.
 TORCHSER_API std::int64_t volume(const Shape& shape);
