@@ -112,7 +112,7 @@ inline Scenario make_scenario(const std::string& name, int rank, int world) {
   const auto add_full = [&](const std::string& key, const at::Tensor& t) {
     s.full.insert(key, t);
   };
-  if (name == "big") {
+  if (name == "big" || name == "big-partial") {
     // 1 MiB tensors split by rows and columns, and a replicated one: what
     // each rank reads is measured against its share.
     const std::vector<std::pair<std::string, int>> tensors = {
@@ -123,10 +123,15 @@ inline Scenario make_scenario(const std::string& name, int rank, int world) {
     for (const auto& [key, how] : tensors) {
       const at::Tensor full = full_tensor(key, {256, 1024}, at::kFloat);
       add_full(key, full);
+      // big-partial: the last rank holds only rows of the tensor the others
+      // hold whole (a load may place each rank's tensors its own way).
+      const bool partial =
+          name == "big-partial" && how < 0 && rank == world - 1;
       s.local.insert(
           key,
-          how >= 0 ? chunk_of(full, how, rank, world)
-                   : DistributedTensor{full.clone(), Placement::replicate()});
+          how >= 0 || partial
+              ? chunk_of(full, partial ? 0 : how, rank, world)
+              : DistributedTensor{full.clone(), Placement::replicate()});
     }
     return s;
   }

@@ -185,6 +185,19 @@ TEST_F(
     // The four 1 MiB tensors, once.
     EXPECT_EQ(total, std::uint64_t{4} << 20) << describe_runs(runs);
   }
+  // A rank holding only rows of a tensor the others share whole reads its
+  // rows itself.
+  {
+    const auto runs = run_ranks("big-partial", big, 3, [&](int) {
+      return std::vector<std::string>{
+          "--load", "--strict", "--read-once", "on"};
+    });
+    for (const RankRun& run : runs) {
+      ASSERT_EQ(run.status, 0) << describe_runs(runs);
+      const Loaded l = loaded_of(run);
+      EXPECT_EQ(l.bytes_read + l.received, l.piece_bytes) << run.output;
+    }
+  }
   // Every kind of piece, dtype, tie and layout, read once where shared.
   const fs::path mixed = saved("mixed", 3, {"--max-shard-size", "600"});
   for (const int loader : {2, 4}) {

@@ -469,7 +469,9 @@ DistributedLoadResult load_torch_state_dict(
         }
         at::Tensor& local = state_dict[t.local_name].local;
         result.loaded_keys.push_back(t.local_name);
-        const auto fanned = fan_out.find(t.checkpoint_name);
+        // A piece of a tensor others need whole is this rank's own to read.
+        const auto fanned =
+            t.whole ? fan_out.find(t.checkpoint_name) : fan_out.end();
         if (fanned != fan_out.end()) {
           if (fanned->second.reader != me ||
               sources.count(t.checkpoint_name) != 0) {
@@ -546,7 +548,7 @@ DistributedLoadResult load_torch_state_dict(
       for (const auto& [name, fan] : fan_out) {
         std::vector<const Target*> mine_of;
         for (const Target& t : plan.targets) {
-          if (t.checkpoint_name == name) {
+          if (t.whole && t.checkpoint_name == name) {
             mine_of.push_back(&t);
           }
         }
