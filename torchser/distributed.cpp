@@ -277,15 +277,7 @@ RankView describe(const DistributedStateDict& local) {
   RankView view;
   view.host = host_name();
   // A view of a storage → the first name holding it.
-  std::map<
-      std::tuple<
-          const void*,
-          std::int64_t,
-          std::vector<std::int64_t>,
-          std::vector<std::int64_t>,
-          c10::ScalarType>,
-      std::string>
-      tie_of;
+  std::map<detail::ViewKey, std::string> tie_of;
   for (const auto& item : local) {
     const std::string& name = item.key();
     const DistributedTensor& dt = item.value();
@@ -311,16 +303,7 @@ RankView describe(const DistributedStateDict& local) {
     detail::volume(piece.full);
     piece.tie = name;
     if (t.numel() > 0 && t.storage().nbytes() > 0) {
-      // Only the same view of one storage is a tie; other views of it (a
-      // flat parameter buffer) are separate tensors.
-      const auto [it, first] = tie_of.try_emplace(
-          std::make_tuple(
-              t.storage().data_ptr().get(),
-              t.storage_offset(),
-              t.sizes().vec(),
-              t.strides().vec(),
-              t.scalar_type()),
-          name);
+      const auto [it, first] = tie_of.try_emplace(detail::view_key(t), name);
       if (!first) {
         const DistributedTensor& other = local[it->second];
         if (!(other.placement == dt.placement)) {

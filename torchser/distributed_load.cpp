@@ -29,6 +29,7 @@
 #include "torchser/detail/collectives.h"
 #include "torchser/detail/file.h"
 #include "torchser/detail/key_filter.h"
+#include "torchser/detail/load_messages.h"
 #include "torchser/detail/tensor_file.h"
 #include "torchser/detail/tiling.h"
 
@@ -36,8 +37,6 @@ namespace torchser {
 namespace {
 
 using detail::Shape;
-using detail::shape_text;
-using detail::volume;
 
 constexpr std::size_t kChunkBytes = std::size_t{16} << 20;
 
@@ -151,17 +150,12 @@ std::string host_name() {
 
 struct Plan {
   std::vector<std::unique_ptr<detail::TensorFile>> files;
-  std::vector<std::string> file_names; // in messages and progress
-  std::vector<std::filesystem::path> paths;
+  std::vector<std::filesystem::path> paths; // of `files`
   std::vector<Target> targets;
   std::vector<std::string> missing;
-  std::vector<std::string> checkpoint_names; // mapped, not ignored
-  std::string where;                         // the checkpoint in messages
+  std::vector<std::string> mapped_names; // mapped, not ignored
+  std::string where;                     // the checkpoint in messages
 };
-
-std::string size_text(const Shape& shape) {
-  return "torch.Size(" + shape_text(shape) + ")";
-}
 
 Plan plan_load(
     const DistributedStateDict& state_dict,
@@ -191,7 +185,7 @@ Plan plan_load(
   const bool is_single = checkpoint.kind != detail::Checkpoint::Kind::kSharded;
   std::unique_ptr<detail::TensorFile> single;
   const detail::TensorFileOptions open{LoadBackend::kMmap, std::nullopt, {}};
-  if (checkpoint.kind == detail::Checkpoint::Kind::kSharded) {
+  if (!is_single) {
     keys.assign(checkpoint.index.keys.begin(), checkpoint.index.keys.end());
     for (const auto& [shard, names] : checkpoint.index.shards) {
       for (const std::string& name : names) {
@@ -220,7 +214,7 @@ Plan plan_load(
     if (filter.ignored(local_name)) {
       continue;
     }
-    plan.checkpoint_names.push_back(local_name);
+    plan.mapped_names.push_back(local_name);
     if (state_dict.contains(local_name)) {
       source_of.emplace(local_name, checkpoint_name);
     }
@@ -263,7 +257,6 @@ Plan plan_load(
             detail::open_tensor_file(checkpoint.directory / file_name, open));
         plan.files.back()->check_format_metadata();
       }
-      plan.file_names.push_back(file_name);
       plan.paths.push_back(checkpoint.directory / file_name);
     }
     const detail::TensorFile& file = *plan.files[at->second];
@@ -288,8 +281,9 @@ Plan plan_load(
       throw RuntimeError(
           "Error(s) in loading state_dict on rank " + std::to_string(rank) +
           ":\n\tsize mismatch for " + name + ": copying a param with shape " +
-          size_text(entry->shape) + " from checkpoint (" + file.display_name() +
-          "), the shape in current model is " + size_text(t.full) +
+          detail::torch_size(entry->shape) + " from checkpoint (" +
+          file.display_name() + "), the shape in current model is " +
+          detail::torch_size(t.full) +
           (item.value().placement.is_replicate()
                ? std::string()
                : " (the full shape of its placement)") +
@@ -298,26 +292,14 @@ Plan plan_load(
     t.dtype = dtype_of(*entry, file.display_name());
     t.offset = file.file_offset(checkpoint_name);
     t.nbytes = entry->nbytes;
-    t.whole = std::all_of(
-                  t.offsets.begin(),
-                  t.offsets.end(),
-                  [](std::int64_t o) { return o == 0; }) &&
-              Shape(
-                  item.value().local.sizes().begin(),
-                  item.value().local.sizes().end()) == t.full &&
+    // (A piece of the full shape sits at offsets zero: locate() checked
+    // that it fits.)
+    t.whole = item.value().local.sizes() == c10::IntArrayRef(t.full) &&
               t.offset.has_value();
     plan.targets.push_back(std::move(t));
   }
   std::sort(plan.missing.begin(), plan.missing.end());
   return plan;
-}
-
-std::string joined(const std::vector<std::string>& names) {
-  std::string out;
-  for (const std::string& name : names) {
-    out += (out.empty() ? "\"" : ", \"") + name + "\"";
-  }
-  return out;
 }
 
 } // namespace
@@ -421,7 +403,7 @@ DistributedLoadResult load_torch_state_dict(
       fan_out[name] = FanOut{best, nbytes_of.at(name)};
     }
   }
-  for (const std::string& name : plan.checkpoint_names) {
+  for (const std::string& name : plan.mapped_names) {
     if (loaded_anywhere.count(name) == 0) {
       result.unexpected_keys.push_back(name);
     }
@@ -437,13 +419,12 @@ DistributedLoadResult load_torch_state_dict(
     std::string message = "Error(s) in loading state_dict on rank " +
                           std::to_string(me) + " from " + plan.where + ":";
     if (!result.missing_keys.empty()) {
-      message +=
-          "\n\tMissing key(s) in state_dict: " + joined(result.missing_keys) +
-          ".";
+      message += "\n\tMissing key(s) in state_dict: " +
+                 detail::quoted_list(result.missing_keys, ", ") + ".";
     }
     if (!result.unexpected_keys.empty()) {
       message += "\n\tUnexpected key(s) in state_dict (held by no rank): " +
-                 joined(result.unexpected_keys) + ".";
+                 detail::quoted_list(result.unexpected_keys, ", ") + ".";
     }
     throw RuntimeError(message);
   });
@@ -455,12 +436,11 @@ DistributedLoadResult load_torch_state_dict(
     const c10::AutoGradMode no_grad(false);
     std::uint64_t planned = 0;
     for (const Target& t : plan.targets) {
-      planned += static_cast<std::uint64_t>(volume(Shape(
-                     state_dict[t.local_name].local.sizes().begin(),
-                     state_dict[t.local_name].local.sizes().end()))) *
-                 c10::elementSize(t.dtype);
+      planned +=
+          static_cast<std::uint64_t>(state_dict[t.local_name].local.numel()) *
+          c10::elementSize(t.dtype);
     }
-    std::vector<at::Tensor> done_tensors; // tied locals are read once
+    std::set<detail::ViewKey> done; // tied locals are read once
     for (std::size_t f = 0; f < plan.files.size(); ++f) {
       std::optional<PieceReader> reader;
       for (const Target& t : plan.targets) {
@@ -493,25 +473,13 @@ DistributedLoadResult load_torch_state_dict(
             local.copy_(source);
           }
           sources.emplace(t.checkpoint_name, source);
-          done_tensors.push_back(local);
+          done.insert(detail::view_key(local));
           continue;
         }
-        // Ties as the distributed save finds them: identical views of one
-        // storage.
-        if (std::any_of(
-                done_tensors.begin(),
-                done_tensors.end(),
-                [&](const at::Tensor& d) {
-                  return d.is_same(local) ||
-                         (d.storage().is_alias_of(local.storage()) &&
-                          d.storage_offset() == local.storage_offset() &&
-                          d.sizes() == local.sizes() &&
-                          d.strides() == local.strides() &&
-                          d.scalar_type() == local.scalar_type());
-                })) {
+        // Ties as the distributed save finds them.
+        if (local.numel() > 0 && !done.insert(detail::view_key(local)).second) {
           continue;
         }
-        done_tensors.push_back(local);
         std::uint64_t bytes = 0;
         if (t.offset.has_value()) {
           if (!reader) {
@@ -533,7 +501,10 @@ DistributedLoadResult load_torch_state_dict(
         result.bytes_read += bytes;
         if (options.progress()) {
           options.progress()(Progress{
-              plan.file_names[f], t.local_name, result.bytes_read, planned});
+              plan.paths[f].filename().string(),
+              t.local_name,
+              result.bytes_read,
+              planned});
         }
       }
       plan.files[f].reset();

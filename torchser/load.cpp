@@ -20,6 +20,7 @@
 #include "torchser/detail/checksum.h"
 #include "torchser/detail/key_filter.h"
 #include "torchser/detail/load_file.h"
+#include "torchser/detail/load_messages.h"
 #include "torchser/detail/tensor_file.h"
 
 namespace torchser {
@@ -31,22 +32,8 @@ bool has_suffix(const std::string& name, const std::string& suffix) {
              0;
 }
 
-std::string torch_size(c10::IntArrayRef sizes) {
-  std::string out = "torch.Size([";
-  for (std::size_t i = 0; i < sizes.size(); ++i) {
-    out += (i == 0 ? "" : ", ") + std::to_string(sizes[i]);
-  }
-  return out + "])";
-}
-
-std::string quoted_list(
-    const std::vector<std::string>& keys, const char* separator) {
-  std::string out;
-  for (std::size_t i = 0; i < keys.size(); ++i) {
-    out += (i == 0 ? "\"" : std::string(separator) + "\"") + keys[i] + "\"";
-  }
-  return out;
-}
+using detail::quoted_list;
+using detail::torch_size;
 
 using detail::KeyFilter;
 

@@ -16,6 +16,15 @@ std::int64_t volume(const Shape& shape) {
   return n;
 }
 
+ViewKey view_key(const at::Tensor& tensor) {
+  return {
+      tensor.storage().data_ptr().get(),
+      tensor.storage_offset(),
+      tensor.sizes().vec(),
+      tensor.strides().vec(),
+      tensor.scalar_type()};
+}
+
 void for_each_block(
     const at::Tensor& local,
     const Shape& full,

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <functional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include <ATen/core/Tensor.h>
@@ -70,6 +71,13 @@ TORCHSER_API void for_each_chunk(
     std::uint64_t max_bytes,
     const std::function<void(const at::Tensor& part, std::uint64_t offset)>&
         part);
+
+/// What makes two local tensors of a distributed state dict one (tied): the
+/// same view of one storage. Other views of one buffer (a flat parameter)
+/// are separate tensors.
+using ViewKey =
+    std::tuple<const void*, std::int64_t, Shape, Shape, c10::ScalarType>;
+TORCHSER_API ViewKey view_key(const at::Tensor& tensor);
 
 /// Elements of `shape`; ValueError when negative or past 2^63 − 1.
 TORCHSER_API std::int64_t volume(const Shape& shape);
