@@ -7,7 +7,7 @@ set -euo pipefail
 
 packages=(
   g++ cmake ninja-build pkg-config ccache
-  libtorch-dev nlohmann-json3-dev libzip-dev libisal-dev libcli11-dev libssl-dev libgloo-dev
+  libtorch-dev nlohmann-json3-dev libzip-dev libisal-dev libcli11-dev libssl-dev libgloo-dev liburing-dev
   libgtest-dev libgmock-dev
   "$@"
 )

@@ -56,7 +56,8 @@ TEST(CudaTest, SafetensorsLoadOntoTheGpuWithBothBackends) {
   TempDir dir;
   const StateDict sd = sample();
   save_file(sd, dir.path() / "m.safetensors");
-  for (const auto backend : {LoadBackend::kMmap, LoadBackend::kPread}) {
+  for (const auto backend :
+       {LoadBackend::kMmap, LoadBackend::kPread, LoadBackend::kDirect}) {
     expect_same_on_cuda(
         load_file(
             dir.path() / "m.safetensors",

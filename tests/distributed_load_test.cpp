@@ -123,6 +123,42 @@ TEST_F(
   }
 }
 
+// The cold-cache reader in a resharding load: each rank's runs through
+// O_DIRECT reads (whole 4 KiB blocks, touching runs merged), into the same
+// values, both formats, saved and loaded by different world sizes.
+TEST_F(DistributedLoadTest, TheColdReaderFillsEveryRanksPieces) {
+  for (const bool bin : {false, true}) {
+    std::vector<std::string> args = {"--max-shard-size", "600"};
+    if (bin) {
+      args.push_back("--bin");
+    }
+    const fs::path checkpoint = saved("mixed", 2, args);
+    for (const int loader : {1, 3}) {
+      SCOPED_TRACE(
+          std::string(bin ? ".bin" : "safetensors") + ", loaded by " +
+          std::to_string(loader));
+      std::vector<std::string> load_args = {"--load", "--strict", "--direct"};
+      if (bin) {
+        load_args.push_back("--bin");
+      }
+      const auto runs = run_ranks(
+          "mixed", checkpoint, loader, [&](int) { return load_args; });
+      for (const RankRun& run : runs) {
+        ASSERT_EQ(run.status, 0) << describe_runs(runs);
+        const Loaded l = loaded_of(run);
+        EXPECT_EQ(l.bytes_read, l.piece_bytes) << run.output;
+      }
+    }
+  }
+  const fs::path big = saved("big", 0, {"--max-shard-size", "2MB"});
+  const auto runs = run_ranks("big", big, 2, [&](int) {
+    return std::vector<std::string>{"--load", "--strict", "--direct"};
+  });
+  for (const RankRun& run : runs) {
+    ASSERT_EQ(run.status, 0) << describe_runs(runs);
+  }
+}
+
 // The kernel's count of bytes each rank read (rchar: every read and pread,
 // the collectives' socket reads and the headers included) against its
 // share: its row and column pieces and the replicated tensor.

@@ -317,7 +317,8 @@ TEST(FaultInjectionTest, ConcurrentLoadsNeverSeeAPartialCheckpoint) {
     for (const auto start = std::chrono::steady_clock::now();
          std::chrono::steady_clock::now() - start < std::chrono::seconds(2);) {
       Twelve model;
-      for (const auto backend : {LoadBackend::kMmap, LoadBackend::kPread}) {
+      for (const auto backend :
+           {LoadBackend::kMmap, LoadBackend::kPread, LoadBackend::kDirect}) {
         const auto result = load_torch_model(
             model,
             dir.path(),

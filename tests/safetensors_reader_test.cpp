@@ -268,7 +268,8 @@ TEST_P(SafetensorsBadFileTest, FileIsRejectedWithItsRule) {
   torchser::testing::TempDir dir;
   const auto path = dir / "bad.safetensors";
   write_bytes(path, bad.bytes);
-  for (const auto backend : {LoadBackend::kMmap, LoadBackend::kPread}) {
+  for (const auto backend :
+       {LoadBackend::kMmap, LoadBackend::kPread, LoadBackend::kDirect}) {
     try {
       SafeOpen file(path, SafeOpenOptions().backend(backend));
       ADD_FAILURE() << "accepted";
@@ -447,7 +448,8 @@ TEST_P(OfficialSamplesTest, UnsignedWideDtypesNeedNewerLibTorch) {
 INSTANTIATE_TEST_SUITE_P(
     Backends,
     OfficialSamplesTest,
-    ::testing::Values(LoadBackend::kMmap, LoadBackend::kPread));
+    ::testing::Values(
+        LoadBackend::kMmap, LoadBackend::kPread, LoadBackend::kDirect));
 
 // ---------------------------------------------------------------------------
 // Round trips, zero copy, slices.
@@ -543,7 +545,8 @@ TEST_P(SafetensorsRoundTripTest, SlicesOnLeadingDimensions) {
 INSTANTIATE_TEST_SUITE_P(
     Backends,
     SafetensorsRoundTripTest,
-    ::testing::Values(LoadBackend::kMmap, LoadBackend::kPread));
+    ::testing::Values(
+        LoadBackend::kMmap, LoadBackend::kPread, LoadBackend::kDirect));
 
 TEST(SafetensorsZeroCopyTest, MmapTensorsAreViewsOfOneMapping) {
   torchser::testing::TempDir dir;

@@ -27,6 +27,7 @@
 
 #include "torchser/detail/checkpoint_dir.h"
 #include "torchser/detail/collectives.h"
+#include "torchser/detail/direct_io.h"
 #include "torchser/detail/file.h"
 #include "torchser/detail/key_filter.h"
 #include "torchser/detail/load_messages.h"
@@ -61,8 +62,14 @@ bool takes_file_bytes(const at::Tensor& t, at::ScalarType dtype) {
 // Reads the byte runs of pieces of one file's row-major tensors.
 class PieceReader {
  public:
-  PieceReader(std::filesystem::path path)
-      : path_(std::move(path)), file_(detail::File::open_read(path_)) {}
+  // `direct`: the runs that take the file's bytes go through the cold-cache
+  // reader (LoadBackend::kDirect), all of a piece's runs in one pass.
+  PieceReader(std::filesystem::path path, bool direct)
+      : path_(std::move(path)), file_(detail::File::open_read(path_)) {
+    if (direct) {
+      direct_ = std::make_unique<detail::DirectFile>(path_, path_.string());
+    }
+  }
 
   // `local`'s elements from `offsets` of a row-major tensor of shape `full`
   // and dtype `dtype` whose first element is at `base` in the file: each
@@ -76,6 +83,7 @@ class PieceReader {
       std::uint64_t base) {
     const std::size_t esize = c10::elementSize(dtype);
     std::uint64_t read = 0;
+    std::vector<detail::DirectFile::Transfer> transfers;
     detail::for_each_block(
         local,
         full,
@@ -85,6 +93,10 @@ class PieceReader {
               base + static_cast<std::uint64_t>(element) * esize;
           read += static_cast<std::uint64_t>(count) * esize;
           if (takes_file_bytes(block, dtype)) {
+            if (direct_) {
+              transfers.push_back({at, block});
+              return;
+            }
             file_.pread_exact(
                 block.data_ptr(), static_cast<std::size_t>(count) * esize, at);
             return;
@@ -107,12 +119,21 @@ class PieceReader {
                     at::TensorOptions().dtype(dtype)));
               });
         });
+    if (!transfers.empty()) {
+      // Only touching runs share a read: a rank reads its share of the
+      // checkpoint, not the other ranks' columns between its own.
+      detail::DirectReadOptions direct;
+      direct.merge_gap = 0;
+      direct_->read_into(
+          transfers, [](std::size_t) {}, direct);
+    }
     return read;
   }
 
  private:
   std::filesystem::path path_;
   detail::File file_;
+  std::unique_ptr<detail::DirectFile> direct_;
   std::unique_ptr<std::uint8_t[]> chunk_;
 };
 
@@ -432,6 +453,7 @@ DistributedLoadResult load_torch_state_dict(
   // 3. Each rank reads its pieces, file by file (and what it reads for the
   // group).
   std::map<std::string, at::Tensor> sources; // read for the group
+  const bool direct = options.backend() == LoadBackend::kDirect;
   detail::run_step(group, "reading the tensors", [&] {
     const c10::AutoGradMode no_grad(false);
     std::uint64_t planned = 0;
@@ -460,7 +482,7 @@ DistributedLoadResult load_torch_state_dict(
           // Read for the group: into the local tensor when it holds the
           // file's bytes as they are, else into a copy that is broadcast.
           if (!reader) {
-            reader.emplace(plan.paths[f]);
+            reader.emplace(plan.paths[f], direct);
           }
           at::Tensor source =
               takes_file_bytes(local, t.dtype)
@@ -483,7 +505,7 @@ DistributedLoadResult load_torch_state_dict(
         std::uint64_t bytes = 0;
         if (t.offset.has_value()) {
           if (!reader) {
-            reader.emplace(plan.paths[f]);
+            reader.emplace(plan.paths[f], direct);
           }
           bytes = reader->read(local, t.full, t.offsets, t.dtype, *t.offset);
         } else {

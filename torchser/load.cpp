@@ -115,6 +115,9 @@ struct Shape {
 
 using Visitor = std::function<void(
     const std::string& file, const std::string& key, const at::Tensor& value)>;
+// The module tensor a checkpoint key's values go to (undefined: none), so
+// that a reader can put the bytes straight there.
+using TargetOf = std::function<at::Tensor(const std::string& key)>;
 
 // What a load reads: checkpoint tensors by name, in one or more files (or
 // in memory). Headers come before values, so that nothing is copied unless
@@ -140,8 +143,11 @@ class Source {
   /// The recorded CRC-32Cs of `wanted` (after shapes()), when asked for.
   virtual void check_checksums(const std::set<std::string>& /*wanted*/) {}
   /// Each of `wanted` once; mapped pages are dropped after `visit` returns.
+  /// `value` may be the target itself, already filled (kDirect).
   virtual void for_each(
-      const std::set<std::string>& wanted, const Visitor& visit) = 0;
+      const std::set<std::string>& wanted,
+      const TargetOf& target_of,
+      const Visitor& visit) = 0;
 };
 
 class MemorySource final : public Source {
@@ -164,7 +170,9 @@ class MemorySource final : public Source {
     return out;
   }
   void for_each(
-      const std::set<std::string>& wanted, const Visitor& visit) override {
+      const std::set<std::string>& wanted,
+      const TargetOf& /*target_of*/,
+      const Visitor& visit) override {
     for (const auto& item : state_dict_) {
       if (wanted.count(item.key()) != 0) {
         visit("", item.key(), item.value());
@@ -186,18 +194,26 @@ Shape shape_of(const detail::TensorEntry& entry) {
   return Shape{entry.shape, entry.nbytes};
 }
 
-// Each wanted tensor of one file, in file order.
+// Each wanted tensor of one file, in the reader's order (file order, or as
+// kDirect's reads complete).
 void visit_file(
     const detail::TensorFile& file,
     const std::set<std::string>& wanted,
     const std::string& name,
+    const TargetOf& target_of,
     const Visitor& visit) {
+  std::vector<std::string> names;
+  std::vector<at::Tensor> targets;
   for (const detail::TensorEntry& entry : file.entries()) {
     if (wanted.count(entry.name) != 0) {
-      visit(name, entry.name, file.get(entry.name));
-      file.release(entry.name);
+      names.push_back(entry.name);
+      targets.push_back(target_of(entry.name));
     }
   }
+  file.read_into(
+      names, targets, [&](const std::string& key, const at::Tensor& value) {
+        visit(name, key, value);
+      });
 }
 
 class FileSource final : public Source {
@@ -238,11 +254,14 @@ class FileSource final : public Source {
     }
   }
   void for_each(
-      const std::set<std::string>& wanted, const Visitor& visit) override {
+      const std::set<std::string>& wanted,
+      const TargetOf& target_of,
+      const Visitor& visit) override {
     visit_file(
         file_,
         wanted,
         std::filesystem::path(file_.display_name()).filename(),
+        target_of,
         visit);
   }
 
@@ -321,9 +340,12 @@ class ShardedSource final : public Source {
     }
   }
   void for_each(
-      const std::set<std::string>& wanted, const Visitor& visit) override {
+      const std::set<std::string>& wanted,
+      const TargetOf& target_of,
+      const Visitor& visit) override {
     for (std::size_t i = 0; i < files_.size(); ++i) {
-      visit_file(*files_[i], wanted_in(i, wanted), opened_[i].first, visit);
+      visit_file(
+          *files_[i], wanted_in(i, wanted), opened_[i].first, target_of, visit);
       files_[i].reset(); // unmapped as soon as its values are in
     }
   }
@@ -522,10 +544,13 @@ LoadResult load_into(
       result.dtype_changes.push_back(
           DtypeChange{module_key, value.scalar_type(), target.scalar_type()});
     }
-    target.copy_(value);
+    if (!target.is_same(value)) {
+      target.copy_(value);
+    }
   };
   source.for_each(
       wanted,
+      [&](const std::string& key) { return targets[module_of.at(key)]; },
       [&](const std::string& file,
           const std::string& key,
           const at::Tensor& value) {
@@ -660,6 +685,8 @@ StateDict load_state_dict_from_file(
     bytes_total += nbytes[item.first];
     read.insert(item.first);
   }
+  // kDirect reads them all now, many reads in flight; the others on get().
+  file->prefetch(std::vector<std::string>(read.begin(), read.end()));
   if (options.verify_checksums() && !read.empty()) {
     detail::check_checksums(*file, read);
   }

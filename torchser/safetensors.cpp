@@ -17,6 +17,7 @@
 #include <torchser/constants.h>
 
 #include "torchser/detail/checksum.h"
+#include "torchser/detail/direct_io.h"
 #include "torchser/detail/file.h"
 #include "torchser/detail/safetensors_format.h"
 #include "torchser/detail/torch_version.h"
@@ -371,6 +372,7 @@ namespace {
 struct ByteSource {
   std::shared_ptr<const detail::MappedFile> mapping; // kMmap
   const detail::File* file = nullptr;                // kPread
+  const detail::DirectFile* direct = nullptr;        // kDirect (and `file`)
   const std::uint8_t* buffer = nullptr;              // load(bytes)
 
   // Copies `size` bytes at absolute `offset` into `out`.
@@ -465,6 +467,16 @@ at::Tensor make_tensor(
           options);
     }
   }
+  if (bytes.direct != nullptr && nbytes > 0 &&
+      (device.is_cpu() || device.is_cuda())) {
+    if (device.is_cuda() && !at::hasCUDA()) {
+      throw ValueError(
+          "Device " + device.str() +
+          " was requested, but this LibTorch build has no CUDA support.");
+    }
+    return detail::read_tensors(
+        *bytes.direct, {detail::TensorSpec{offset, shape, dtype}}, device)[0];
+  }
   at::Tensor host = at::empty(shape, options);
   bytes.copy(host.data_ptr(), static_cast<std::size_t>(nbytes), offset);
   return to_device(host, device);
@@ -479,6 +491,7 @@ struct SafeOpen::State {
   detail::File file;
   detail::ParsedHeader header;
   ByteSource bytes;
+  std::unique_ptr<detail::DirectFile> direct;
 };
 
 SafeOpen::SafeOpen(
@@ -538,6 +551,10 @@ SafeOpen::SafeOpen(
   s.header = detail::parse_header(header, size, s.source);
   s.header.data_start += offset;
   s.bytes.file = &s.file;
+  if (options.backend() == LoadBackend::kDirect) {
+    s.direct = std::make_unique<detail::DirectFile>(path, path.string());
+    s.bytes.direct = s.direct.get();
+  }
 }
 
 SafeOpen::~SafeOpen() = default;

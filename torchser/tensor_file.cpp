@@ -17,7 +17,9 @@
 #include <torchser/storage.h>
 
 #include <ATen/Context.h>
+#include <ATen/ops/empty.h>
 
+#include "torchser/detail/direct_io.h"
 #include "torchser/detail/file.h"
 #include "torchser/detail/torch_load_layout.h"
 #include "torchser/detail/zip.h"
@@ -30,6 +32,18 @@ const char* format_name(TensorFormat format) {
 }
 
 TensorFile::~TensorFile() = default;
+
+void TensorFile::prefetch(const std::vector<std::string>& /*names*/) const {}
+
+void TensorFile::read_into(
+    const std::vector<std::string>& names,
+    const std::vector<at::Tensor>& /*targets*/,
+    const IntoVisitor& visit) const {
+  for (const std::string& name : names) {
+    visit(name, get(name));
+    release(name);
+  }
+}
 
 void TensorFile::check_format_metadata() const {
   if (format_ != TensorFormat::kSafetensors || !metadata_.has_value()) {
@@ -160,15 +174,60 @@ Selected select_state_dict(
   return out;
 }
 
+// kDirect's read_into: the tensors whose bytes can go straight into their
+// targets stream through the reader's ring; the rest are get() as usual.
+// `spec_of` says where a tensor's row-major bytes lie (nullopt: not
+// contiguous in the file).
+void read_into_direct(
+    const TensorFile& file,
+    const DirectFile& direct,
+    const std::vector<std::string>& names,
+    const std::vector<at::Tensor>& targets,
+    const TensorFile::IntoVisitor& visit,
+    const std::function<std::optional<TensorSpec>(const std::string&)>&
+        spec_of) {
+  std::vector<DirectFile::Transfer> transfers;
+  std::vector<std::size_t> streamed; // into names, per transfer
+  std::vector<std::size_t> rest;
+  for (std::size_t i = 0; i < names.size(); ++i) {
+    const at::Tensor* target = i < targets.size() ? &targets[i] : nullptr;
+    std::optional<TensorSpec> spec;
+    if (target != nullptr && target->defined() && target->is_contiguous() &&
+        (target->is_cpu() || target->is_cuda())) {
+      spec = spec_of(names[i]);
+    }
+    if (spec.has_value() && spec->dtype == target->scalar_type() &&
+        target->sizes() == c10::IntArrayRef(spec->sizes)) {
+      transfers.push_back({spec->offset, *target});
+      streamed.push_back(i);
+    } else {
+      rest.push_back(i);
+    }
+  }
+  direct.read_into(transfers, [&](std::size_t k) {
+    visit(names[streamed[k]], targets[streamed[k]]);
+  });
+  for (const std::size_t i : rest) {
+    visit(names[i], file.get(names[i]));
+    file.release(names[i]);
+  }
+}
+
 class SafetensorsFile final : public TensorFile {
  public:
-  SafetensorsFile(SafeOpen file, std::string display, std::string note)
-      : file_(std::move(file)) {
+  SafetensorsFile(
+      SafeOpen file,
+      std::string display,
+      std::string note,
+      bool direct,
+      c10::Device device)
+      : file_(std::move(file)), direct_(direct), device_(device) {
     format_ = TensorFormat::kSafetensors;
     display_ = std::move(display);
     note_ = std::move(note);
     entries_.reserve(file_.tensors().size());
     for (const auto& info : file_.tensors()) {
+      position_.emplace(info.name, position_.size());
       entries_.push_back(
           {info.name,
            safetensors_dtype_name(info.dtype),
@@ -182,7 +241,38 @@ class SafetensorsFile final : public TensorFile {
     }
   }
   at::Tensor get(const std::string& name) const override {
-    return file_.get_tensor(name);
+    const auto it = prefetched_.find(name);
+    return it != prefetched_.end() ? it->second : file_.get_tensor(name);
+  }
+  void prefetch(const std::vector<std::string>& names) const override {
+    if (!direct_) {
+      return;
+    }
+    std::vector<std::string> read;
+    std::vector<TensorSpec> specs;
+    for (const std::string& name : names) {
+      if (auto spec = spec_of(name)) {
+        read.push_back(name);
+        specs.push_back(std::move(*spec));
+      }
+    }
+    std::vector<at::Tensor> tensors = read_tensors(reader(), specs, device_);
+    for (std::size_t i = 0; i < read.size(); ++i) {
+      prefetched_[read[i]] = std::move(tensors[i]);
+    }
+  }
+  void read_into(
+      const std::vector<std::string>& names,
+      const std::vector<at::Tensor>& targets,
+      const IntoVisitor& visit) const override {
+    if (!direct_) {
+      TensorFile::read_into(names, targets, visit);
+      return;
+    }
+    read_into_direct(
+        *this, reader(), names, targets, visit, [&](const std::string& name) {
+          return spec_of(name);
+        });
   }
   std::optional<std::uint64_t> file_offset(
       const std::string& name) const override {
@@ -194,11 +284,45 @@ class SafetensorsFile final : public TensorFile {
     throw KeyError("'" + display_ + "' holds no tensor '" + name + "'.");
   }
   void release(const std::string& name) const override {
+    prefetched_.erase(name);
+    prefetched_.erase(name);
     file_.release_pages(name);
   }
 
  private:
+  const DirectFile& reader() const {
+    if (!reader_) {
+      reader_ = std::make_unique<DirectFile>(file_.path(), display_);
+    }
+    return *reader_;
+  }
+  // Where the tensor's bytes lie, when LibTorch holds them as they are
+  // (packed F4 and dtypes this build lacks go through get()).
+  std::optional<TensorSpec> spec_of(const std::string& name) const {
+    const auto position = position_.find(name);
+    if (position == position_.end()) {
+      throw KeyError("'" + display_ + "' holds no tensor '" + name + "'.");
+    }
+    const SafetensorsTensorInfo& info = file_.tensors()[position->second];
+    if (info.dtype == SafetensorsDtype::kF4) {
+      return std::nullopt; // packed in pairs: get() gives LibTorch's shape
+    }
+    try {
+      return TensorSpec{
+          file_.data_offset() + info.begin,
+          info.shape,
+          to_torch_dtype(info.dtype)};
+    } catch (const SafetensorError&) {
+      return std::nullopt;
+    }
+  }
+
   SafeOpen file_;
+  bool direct_;
+  c10::Device device_;
+  std::unordered_map<std::string, std::size_t> position_;
+  mutable std::unique_ptr<DirectFile> reader_;
+  mutable std::unordered_map<std::string, at::Tensor> prefetched_;
 };
 
 class PickleFile final : public TensorFile {
@@ -211,11 +335,15 @@ class PickleFile final : public TensorFile {
       std::string selection,
       bool ambiguous,
       fs::path path,
-      std::optional<std::string> key)
+      std::optional<std::string> key,
+      bool direct,
+      c10::Device device)
       : tensors_(std::move(tensors)),
         mapped_(mapped),
         path_(std::move(path)),
-        key_(std::move(key)) {
+        key_(std::move(key)),
+        direct_(direct),
+        device_(device) {
     selection_ = std::move(selection);
     ambiguous_ = ambiguous;
     format_ = TensorFormat::kPickle;
@@ -245,18 +373,48 @@ class PickleFile final : public TensorFile {
     if (t == nullptr) {
       throw KeyError("'" + display_ + "' holds no tensor '" + name + "'.");
     }
-    return *t;
+    if (!direct_) {
+      return *t;
+    }
+    const auto it = prefetched_.find(name);
+    return it != prefetched_.end() ? it->second : read_direct({name}).front();
+  }
+  void prefetch(const std::vector<std::string>& names) const override {
+    if (!direct_) {
+      return;
+    }
+    std::vector<at::Tensor> tensors = read_direct(names);
+    for (std::size_t i = 0; i < names.size(); ++i) {
+      prefetched_[names[i]] = std::move(tensors[i]);
+    }
+  }
+  void read_into(
+      const std::vector<std::string>& names,
+      const std::vector<at::Tensor>& targets,
+      const IntoVisitor& visit) const override {
+    if (!direct_) {
+      TensorFile::read_into(names, targets, visit);
+      return;
+    }
+    read_into_direct(
+        *this,
+        reader(),
+        names,
+        targets,
+        visit,
+        [&](const std::string& name) -> std::optional<TensorSpec> {
+          const std::optional<std::uint64_t> offset = file_offset(name);
+          if (!offset.has_value()) {
+            return std::nullopt;
+          }
+          const at::Tensor& t = *layout().find(name);
+          return TensorSpec{*offset, t.sizes().vec(), t.scalar_type()};
+        });
   }
   std::optional<std::uint64_t> file_offset(
       const std::string& name) const override {
-    get(name); // KeyError for an unknown name
-    if (!layout_.has_value()) {
-      // The same pickle again, over stand-in storages that say where each
-      // record lies (nothing else is read), and the same dict chosen.
-      layout_ =
-          select_state_dict(torch_load_layout(path_), key_, display_).tensors;
-    }
-    const at::Tensor* t = layout_->find(name);
+    get_entry(name); // KeyError for an unknown name
+    const at::Tensor* t = layout().find(name);
     if (t == nullptr || !t->is_contiguous()) {
       return std::nullopt;
     }
@@ -287,6 +445,70 @@ class PickleFile final : public TensorFile {
   }
 
  private:
+  const at::Tensor& get_entry(const std::string& name) const {
+    const at::Tensor* t = tensors_.find(name);
+    if (t == nullptr) {
+      throw KeyError("'" + display_ + "' holds no tensor '" + name + "'.");
+    }
+    return *t;
+  }
+  const StateDict& layout() const {
+    if (!layout_.has_value()) {
+      // The same pickle again, over stand-in storages that say where each
+      // record lies (nothing else is read), and the same dict chosen.
+      layout_ =
+          select_state_dict(torch_load_layout(path_), key_, display_).tensors;
+    }
+    return *layout_;
+  }
+  const DirectFile& reader() const {
+    if (!reader_) {
+      reader_ = std::make_unique<DirectFile>(path_, display_);
+    }
+    return *reader_;
+  }
+  // `names` read with kDirect: one read per storage record, so that tensors
+  // sharing a storage in the file share one here too.
+  std::vector<at::Tensor> read_direct(
+      const std::vector<std::string>& names) const {
+    std::map<std::pair<std::uint64_t, at::ScalarType>, std::size_t> record_of;
+    std::vector<TensorSpec> specs;
+    std::vector<std::size_t> which(names.size(), SIZE_MAX);
+    for (std::size_t i = 0; i < names.size(); ++i) {
+      get_entry(names[i]);
+      const at::Tensor& t = *layout().find(names[i]);
+      const std::size_t element = t.element_size();
+      const std::uint64_t nbytes = t.storage().nbytes();
+      if (t.numel() == 0 || nbytes == 0) {
+        continue;
+      }
+      const std::uint64_t start =
+          reinterpret_cast<std::uintptr_t>(t.data_ptr()) - kLayoutBase -
+          static_cast<std::uint64_t>(t.storage_offset()) * element;
+      const auto key = std::make_pair(start, t.scalar_type());
+      const auto [it, fresh] = record_of.emplace(key, specs.size());
+      if (fresh) {
+        specs.push_back(TensorSpec{
+            start,
+            {static_cast<std::int64_t>(nbytes / element)},
+            t.scalar_type()});
+      }
+      which[i] = it->second;
+    }
+    const std::vector<at::Tensor> bases =
+        read_tensors(reader(), specs, device_);
+    std::vector<at::Tensor> out;
+    out.reserve(names.size());
+    for (std::size_t i = 0; i < names.size(); ++i) {
+      const at::Tensor& t = *layout().find(names[i]);
+      out.push_back(
+          which[i] == SIZE_MAX
+              ? at::empty(t.sizes(), t.options().device(device_))
+              : bases[which[i]].as_strided(
+                    t.sizes(), t.strides(), t.storage_offset()));
+    }
+    return out;
+  }
   std::string storage_of(const std::string& name) const {
     const auto it = storage_of_.find(name);
     return it == storage_of_.end() ? "" : it->second;
@@ -300,6 +522,10 @@ class PickleFile final : public TensorFile {
   std::unordered_map<std::string, std::string>
       last_user_; // storage → its last tensor
   std::unordered_map<std::string, std::string> storage_of_; // tensor → storage
+  bool direct_;
+  c10::Device device_;
+  mutable std::unique_ptr<DirectFile> reader_;
+  mutable std::unordered_map<std::string, at::Tensor> prefetched_;
 };
 
 } // namespace
@@ -360,7 +586,9 @@ std::unique_ptr<TensorFile> open_tensor_file(
         SafeOpen(
             path, SafeOpenOptions().device(device).backend(options.backend)),
         path.string(),
-        std::move(note));
+        std::move(note),
+        options.backend == LoadBackend::kDirect,
+        device);
   }
   if (options.device.has_value() && options.device->is_cuda() &&
       !at::hasCUDA()) {
@@ -368,23 +596,30 @@ std::unique_ptr<TensorFile> open_tensor_file(
         "Device " + options.device->str() + " was requested for '" +
         path.string() + "', but this LibTorch build has no CUDA support.");
   }
+  // kDirect maps the archive for its entries (nothing of the records is
+  // read) and reads the records it is asked for itself.
+  const bool direct = options.backend == LoadBackend::kDirect;
   Selected selected = select_state_dict(
       torch_load(
           path,
           TorchLoadOptions()
-              .mmap(options.backend == LoadBackend::kMmap)
-              .map_location(options.device)),
+              .mmap(options.backend == LoadBackend::kMmap || direct)
+              .map_location(direct ? std::nullopt : options.device)),
       options.key,
       path.string());
+  c10::Device device = options.device.value_or(c10::Device(c10::kCPU));
   return std::make_unique<PickleFile>(
       std::move(selected.tensors),
       path.string(),
       std::move(note),
-      options.backend == LoadBackend::kMmap && !options.device.has_value(),
+      (options.backend == LoadBackend::kMmap || direct) &&
+          !(options.device.has_value() && !direct),
       std::move(selected.selection),
       selected.ambiguous,
       path,
-      options.key);
+      options.key,
+      direct,
+      device.is_meta() ? c10::Device(c10::kCPU) : device);
 }
 
 std::unique_ptr<TensorFile> open_tensor_file(
@@ -403,7 +638,9 @@ std::unique_ptr<TensorFile> open_tensor_file(
               .device(device.is_meta() ? c10::Device(c10::kCPU) : device)
               .backend(options.backend)),
       display,
-      "");
+      "",
+      options.backend == LoadBackend::kDirect,
+      device.is_meta() ? c10::Device(c10::kCPU) : device);
 }
 
 namespace {

@@ -81,8 +81,11 @@ struct TORCHSER_API DistributedLoadResult {
 /// Options as `load_torch_model`: `strict`, `safe`, `filename_pattern`,
 /// `key_mapping`, `prefixes`, `ignore_keys`, `progress` (this rank's
 /// bytes). `map_location` and `dtype` are refused (ValueError): the local
-/// tensors decide. `backend` does not apply (reads are positional), nor
-/// does `verify_checksums` (a rank reads slices, not whole tensors).
+/// tensors decide. `backend(kDirect)` reads the pieces with the cold-cache
+/// reader (O_DIRECT, several reads in flight, only touching runs merged, so
+/// a rank still reads only its share; see load_backend.h); any other backend
+/// reads with pread(). `verify_checksums` does not apply (a rank reads
+/// slices, not whole tensors).
 TORCHSER_API DistributedLoadResult load_torch_state_dict(
     DistributedStateDict& state_dict,
     const std::filesystem::path& checkpoint,

@@ -58,10 +58,14 @@ struct TORCHSER_API LoadOptions {
   /// tensors, wherever they are.
   TORCH_ARG(std::optional<c10::Device>, map_location) = std::nullopt;
   /// How files are read, for every format and both functions (the one I/O
-  /// knob): kMmap (the default: tensors of load_state_dict_from_file are
-  /// views of a copy-on-write mapping, and nothing is read until used; the
-  /// files must not be rewritten in place meanwhile) or kPread (copies read
-  /// with pread, for files another process may rewrite; see load_backend.h).
+  /// knob): kMmap (the default, for files the page cache holds: tensors of
+  /// load_state_dict_from_file are views of a copy-on-write mapping, and
+  /// nothing is read until used; the files must not be rewritten in place
+  /// meanwhile), kDirect (for cold files: large O_DIRECT reads, many in
+  /// flight, straight into new tensors, or through a staging ring into the
+  /// module's own tensors, CUDA ones through pinned buffers) or kPread
+  /// (copies read with pread, for files another process may rewrite). See
+  /// load_backend.h for when each is fastest.
   TORCH_ARG(LoadBackend, backend) = LoadBackend::kMmap;
   /// Python's `mmap=` spelling of the same knob: true is kMmap, false kPread.
  public: // TORCH_ARG leaves the struct in private:

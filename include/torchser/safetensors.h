@@ -226,7 +226,9 @@ struct TORCHSER_API SafeOpenOptions {
   /// has CUDA.
   TORCH_ARG(c10::Device, device) = c10::Device(c10::kCPU);
   /// How the bytes are read: a copy-on-write mapping (tensors are views of
-  /// it), or pread into new tensors (for files that may change while open).
+  /// it), pread into new tensors (for files that may change while open), or
+  /// kDirect's O_DIRECT reads into new tensors (cold files; on CUDA through
+  /// pinned buffers). See load_backend.h.
   TORCH_ARG(LoadBackend, backend) = LoadBackend::kMmap;
 };
 

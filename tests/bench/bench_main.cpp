@@ -7,7 +7,7 @@
 //
 // Usage: torchser_bench [--quick] [--only
 // split,safetensors,pickle,model,load,dduf,
-//                       distributed]
+//                       distributed,cold]
 //                       [--dir DIR] [--mib N] [--repeats N] [--max-tensors N]
 //                       [--python-max-tensors N] [--no-python]
 //   --quick   CI mode: 16 MiB workloads, one repeat, planner up to 10k tensors
@@ -37,6 +37,7 @@ const std::vector<std::pair<std::string, std::function<int(const Config&)>>>
         {"load", bench_load_options},
         {"dduf", bench_dduf},
         {"distributed", bench_distributed},
+        {"cold", bench_cold},
 };
 
 int usage(const char* argv0, int code) {
@@ -45,7 +46,7 @@ int usage(const char* argv0, int code) {
       << " [--quick] [--only SECTION[,SECTION...]] [--dir DIR] [--mib N] "
          "[--repeats N]\n"
          "       [--max-tensors N] [--python-max-tensors N] [--no-python]\n"
-         "sections: split safetensors pickle model load dduf distributed "
+         "sections: split safetensors pickle model load dduf distributed cold "
          "(default: "
          "all)\n";
   return code;

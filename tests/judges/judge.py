@@ -407,8 +407,12 @@ def dcp_worker(rank, world, port, directory, mode):
             for v in sd.values():
                 v.to_local().zero_()
             dcp.load(sd, storage_reader=HuggingFaceStorageReader(directory))
+            local = {k: describe(v.to_local()) for k, v in sd.items()}
+            # Every rank's pieces, for the resharding judge.
+            locals_ = [None] * world
+            dist.all_gather_object(locals_, local)
             result = {"tensors": describe_all({k: v.full_tensor() for k, v in sd.items()}),
-                      "local": {k: describe(v.to_local()) for k, v in sd.items()}}
+                      "local": local, "locals": locals_}
         dist.barrier()
         if rank == 0:
             emit(dict(result, versions=versions(), world_size=world))

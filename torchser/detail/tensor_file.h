@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -102,6 +103,22 @@ class TORCHSER_API TensorFile {
   /// Drops this process's mapped pages of `name` once copied, so that a
   /// loop over a file keeps resident memory near one tensor; a hint.
   virtual void release(const std::string& name) const = 0;
+  /// Reads `names` now, with many reads in flight, for the get() calls that
+  /// follow (kDirect); a no-op for the backends whose get() reads on
+  /// demand. release() drops what was read.
+  virtual void prefetch(const std::vector<std::string>& names) const;
+  /// Called with each tensor's values: `value` is the target itself when
+  /// the bytes were read into it, else the file's tensor (to be copied).
+  using IntoVisitor =
+      std::function<void(const std::string& name, const at::Tensor& value)>;
+  /// Each of `names`, in an order of the reader's choosing: kDirect reads
+  /// the file's bytes straight into `targets[i]` (defined, contiguous, of
+  /// the file's dtype and shape, on CPU or CUDA) through its staging ring;
+  /// every other tensor is get() and then released after `visit` returns.
+  virtual void read_into(
+      const std::vector<std::string>& names,
+      const std::vector<at::Tensor>& targets,
+      const IntoVisitor& visit) const;
   /// The reference's check before loading a safetensors file: metadata, when
   /// there is any, says format "pt" or "mlx"; OSError naming the file
   /// otherwise.
