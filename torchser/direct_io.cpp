@@ -411,6 +411,7 @@ void DirectFile::run(
     unsigned depth,
     const std::function<bool(Read&)>& next,
     const std::function<void(const Read&)>& finished) const {
+  depth = std::max(depth, 1u);
   std::unique_ptr<Queue> queue;
 #ifdef TORCHSER_HAVE_IO_URING
   if (engine_ == IoEngine::kIoUring) {
@@ -601,7 +602,7 @@ std::vector<at::Tensor> DirectFile::read_regions(
   std::vector<Read> reads;
   run(
       reads,
-      depth,
+      static_cast<unsigned>(std::min<std::size_t>(depth, planned.size())),
       [&](Read& r) {
         if (next == planned.size()) {
           return false;
@@ -728,8 +729,39 @@ void DirectFile::read_into(
     copied[tag].clear();
   };
 
+  // What each block holds for whom: one sweep over both sorted lists (a
+  // transfer stays active from its first block to its last).
+  struct Piece {
+    std::size_t transfer;
+    std::uint64_t from; // in the file
+    std::uint64_t to;
+  };
+  std::vector<std::vector<Piece>> pieces(blocks.size());
+  {
+    std::vector<std::size_t> active;
+    std::size_t k = 0;
+    for (std::size_t b = 0; b < blocks.size(); ++b) {
+      while (k < order.size() && transfers[order[k]].offset < blocks[b].end) {
+        active.push_back(order[k++]);
+      }
+      std::vector<std::size_t> still;
+      for (const std::size_t i : active) {
+        const std::uint64_t end = transfers[i].offset + left[i];
+        const std::uint64_t from =
+            std::max(transfers[i].offset, blocks[b].begin);
+        const std::uint64_t to = std::min(end, blocks[b].end);
+        if (from < to) {
+          pieces[b].push_back({i, from, to});
+        }
+        if (end > blocks[b].end) {
+          still.push_back(i);
+        }
+      }
+      active.swap(still);
+    }
+  }
+
   std::size_t next_block = 0;
-  std::size_t first_open = 0; // into order: the first transfer not yet done
   std::vector<Read> reads;
   struct WaitAll {
     std::function<void()> f;
@@ -746,7 +778,7 @@ void DirectFile::read_into(
   }};
   run(
       reads,
-      depth,
+      static_cast<unsigned>(std::min<std::size_t>(depth, blocks.size())),
       [&](Read& r) {
         if (next_block == blocks.size()) {
           return false;
@@ -766,24 +798,12 @@ void DirectFile::read_into(
       [&](const Read& r) {
         const auto tag = static_cast<unsigned>(&r - reads.data());
         const Block& b = blocks[r.id];
-        // The transfers this block touches: from the first still open.
-        while (first_open < order.size() && left[order[first_open]] == 0) {
-          ++first_open;
-        }
         std::vector<c10::Device> devices;
-        for (std::size_t k = first_open; k < order.size(); ++k) {
-          const std::size_t i = order[k];
+        for (const Piece& piece : pieces[r.id]) {
+          const std::size_t i = piece.transfer;
           const Transfer& t = transfers[i];
-          if (t.offset >= b.end) {
-            break;
-          }
-          const std::uint64_t end =
-              t.offset + static_cast<std::uint64_t>(t.dest.nbytes());
-          const std::uint64_t from = std::max(t.offset, b.begin);
-          const std::uint64_t to = std::min(end, b.end);
-          if (from >= to) {
-            continue;
-          }
+          const std::uint64_t from = piece.from;
+          const std::uint64_t to = piece.to;
           const std::uint8_t* src = r.dest + (from - b.begin);
           const std::size_t n = static_cast<std::size_t>(to - from);
           auto* dst =

@@ -7,7 +7,7 @@
 //
 // Usage: torchser_bench [--quick] [--only
 // split,safetensors,pickle,model,load,dduf,
-//                       distributed,cold]
+//                       distributed,cold,gpu]
 //                       [--dir DIR] [--mib N] [--repeats N] [--max-tensors N]
 //                       [--python-max-tensors N] [--no-python]
 //   --quick   CI mode: 16 MiB workloads, one repeat, planner up to 10k tensors
@@ -38,6 +38,7 @@ const std::vector<std::pair<std::string, std::function<int(const Config&)>>>
         {"dduf", bench_dduf},
         {"distributed", bench_distributed},
         {"cold", bench_cold},
+        {"gpu", bench_gpu},
 };
 
 int usage(const char* argv0, int code) {
@@ -47,6 +48,7 @@ int usage(const char* argv0, int code) {
          "[--repeats N]\n"
          "       [--max-tensors N] [--python-max-tensors N] [--no-python]\n"
          "sections: split safetensors pickle model load dduf distributed cold "
+         "gpu "
          "(default: "
          "all)\n";
   return code;

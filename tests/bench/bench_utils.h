@@ -274,6 +274,7 @@ int bench_load_options(const Config& config);
 int bench_dduf(const Config& config);
 int bench_distributed(const Config& config);
 int bench_cold(const Config& config);
+int bench_gpu(const Config& config);
 /// The rank processes bench_distributed starts (`--dist-rank ...`).
 int bench_distributed_rank(int argc, char** argv);
 

@@ -11,7 +11,9 @@
 # tests run instead of skipping: map_location / device loads, GPU modules),
 # shows the CUDA and Python interop tests' output (the real packages read
 # torchser's checkpoints and write the ones torchser loads, both formats),
-# and runs the demo. The log lands in $OUT/check.log.
+# measures loads onto the GPU through kDirect's pinned ring against the
+# pinned host-to-device bandwidth (torchser_bench --only gpu), and runs the
+# demo. The log lands in $OUT/check.log.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 out=${OUT:-/tmp/torchser-device-check}
@@ -60,6 +62,10 @@ ctest --test-dir build-device -j 8 --output-on-failure || status=1
 
 step "CUDA and interop tests, verbose"
 build-device/tests/torchser_tests --gtest_filter='CudaTest.*:InteropTest.*:SafetensorsReaderTest.Cuda*' || status=1
+
+step "GPU loads through kDirect's pinned ring against pinned host-to-device copies"
+build-device/tests/torchser_tests --gtest_filter='DirectLoadTest.Cuda*' || status=1
+build-device/tests/bench/torchser_bench --only gpu,cold --repeats 5 --no-python || status=1
 
 step "demo"
 build-device/examples/torchser_demo || status=1

@@ -7,5 +7,5 @@ cd "$(dirname "$0")/../.."
 mkdir -p .device-debs
 cd .device-debs
 apt-get download nlohmann-json3-dev libzip-dev libzip4 libisal-dev libisal2 libcli11-dev \
-  libgtest-dev libgmock-dev pkgconf pkgconf-bin libpkgconf3 libssl-dev libgloo-dev >/dev/null
+  libgtest-dev libgmock-dev pkgconf pkgconf-bin libpkgconf3 libssl-dev libgloo-dev liburing-dev liburing2 >/dev/null
 ls
