@@ -33,6 +33,7 @@
 #include "test_utils.h"
 #include "tied_net.h"
 #include "torchser/detail/direct_io.h"
+#include "torchser/detail/tensor_file.h"
 
 namespace {
 
@@ -424,6 +425,42 @@ TEST(DirectLoadTest, ATruncatedShardIsAnOSErrorNamingIt) {
           LoadOptions().backend(LoadBackend::kDirect)),
       Error,
       "m.safetensors");
+}
+
+// The reader is the file whose header was parsed: a save that renames a new
+// file over the path meanwhile (torchser's, huggingface_hub's) changes
+// nothing for an open SafeOpen or TensorFile.
+TEST(DirectLoadTest, AFileReplacedByRenameAfterOpeningIsStillTheOneRead) {
+  TempDir dir;
+  const StateDict old_sd = net_state();
+  save_file(old_sd, dir / "m.safetensors");
+  const SafeOpen file(
+      dir / "m.safetensors", SafeOpenOptions().backend(LoadBackend::kDirect));
+  torchser::detail::TensorFileOptions direct;
+  direct.backend = LoadBackend::kDirect;
+  const auto checkpoint_file =
+      torchser::detail::open_tensor_file(dir / "m.safetensors", direct);
+  StateDict other;
+  other.insert("x", at::randn({10}));
+  save_file(other, dir / "new.safetensors");
+  fs::rename(dir / "new.safetensors", dir / "m.safetensors");
+  EXPECT_TRUE(at::equal(file.get_tensor("big"), old_sd["big"]));
+  EXPECT_TRUE(at::equal(file.get_tensor("idx"), old_sd["idx"]));
+  // The loaders' batch reads too.
+  checkpoint_file->prefetch({"big", "half"});
+  EXPECT_TRUE(at::equal(checkpoint_file->get("big"), old_sd["big"]));
+  EXPECT_TRUE(at::equal(checkpoint_file->get("half"), old_sd["half"]));
+}
+
+TEST(DirectLoadTest, ATruncatedBinIsAnErrorNamingItNeverAFault) {
+  TempDir dir;
+  torch_save(net_state(), dir / "m.bin");
+  fs::resize_file(dir / "m.bin", fs::file_size(dir / "m.bin") / 2);
+  EXPECT_THROW_CONTAINS(
+      load_state_dict_from_file(
+          dir / "m.bin", LoadOptions().backend(LoadBackend::kDirect)),
+      Error,
+      "m.bin");
 }
 
 TEST(DirectLoadTest, CudaModulesLoadThroughThePinnedRing) {

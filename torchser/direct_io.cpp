@@ -18,6 +18,7 @@
 #include <mutex>
 #include <thread>
 
+#include <ATen/Context.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <c10/core/Event.h>
@@ -87,8 +88,16 @@ bool io_uring_allowed() {
     if (io_uring_queue_init(2, &ring, 0) != 0) {
       return false;
     }
+    // IORING_OP_READ came with Linux 5.6; older kernels set rings up but
+    // fail every read.
+    io_uring_probe* probe = io_uring_get_probe_ring(&ring);
+    const bool reads =
+        probe != nullptr && io_uring_opcode_supported(probe, IORING_OP_READ);
+    if (probe != nullptr) {
+      io_uring_free_probe(probe);
+    }
     io_uring_queue_exit(&ring);
-    return true;
+    return reads;
   }();
   return allowed;
 #else
@@ -113,8 +122,15 @@ class Populator {
     ready_ = std::make_unique<std::atomic<bool>[]>(chunks_.size());
     const unsigned helpers =
         std::clamp(std::thread::hardware_concurrency(), 1u, 4u);
-    for (unsigned i = 0; i < helpers; ++i) {
-      threads_.emplace_back([this] { work(); });
+    try {
+      for (unsigned i = 0; i < helpers; ++i) {
+        threads_.emplace_back([this] { work(); });
+      }
+    } catch (...) {
+      // No helper at all: the reads fault their own pages.
+      if (threads_.empty()) {
+        chunks_.clear();
+      }
     }
   }
   Populator(const Populator&) = delete;
@@ -244,8 +260,15 @@ namespace {
 class ThreadQueue final : public DirectFile::Queue {
  public:
   explicit ThreadQueue(unsigned threads) {
-    for (unsigned i = 0; i < threads; ++i) {
-      threads_.emplace_back([this] { work(); });
+    try {
+      for (unsigned i = 0; i < threads; ++i) {
+        threads_.emplace_back([this] { work(); });
+      }
+    } catch (...) {
+      // (A pids limit: the threads started so far end before this throws.)
+      if (threads_.empty()) {
+        throw;
+      }
     }
   }
   ~ThreadQueue() override {
@@ -323,7 +346,7 @@ class ThreadQueue final : public DirectFile::Queue {
 #ifdef TORCHSER_HAVE_IO_URING
 class UringQueue final : public DirectFile::Queue {
  public:
-  UringQueue(unsigned depth, const std::string& display) {
+  UringQueue(unsigned depth, const std::string& display) : display_(display) {
     const int rc = io_uring_queue_init(std::max(depth, 2u), &ring_, 0);
     if (rc != 0) {
       throw_os_error("Cannot set up io_uring to read", display, -rc);
@@ -340,7 +363,8 @@ class UringQueue final : public DirectFile::Queue {
       unsigned tag) override {
     io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
     if (sqe == nullptr) { // never: the ring has a slot per read in flight
-      throw OSError("io_uring submission queue full");
+      throw OSError(
+          "io_uring submission queue full reading '" + display_ + "'");
     }
     io_uring_prep_read(sqe, fd, dest, static_cast<unsigned>(size), offset);
     io_uring_sqe_set_data(
@@ -351,7 +375,8 @@ class UringQueue final : public DirectFile::Queue {
     } while (rc == -EINTR);
     if (rc < 0) {
       throw OSError(
-          std::string("io_uring_submit failed: ") + std::strerror(-rc));
+          "io_uring_submit failed reading '" + display_ +
+          "': " + std::strerror(-rc));
     }
   }
   std::pair<unsigned, std::int64_t> wait() override {
@@ -362,7 +387,8 @@ class UringQueue final : public DirectFile::Queue {
     } while (rc == -EINTR);
     if (rc < 0) {
       throw OSError(
-          std::string("io_uring_wait_cqe failed: ") + std::strerror(-rc));
+          "io_uring_wait_cqe failed reading '" + display_ +
+          "': " + std::strerror(-rc));
     }
     const auto tag = static_cast<unsigned>(
         reinterpret_cast<std::uintptr_t>(io_uring_cqe_get_data(cqe)));
@@ -373,14 +399,22 @@ class UringQueue final : public DirectFile::Queue {
 
  private:
   io_uring ring_{};
+  std::string display_;
 };
 #endif
 
 } // namespace
 
-DirectFile::DirectFile(const std::filesystem::path& path, std::string display)
+DirectFile::DirectFile(
+    const std::filesystem::path& path, std::string display, int same_as)
     : display_(std::move(display)), path_(path), engine_(default_io_engine()) {
-  buffered_fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  // /proc/self/fd/N opens the file N refers to, whatever its name is now.
+  const std::string open_path =
+      same_as >= 0 ? "/proc/self/fd/" + std::to_string(same_as) : path.string();
+  buffered_fd_ = ::open(open_path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (buffered_fd_ < 0 && same_as >= 0 && errno == ENOENT) {
+    buffered_fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC); // no /proc
+  }
   if (buffered_fd_ < 0) {
     throw_os_error("Cannot open", path, errno);
   }
@@ -390,10 +424,19 @@ DirectFile::DirectFile(const std::filesystem::path& path, std::string display)
     ::close(buffered_fd_);
     throw_os_error("Cannot stat", path, error);
   }
+  struct stat original {};
+  if (same_as >= 0 &&
+      (::fstat(same_as, &original) != 0 || original.st_dev != st.st_dev ||
+       original.st_ino != st.st_ino)) {
+    ::close(buffered_fd_);
+    throw OSError(
+        "Cannot read '" + display_ +
+        "': it was replaced by another file while being opened; load again");
+  }
   size_ = static_cast<std::uint64_t>(st.st_size);
   // Refused (EINVAL) by filesystems without direct I/O: every read is then
   // buffered, and the kernel's readahead does what it can.
-  direct_fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_DIRECT);
+  direct_fd_ = ::open(open_path.c_str(), O_RDONLY | O_CLOEXEC | O_DIRECT);
   if (direct_fd_ < 0) {
     ::posix_fadvise(buffered_fd_, 0, 0, POSIX_FADV_SEQUENTIAL);
   }
@@ -415,7 +458,12 @@ void DirectFile::run(
   std::unique_ptr<Queue> queue;
 #ifdef TORCHSER_HAVE_IO_URING
   if (engine_ == IoEngine::kIoUring) {
-    queue = std::make_unique<UringQueue>(depth, display_);
+    try {
+      queue = std::make_unique<UringQueue>(depth, display_);
+    } catch (const OSError&) {
+      // Out of locked memory or rings (RLIMIT_MEMLOCK, a busy machine):
+      // the threads read instead.
+    }
   }
 #endif
   if (!queue) {
@@ -641,7 +689,13 @@ void DirectFile::read_into(
   bool cuda = false;
   for (std::size_t i = 0; i < transfers.size(); ++i) {
     const Transfer& t = transfers[i];
-    TORCH_INTERNAL_ASSERT(t.dest.is_contiguous(), "read_into: not contiguous");
+    if (!t.dest.is_contiguous() || !(t.dest.is_cpu() || t.dest.is_cuda())) {
+      throw ValueError(
+          "Cannot read '" + display_ + "' into a " +
+          (t.dest.is_contiguous() ? t.dest.device().str() + " tensor"
+                                  : std::string("non-contiguous tensor")) +
+          ": the direct reader fills contiguous CPU or CUDA tensors");
+    }
     left[i] = static_cast<std::uint64_t>(t.dest.nbytes());
     if (t.offset > size_ || left[i] > size_ - t.offset) {
       throw OSError(
@@ -707,9 +761,17 @@ void DirectFile::read_into(
   const auto slot_memory = [&](unsigned tag) -> std::uint8_t* {
     if (cuda) {
       if (!pinned[tag].defined()) {
-        pinned[tag] = at::empty(
-            {static_cast<std::int64_t>(block)},
+        // CUDA's host allocator gives page-aligned memory; one that does
+        // not (cudaHostRegister'd malloc) is offset to the next 4 KiB.
+        const at::Tensor memory = at::empty(
+            {static_cast<std::int64_t>(block + kDirectAlign)},
             at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+        const auto address =
+            reinterpret_cast<std::uintptr_t>(memory.data_ptr());
+        pinned[tag] = memory.narrow(
+            0,
+            static_cast<std::int64_t>(align_up(address) - address),
+            static_cast<std::int64_t>(block));
       }
       return static_cast<std::uint8_t*>(pinned[tag].data_ptr());
     }
@@ -852,7 +914,21 @@ std::vector<at::Tensor> read_tensors(
     }
     return n;
   };
-  if (!device.is_cpu()) {
+  if (device.is_cuda() && !at::hasCUDA()) {
+    throw ValueError(
+        "Device " + device.str() + " was requested for '" + file.display() +
+        "', but this LibTorch build has no CUDA support.");
+  }
+  if (!device.is_cpu() && !device.is_cuda()) {
+    // No staging ring for other devices: read to the host, then copy.
+    std::vector<at::Tensor> host =
+        read_tensors(file, specs, c10::Device(c10::kCPU));
+    for (at::Tensor& t : host) {
+      t = t.to(device);
+    }
+    return host;
+  }
+  if (device.is_cuda()) {
     std::vector<DirectFile::Transfer> transfers;
     for (std::size_t i = 0; i < specs.size(); ++i) {
       out[i] = at::empty(

@@ -546,6 +546,9 @@ LoadResult load_into(
     }
     if (!target.is_same(value)) {
       target.copy_(value);
+    } else {
+      // Filled in place by the reader: an in-place change, as copy_ is.
+      target.unsafeGetTensorImpl()->bump_version();
     }
   };
   source.for_each(

@@ -552,9 +552,14 @@ SafeOpen::SafeOpen(
   s.header.data_start += offset;
   s.bytes.file = &s.file;
   if (options.backend() == LoadBackend::kDirect) {
-    s.direct = std::make_unique<detail::DirectFile>(path, path.string());
+    s.direct =
+        std::make_unique<detail::DirectFile>(path, path.string(), s.file.fd());
     s.bytes.direct = s.direct.get();
   }
+}
+
+const detail::DirectFile* detail::SafeOpenAccess::direct(const SafeOpen& file) {
+  return file.state_->direct.get();
 }
 
 SafeOpen::~SafeOpen() = default;

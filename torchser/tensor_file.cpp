@@ -285,16 +285,13 @@ class SafetensorsFile final : public TensorFile {
   }
   void release(const std::string& name) const override {
     prefetched_.erase(name);
-    prefetched_.erase(name);
     file_.release_pages(name);
   }
 
  private:
+  // SafeOpen's own: the file whose header it read.
   const DirectFile& reader() const {
-    if (!reader_) {
-      reader_ = std::make_unique<DirectFile>(file_.path(), display_);
-    }
-    return *reader_;
+    return *SafeOpenAccess::direct(file_);
   }
   // Where the tensor's bytes lie, when LibTorch holds them as they are
   // (packed F4 and dtypes this build lacks go through get()).
@@ -321,7 +318,6 @@ class SafetensorsFile final : public TensorFile {
   bool direct_;
   c10::Device device_;
   std::unordered_map<std::string, std::size_t> position_;
-  mutable std::unique_ptr<DirectFile> reader_;
   mutable std::unordered_map<std::string, at::Tensor> prefetched_;
 };
 
@@ -344,6 +340,13 @@ class PickleFile final : public TensorFile {
         key_(std::move(key)),
         direct_(direct),
         device_(device) {
+    if (direct_) {
+      // The entries are the layout's stand-ins, never handed out; the file
+      // is opened again at once, so that the records come from the file
+      // whose pickle was read.
+      layout_ = tensors_;
+      reader_ = std::make_unique<DirectFile>(path_, display_);
+    }
     selection_ = std::move(selection);
     ambiguous_ = ambiguous;
     format_ = TensorFormat::kPickle;
@@ -425,6 +428,7 @@ class PickleFile final : public TensorFile {
         reinterpret_cast<std::uintptr_t>(t->data_ptr()) - kLayoutBase);
   }
   void release(const std::string& name) const override {
+    prefetched_.erase(name);
     // The record's pages of the private file mapping: dropped, they are
     // read from the file again if touched (as SafeOpen::release_pages).
     // Only after the last tensor on the storage: a record copied to the
@@ -596,15 +600,17 @@ std::unique_ptr<TensorFile> open_tensor_file(
         "Device " + options.device->str() + " was requested for '" +
         path.string() + "', but this LibTorch build has no CUDA support.");
   }
-  // kDirect maps the archive for its entries (nothing of the records is
-  // read) and reads the records it is asked for itself.
+  // kDirect takes its entries from the pickle replayed over stand-in
+  // storages (nothing is mapped, no record is read: a file cut short is an
+  // OSError, never a fault) and reads the records it is asked for itself.
   const bool direct = options.backend == LoadBackend::kDirect;
   Selected selected = select_state_dict(
-      torch_load(
-          path,
-          TorchLoadOptions()
-              .mmap(options.backend == LoadBackend::kMmap || direct)
-              .map_location(direct ? std::nullopt : options.device)),
+      direct ? torch_load_layout(path)
+             : torch_load(
+                   path,
+                   TorchLoadOptions()
+                       .mmap(options.backend == LoadBackend::kMmap)
+                       .map_location(options.device)),
       options.key,
       path.string());
   c10::Device device = options.device.value_or(c10::Device(c10::kCPU));
@@ -612,8 +618,7 @@ std::unique_ptr<TensorFile> open_tensor_file(
       std::move(selected.tensors),
       path.string(),
       std::move(note),
-      (options.backend == LoadBackend::kMmap || direct) &&
-          !(options.device.has_value() && !direct),
+      options.backend == LoadBackend::kMmap && !options.device.has_value(),
       std::move(selected.selection),
       selected.ambiguous,
       path,

@@ -17,17 +17,22 @@
 /// mapping reads the file through page faults and readahead windows of a
 /// few hundred KiB, one at a time, and a buffered read() copies every byte
 /// once more out of the page cache. kDirect is the reader the fast loaders
-/// use: large aligned reads (8 MiB) with several in flight (8), through
+/// use: large aligned reads (4 MiB) with several in flight (8), through
 /// io_uring (Debian's liburing, where the kernel allows it) or else a pool
 /// of threads blocking in pread(), with O_DIRECT, so that the device writes
 /// straight into the tensors' memory: new tensors are allocated so that the
 /// file's blocks land in them in place (no copy at all), and existing ones
 /// (a module's, CUDA tensors) receive the bytes from a ring of staging
 /// buffers (pinned for CUDA, with asynchronous host-to-device copies) while
-/// the next reads are in flight. It reaches the device's sequential read
-/// speed (see the README's figures against `fio`). It is slower than kMmap
-/// on a warm file (O_DIRECT skips the cached pages and reads the disk
-/// again), and it leaves nothing in the page cache for the next process.
+/// the next reads are in flight. Nothing it reads enters the page cache:
+/// the choice for checkpoints larger than free memory or nodes serving
+/// other work, and the fast path where buffered reads are CPU-bound below
+/// the device (NVMe). On this project's virtio VM it reads new tensors 2x
+/// faster than kMmap touching every page, but fresh memory (zeroed by the
+/// kernel) and a buffered readahead that keeps up make it 0.6-0.8x of
+/// `fio` there, and kMmap into a module as fast (the README's figures). It
+/// is slower than kMmap on a warm file (O_DIRECT skips the cached pages and
+/// reads the disk again).
 /// Where the filesystem refuses O_DIRECT (tmpfs on older kernels, some
 /// FUSE filesystems), the same reads go through the page cache.
 /// $TORCHSER_IO_ENGINE=threads (or io_uring) overrides the engine.

@@ -281,6 +281,10 @@ class TORCHSER_API SafeSlice {
 ///
 /// Throws FileNotFoundError / OSError for I/O problems and SafetensorError
 /// for files that break the format (the message names the file and the rule).
+namespace detail {
+struct SafeOpenAccess;
+} // namespace detail
+
 class TORCHSER_API SafeOpen {
  public:
   /// Opens and validates the file at `path`.
@@ -333,6 +337,7 @@ class TORCHSER_API SafeOpen {
 
  private:
   friend class SafeSlice;
+  friend struct detail::SafeOpenAccess;
   struct State;
   std::size_t position_of(std::string_view name) const;
   std::unique_ptr<State> state_;

@@ -62,8 +62,12 @@ inline constexpr std::size_t kDirectAlign = 4096;
 class TORCHSER_API DirectFile {
  public:
   /// Opens `path`; `display` names it in messages. FileNotFoundError /
-  /// OSError as File::open_read.
-  DirectFile(const std::filesystem::path& path, std::string display);
+  /// OSError as File::open_read. With `same_as` (an open descriptor of the
+  /// file whose header was read), the very same file is opened again
+  /// through /proc/self/fd, even if a save has renamed another over `path`
+  /// since; OSError if that cannot be made sure of.
+  DirectFile(
+      const std::filesystem::path& path, std::string display, int same_as = -1);
   DirectFile(const DirectFile&) = delete;
   DirectFile& operator=(const DirectFile&) = delete;
   ~DirectFile();
@@ -151,3 +155,15 @@ TORCHSER_API std::vector<at::Tensor> read_tensors(
     const c10::Device& device);
 
 } // namespace torchser::detail
+
+namespace torchser {
+class SafeOpen;
+namespace detail {
+/// What the checkpoint layer reads of a SafeOpen beyond its public face.
+struct TORCHSER_API SafeOpenAccess {
+  /// Its kDirect reader (nullptr for the other backends): the file whose
+  /// header it parsed.
+  static const DirectFile* direct(const SafeOpen& file);
+};
+} // namespace detail
+} // namespace torchser
