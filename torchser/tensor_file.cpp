@@ -35,14 +35,9 @@ TensorFile::~TensorFile() = default;
 
 void TensorFile::prefetch(const std::vector<std::string>& /*names*/) const {}
 
-void TensorFile::read_into(
-    const std::vector<std::string>& names,
-    const std::vector<at::Tensor>& /*targets*/,
-    const IntoVisitor& visit) const {
-  for (const std::string& name : names) {
-    visit(name, get(name));
-    release(name);
-  }
+std::optional<TensorSpec> TensorFile::direct_spec(
+    const std::string& /*name*/) const {
+  return std::nullopt;
 }
 
 void TensorFile::check_format_metadata() const {
@@ -62,6 +57,42 @@ void TensorFile::check_format_metadata() const {
       " does not contain the valid metadata. Make sure you save your model "
       "with the `save_torch_model` "
       "method.");
+}
+
+// The tensors whose bytes can go straight into their targets stream through
+// kDirect's ring; the rest are get() as usual.
+void TensorFile::read_into(
+    const std::vector<std::string>& names,
+    const std::vector<at::Tensor>& targets,
+    const IntoVisitor& visit) const {
+  const DirectFile* direct = direct_reader();
+  std::vector<DirectFile::Transfer> transfers;
+  std::vector<std::size_t> streamed; // into names, per transfer
+  std::vector<std::size_t> rest;
+  for (std::size_t i = 0; i < names.size(); ++i) {
+    const at::Tensor* target = i < targets.size() ? &targets[i] : nullptr;
+    std::optional<TensorSpec> spec;
+    if (direct != nullptr && target != nullptr && target->defined() &&
+        target->is_contiguous() && (target->is_cpu() || target->is_cuda())) {
+      spec = direct_spec(names[i]);
+    }
+    if (spec.has_value() && spec->dtype == target->scalar_type() &&
+        target->sizes() == c10::IntArrayRef(spec->sizes)) {
+      transfers.push_back({spec->offset, *target});
+      streamed.push_back(i);
+    } else {
+      rest.push_back(i);
+    }
+  }
+  if (!transfers.empty()) {
+    direct->read_into(transfers, [&](std::size_t k) {
+      visit(names[streamed[k]], targets[streamed[k]]);
+    });
+  }
+  for (const std::size_t i : rest) {
+    visit(names[i], get(names[i]));
+    release(names[i]);
+  }
 }
 
 namespace {
@@ -174,45 +205,6 @@ Selected select_state_dict(
   return out;
 }
 
-// kDirect's read_into: the tensors whose bytes can go straight into their
-// targets stream through the reader's ring; the rest are get() as usual.
-// `spec_of` says where a tensor's row-major bytes lie (nullopt: not
-// contiguous in the file).
-void read_into_direct(
-    const TensorFile& file,
-    const DirectFile& direct,
-    const std::vector<std::string>& names,
-    const std::vector<at::Tensor>& targets,
-    const TensorFile::IntoVisitor& visit,
-    const std::function<std::optional<TensorSpec>(const std::string&)>&
-        spec_of) {
-  std::vector<DirectFile::Transfer> transfers;
-  std::vector<std::size_t> streamed; // into names, per transfer
-  std::vector<std::size_t> rest;
-  for (std::size_t i = 0; i < names.size(); ++i) {
-    const at::Tensor* target = i < targets.size() ? &targets[i] : nullptr;
-    std::optional<TensorSpec> spec;
-    if (target != nullptr && target->defined() && target->is_contiguous() &&
-        (target->is_cpu() || target->is_cuda())) {
-      spec = spec_of(names[i]);
-    }
-    if (spec.has_value() && spec->dtype == target->scalar_type() &&
-        target->sizes() == c10::IntArrayRef(spec->sizes)) {
-      transfers.push_back({spec->offset, *target});
-      streamed.push_back(i);
-    } else {
-      rest.push_back(i);
-    }
-  }
-  direct.read_into(transfers, [&](std::size_t k) {
-    visit(names[streamed[k]], targets[streamed[k]]);
-  });
-  for (const std::size_t i : rest) {
-    visit(names[i], file.get(names[i]));
-    file.release(names[i]);
-  }
-}
-
 class SafetensorsFile final : public TensorFile {
  public:
   SafetensorsFile(
@@ -261,18 +253,12 @@ class SafetensorsFile final : public TensorFile {
       prefetched_[read[i]] = std::move(tensors[i]);
     }
   }
-  void read_into(
-      const std::vector<std::string>& names,
-      const std::vector<at::Tensor>& targets,
-      const IntoVisitor& visit) const override {
-    if (!direct_) {
-      TensorFile::read_into(names, targets, visit);
-      return;
-    }
-    read_into_direct(
-        *this, reader(), names, targets, visit, [&](const std::string& name) {
-          return spec_of(name);
-        });
+  const DirectFile* direct_reader() const override {
+    return direct_ ? &reader() : nullptr;
+  }
+  std::optional<TensorSpec> direct_spec(
+      const std::string& name) const override {
+    return spec_of(name);
   }
   std::optional<std::uint64_t> file_offset(
       const std::string& name) const override {
@@ -391,28 +377,17 @@ class PickleFile final : public TensorFile {
       prefetched_[names[i]] = std::move(tensors[i]);
     }
   }
-  void read_into(
-      const std::vector<std::string>& names,
-      const std::vector<at::Tensor>& targets,
-      const IntoVisitor& visit) const override {
-    if (!direct_) {
-      TensorFile::read_into(names, targets, visit);
-      return;
+  const DirectFile* direct_reader() const override {
+    return direct_ ? &reader() : nullptr;
+  }
+  std::optional<TensorSpec> direct_spec(
+      const std::string& name) const override {
+    const std::optional<std::uint64_t> offset = file_offset(name);
+    if (!offset.has_value()) {
+      return std::nullopt;
     }
-    read_into_direct(
-        *this,
-        reader(),
-        names,
-        targets,
-        visit,
-        [&](const std::string& name) -> std::optional<TensorSpec> {
-          const std::optional<std::uint64_t> offset = file_offset(name);
-          if (!offset.has_value()) {
-            return std::nullopt;
-          }
-          const at::Tensor& t = *layout().find(name);
-          return TensorSpec{*offset, t.sizes().vec(), t.scalar_type()};
-        });
+    const at::Tensor& t = *layout().find(name);
+    return TensorSpec{*offset, t.sizes().vec(), t.scalar_type()};
   }
   std::optional<std::uint64_t> file_offset(
       const std::string& name) const override {

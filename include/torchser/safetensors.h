@@ -275,16 +275,16 @@ class TORCHSER_API SafeSlice {
   std::size_t position_;
 };
 
+namespace detail {
+struct SafeOpenAccess;
+} // namespace detail
+
 /// `safetensors.safe_open`: a validated, lazily read safetensors file. The
 /// header is parsed and every rule of the format checked on construction;
 /// tensors are created on request.
 ///
 /// Throws FileNotFoundError / OSError for I/O problems and SafetensorError
 /// for files that break the format (the message names the file and the rule).
-namespace detail {
-struct SafeOpenAccess;
-} // namespace detail
-
 class TORCHSER_API SafeOpen {
  public:
   /// Opens and validates the file at `path`.

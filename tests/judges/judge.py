@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import warnings
 
 import torch
@@ -408,11 +409,20 @@ def dcp_worker(rank, world, port, directory, mode):
                 v.to_local().zero_()
             dcp.load(sd, storage_reader=HuggingFaceStorageReader(directory))
             local = {k: describe(v.to_local()) for k, v in sd.items()}
-            # Every rank's pieces, for the resharding judge.
-            locals_ = [None] * world
-            dist.all_gather_object(locals_, local)
-            result = {"tensors": describe_all({k: v.full_tensor() for k, v in sd.items()}),
-                      "local": local, "locals": locals_}
+            # Every rank's pieces, for the resharding judge: through files
+            # (rank 0 reads them after the barrier), not one more collective.
+            mine = os.path.join(tempfile.gettempdir(), f"judge-dcp-{port}-rank{rank}.json")
+            with open(mine, "w") as f:
+                json.dump(local, f)
+            result = {"tensors": describe_all({k: v.full_tensor() for k, v in sd.items()}), "local": local}
+        dist.barrier()
+        if rank == 0 and mode == "read":
+            result["locals"] = []
+            for r in range(world):
+                path = os.path.join(tempfile.gettempdir(), f"judge-dcp-{port}-rank{r}.json")
+                with open(path) as f:
+                    result["locals"].append(json.load(f))
+                os.unlink(path)
         dist.barrier()
         if rank == 0:
             emit(dict(result, versions=versions(), world_size=world))

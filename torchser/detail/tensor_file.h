@@ -25,6 +25,9 @@
 
 namespace torchser::detail {
 
+class DirectFile;
+struct TensorSpec;
+
 enum class TensorFormat { kSafetensors, kPickle };
 
 /// "safetensors" or "pickle".
@@ -115,7 +118,7 @@ class TORCHSER_API TensorFile {
   /// the file's bytes straight into `targets[i]` (defined, contiguous, of
   /// the file's dtype and shape, on CPU or CUDA) through its staging ring;
   /// every other tensor is get() and then released after `visit` returns.
-  virtual void read_into(
+  void read_into(
       const std::vector<std::string>& names,
       const std::vector<at::Tensor>& targets,
       const IntoVisitor& visit) const;
@@ -125,6 +128,14 @@ class TORCHSER_API TensorFile {
   void check_format_metadata() const;
 
  protected:
+  /// kDirect's reader of this file (nullptr for the other backends).
+  virtual const DirectFile* direct_reader() const {
+    return nullptr;
+  }
+  /// Where `name`'s row-major bytes lie, for direct_reader() (nullopt: not
+  /// as LibTorch holds them, or not contiguous in the file).
+  virtual std::optional<TensorSpec> direct_spec(const std::string& name) const;
+
   TensorFormat format_ = TensorFormat::kSafetensors;
   std::string display_;
   std::string note_;
