@@ -449,6 +449,28 @@ DirectFile::~DirectFile() {
   ::close(buffered_fd_);
 }
 
+void DirectFile::check_within(
+    std::uint64_t offset, std::uint64_t nbytes) const {
+  if (offset > size_ || nbytes > size_ - offset) {
+    throw OSError(
+        "Cannot read '" + display_ + "': bytes " + std::to_string(offset) +
+        " to " + std::to_string(offset + nbytes) + " lie past its end (" +
+        std::to_string(size_) + " bytes; was it truncated?)");
+  }
+}
+
+DirectFile::Read DirectFile::read_at(
+    std::uint64_t offset, std::size_t size, std::uint8_t* dest) const {
+  Read r;
+  r.offset = offset;
+  r.size = size;
+  // Aligned reads may run past the file's end; the bytes before it come.
+  r.expect = static_cast<std::size_t>(
+      std::min<std::uint64_t>(size, size_ - std::min(size_, offset)));
+  r.dest = dest;
+  return r;
+}
+
 void DirectFile::run(
     std::vector<Read>& reads,
     unsigned depth,
@@ -578,15 +600,7 @@ std::vector<at::Tensor> DirectFile::read_regions(
   std::vector<std::size_t> order(regions.size());
   for (std::size_t i = 0; i < order.size(); ++i) {
     order[i] = i;
-    if (regions[i].offset > size_ ||
-        regions[i].nbytes > size_ - regions[i].offset) {
-      throw OSError(
-          "Cannot read '" + display_ + "': bytes " +
-          std::to_string(regions[i].offset) + " to " +
-          std::to_string(regions[i].offset + regions[i].nbytes) +
-          " lie past its end (" + std::to_string(size_) +
-          " bytes; was it truncated?)");
-    }
+    check_within(regions[i].offset, regions[i].nbytes);
   }
   std::sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) {
     return regions[a].offset < regions[b].offset;
@@ -629,14 +643,10 @@ std::vector<at::Tensor> DirectFile::read_regions(
   std::vector<Read> planned;
   for (const Allocation& a : allocations) {
     for (std::uint64_t at = a.begin; at < a.end; at += block) {
-      Read r;
-      r.offset = at;
-      r.size =
-          static_cast<std::size_t>(std::min<std::uint64_t>(block, a.end - at));
-      r.expect = static_cast<std::size_t>(
-          std::min<std::uint64_t>(r.size, size_ - std::min(size_, at)));
-      r.dest = static_cast<std::uint8_t*>(a.memory->data) + (at - a.begin);
-      planned.push_back(r);
+      planned.push_back(read_at(
+          at,
+          static_cast<std::size_t>(std::min<std::uint64_t>(block, a.end - at)),
+          static_cast<std::uint8_t*>(a.memory->data) + (at - a.begin)));
     }
   }
   // New memory must be faulted in (zeroed by the kernel) before the device
@@ -697,12 +707,7 @@ void DirectFile::read_into(
           ": the direct reader fills contiguous CPU or CUDA tensors");
     }
     left[i] = static_cast<std::uint64_t>(t.dest.nbytes());
-    if (t.offset > size_ || left[i] > size_ - t.offset) {
-      throw OSError(
-          "Cannot read '" + display_ + "': bytes " + std::to_string(t.offset) +
-          " to " + std::to_string(t.offset + left[i]) + " lie past its end (" +
-          std::to_string(size_) + " bytes; was it truncated?)");
-    }
+    check_within(t.offset, left[i]);
     if (left[i] > 0) {
       order.push_back(i);
       cuda = cuda || t.dest.is_cuda();
@@ -849,12 +854,11 @@ void DirectFile::read_into(
         const auto tag = static_cast<unsigned>(&r - reads.data());
         wait_copies(tag);
         const Block& b = blocks[next_block];
+        r = read_at(
+            b.begin,
+            static_cast<std::size_t>(b.end - b.begin),
+            slot_memory(tag));
         r.id = next_block++;
-        r.offset = b.begin;
-        r.size = static_cast<std::size_t>(b.end - b.begin);
-        r.expect = static_cast<std::size_t>(
-            std::min<std::uint64_t>(r.size, size_ - std::min(size_, b.begin)));
-        r.dest = slot_memory(tag);
         return true;
       },
       [&](const Read& r) {

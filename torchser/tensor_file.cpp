@@ -208,12 +208,8 @@ Selected select_state_dict(
 class SafetensorsFile final : public TensorFile {
  public:
   SafetensorsFile(
-      SafeOpen file,
-      std::string display,
-      std::string note,
-      bool direct,
-      c10::Device device)
-      : file_(std::move(file)), direct_(direct), device_(device) {
+      SafeOpen file, std::string display, std::string note, c10::Device device)
+      : file_(std::move(file)), device_(device) {
     format_ = TensorFormat::kSafetensors;
     display_ = std::move(display);
     note_ = std::move(note);
@@ -237,51 +233,31 @@ class SafetensorsFile final : public TensorFile {
     return it != prefetched_.end() ? it->second : file_.get_tensor(name);
   }
   void prefetch(const std::vector<std::string>& names) const override {
-    if (!direct_) {
+    const DirectFile* reader = direct_reader();
+    if (reader == nullptr) {
       return;
     }
     std::vector<std::string> read;
     std::vector<TensorSpec> specs;
     for (const std::string& name : names) {
-      if (auto spec = spec_of(name)) {
+      if (auto spec = direct_spec(name)) {
         read.push_back(name);
         specs.push_back(std::move(*spec));
       }
     }
-    std::vector<at::Tensor> tensors = read_tensors(reader(), specs, device_);
+    std::vector<at::Tensor> tensors = read_tensors(*reader, specs, device_);
     for (std::size_t i = 0; i < read.size(); ++i) {
       prefetched_[read[i]] = std::move(tensors[i]);
     }
   }
+  // SafeOpen's own (kDirect): the file whose header it read.
   const DirectFile* direct_reader() const override {
-    return direct_ ? &reader() : nullptr;
-  }
-  std::optional<TensorSpec> direct_spec(
-      const std::string& name) const override {
-    return spec_of(name);
-  }
-  std::optional<std::uint64_t> file_offset(
-      const std::string& name) const override {
-    for (const auto& info : file_.tensors()) {
-      if (info.name == name) {
-        return file_.data_offset() + info.begin;
-      }
-    }
-    throw KeyError("'" + display_ + "' holds no tensor '" + name + "'.");
-  }
-  void release(const std::string& name) const override {
-    prefetched_.erase(name);
-    file_.release_pages(name);
-  }
-
- private:
-  // SafeOpen's own: the file whose header it read.
-  const DirectFile& reader() const {
-    return *SafeOpenAccess::direct(file_);
+    return SafeOpenAccess::direct(file_);
   }
   // Where the tensor's bytes lie, when LibTorch holds them as they are
   // (packed F4 and dtypes this build lacks go through get()).
-  std::optional<TensorSpec> spec_of(const std::string& name) const {
+  std::optional<TensorSpec> direct_spec(
+      const std::string& name) const override {
     const auto position = position_.find(name);
     if (position == position_.end()) {
       throw KeyError("'" + display_ + "' holds no tensor '" + name + "'.");
@@ -299,9 +275,22 @@ class SafetensorsFile final : public TensorFile {
       return std::nullopt;
     }
   }
+  std::optional<std::uint64_t> file_offset(
+      const std::string& name) const override {
+    for (const auto& info : file_.tensors()) {
+      if (info.name == name) {
+        return file_.data_offset() + info.begin;
+      }
+    }
+    throw KeyError("'" + display_ + "' holds no tensor '" + name + "'.");
+  }
+  void release(const std::string& name) const override {
+    prefetched_.erase(name);
+    file_.release_pages(name);
+  }
 
+ private:
   SafeOpen file_;
-  bool direct_;
   c10::Device device_;
   std::unordered_map<std::string, std::size_t> position_;
   mutable std::unordered_map<std::string, at::Tensor> prefetched_;
@@ -324,9 +313,8 @@ class PickleFile final : public TensorFile {
         mapped_(mapped),
         path_(std::move(path)),
         key_(std::move(key)),
-        direct_(direct),
         device_(device) {
-    if (direct_) {
+    if (direct) {
       // The entries are the layout's stand-ins, never handed out; the file
       // is opened again at once, so that the records come from the file
       // whose pickle was read.
@@ -362,14 +350,14 @@ class PickleFile final : public TensorFile {
     if (t == nullptr) {
       throw KeyError("'" + display_ + "' holds no tensor '" + name + "'.");
     }
-    if (!direct_) {
+    if (!reader_) {
       return *t;
     }
     const auto it = prefetched_.find(name);
     return it != prefetched_.end() ? it->second : read_direct({name}).front();
   }
   void prefetch(const std::vector<std::string>& names) const override {
-    if (!direct_) {
+    if (!reader_) {
       return;
     }
     std::vector<at::Tensor> tensors = read_direct(names);
@@ -377,8 +365,9 @@ class PickleFile final : public TensorFile {
       prefetched_[names[i]] = std::move(tensors[i]);
     }
   }
+  // Opened with the entries (kDirect), else none.
   const DirectFile* direct_reader() const override {
-    return direct_ ? &reader() : nullptr;
+    return reader_.get();
   }
   std::optional<TensorSpec> direct_spec(
       const std::string& name) const override {
@@ -440,12 +429,6 @@ class PickleFile final : public TensorFile {
     }
     return *layout_;
   }
-  const DirectFile& reader() const {
-    if (!reader_) {
-      reader_ = std::make_unique<DirectFile>(path_, display_);
-    }
-    return *reader_;
-  }
   // `names` read with kDirect: one read per storage record, so that tensors
   // sharing a storage in the file share one here too.
   std::vector<at::Tensor> read_direct(
@@ -475,7 +458,7 @@ class PickleFile final : public TensorFile {
       which[i] = it->second;
     }
     const std::vector<at::Tensor> bases =
-        read_tensors(reader(), specs, device_);
+        read_tensors(*reader_, specs, device_);
     std::vector<at::Tensor> out;
     out.reserve(names.size());
     for (std::size_t i = 0; i < names.size(); ++i) {
@@ -501,9 +484,8 @@ class PickleFile final : public TensorFile {
   std::unordered_map<std::string, std::string>
       last_user_; // storage → its last tensor
   std::unordered_map<std::string, std::string> storage_of_; // tensor → storage
-  bool direct_;
   c10::Device device_;
-  mutable std::unique_ptr<DirectFile> reader_;
+  std::unique_ptr<DirectFile> reader_; // kDirect only
   mutable std::unordered_map<std::string, at::Tensor> prefetched_;
 };
 
@@ -566,7 +548,6 @@ std::unique_ptr<TensorFile> open_tensor_file(
             path, SafeOpenOptions().device(device).backend(options.backend)),
         path.string(),
         std::move(note),
-        options.backend == LoadBackend::kDirect,
         device);
   }
   if (options.device.has_value() && options.device->is_cuda() &&
@@ -619,7 +600,6 @@ std::unique_ptr<TensorFile> open_tensor_file(
               .backend(options.backend)),
       display,
       "",
-      options.backend == LoadBackend::kDirect,
       device.is_meta() ? c10::Device(c10::kCPU) : device);
 }
 

@@ -123,6 +123,12 @@ class TORCHSER_API DirectFile {
   class Queue;
 
  private:
+  // OSError unless [offset, offset + nbytes) lies within the file.
+  void check_within(std::uint64_t offset, std::uint64_t nbytes) const;
+  // A read of `size` bytes at `offset` into `dest`, expecting the bytes up
+  // to the file's end.
+  Read read_at(
+      std::uint64_t offset, std::size_t size, std::uint8_t* dest) const;
   void run(
       std::vector<Read>& reads,
       unsigned depth,
