@@ -21,6 +21,7 @@
 
 #include "torchser/detail/direct_io.h"
 #include "torchser/detail/file.h"
+#include "torchser/detail/safetensors_format.h"
 #include "torchser/detail/torch_load_layout.h"
 #include "torchser/detail/zip.h"
 

@@ -161,15 +161,3 @@ TORCHSER_API std::vector<at::Tensor> read_tensors(
     const c10::Device& device);
 
 } // namespace torchser::detail
-
-namespace torchser {
-class SafeOpen;
-namespace detail {
-/// What the checkpoint layer reads of a SafeOpen beyond its public face.
-struct TORCHSER_API SafeOpenAccess {
-  /// Its kDirect reader (nullptr for the other backends): the file whose
-  /// header it parsed.
-  static const DirectFile* direct(const SafeOpen& file);
-};
-} // namespace detail
-} // namespace torchser

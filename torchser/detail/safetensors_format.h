@@ -76,4 +76,13 @@ TORCHSER_API std::string build_header(
 TORCHSER_API bool writer_order_less(
     const SafetensorsTensorInfo& a, const SafetensorsTensorInfo& b);
 
+class DirectFile;
+
+/// What the checkpoint layer reads of a SafeOpen beyond its public face.
+struct TORCHSER_API SafeOpenAccess {
+  /// Its kDirect reader (nullptr for the other backends): the file whose
+  /// header it parsed.
+  static const DirectFile* direct(const SafeOpen& file);
+};
+
 } // namespace torchser::detail
