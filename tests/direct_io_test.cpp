@@ -98,7 +98,8 @@ TEST_P(DirectIoTest, RegionsHoldTheFilesBytesWhateverTheirAlignment) {
       {8, 4096},
       {(3u << 20) + 100001, 1},
   };
-  const auto out = file.read_regions(regions, DirectReadOptions{1u << 16, 4});
+  const auto out =
+      file.read_regions(regions, DirectReadOptions{1u << 16, 4, std::nullopt});
   ASSERT_EQ(out.size(), regions.size());
   for (std::size_t i = 0; i < regions.size(); ++i) {
     SCOPED_TRACE(i);
@@ -124,7 +125,9 @@ TEST_P(DirectIoTest, TransfersFillExistingTensorsThroughTheRing) {
   std::vector<int> done(transfers.size(), 0);
   // Blocks smaller than a transfer, fewer slots than blocks.
   file.read_into(
-      transfers, [&](std::size_t i) { ++done[i]; }, DirectReadOptions{8192, 3});
+      transfers,
+      [&](std::size_t i) { ++done[i]; },
+      DirectReadOptions{8192, 3, std::nullopt});
   for (std::size_t i = 0; i < transfers.size(); ++i) {
     SCOPED_TRACE(i);
     EXPECT_EQ(done[i], 1);
@@ -156,14 +159,15 @@ TEST_P(DirectIoTest, AFileCutShortWhileOpenIsAnOSErrorNotACrash) {
   fs::resize_file(dir / "f", 100000); // rewritten in place by another tool
   EXPECT_THROW_CONTAINS(
       file.read_regions(
-          {{0, std::uint64_t{4} << 20}}, DirectReadOptions{1u << 20, 4}),
+          {{0, std::uint64_t{4} << 20}},
+          DirectReadOptions{1u << 20, 4, std::nullopt}),
       OSError,
       "was it truncated while being read?");
   EXPECT_THROW_CONTAINS(
       file.read_into(
           {{50000, at::empty({3u << 20}, at::kByte)}},
           [](std::size_t) {},
-          DirectReadOptions{1u << 20, 4}),
+          DirectReadOptions{1u << 20, 4, std::nullopt}),
       OSError,
       "f.safetensors");
 }

@@ -14,6 +14,7 @@
 #include <fstream>
 #include <functional>
 #include <iterator>
+#include <set>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -28,6 +29,7 @@ namespace fs = std::filesystem;
 struct RankRun {
   int status = -1; // exit code; -SIGNAL when killed
   bool killed_by_harness = false;
+  double seconds = 0; // from the start of all ranks to this one's end
   std::string output;
 };
 
@@ -38,14 +40,18 @@ inline std::string read_all(const fs::path& path) {
 
 // Starts `world` workers (rank r gets `extra(r)` after the common
 // arguments, and runs under `wrapper(r)`'s command when given) and waits for
-// them, at most `limit`; any still running then is killed and marked.
+// them, at most `limit`; any still running then is killed and marked. Ranks
+// in `hanging` (told to hang) are killed and marked as soon as every other
+// rank has ended, so that a test waits for the others' timeouts, not for
+// the harness's limit.
 inline std::vector<RankRun> run_ranks(
     const std::string& scenario,
     const fs::path& dir,
     int world,
     const std::function<std::vector<std::string>(int)>& extra,
     std::chrono::seconds limit = std::chrono::seconds(120),
-    const std::function<std::vector<std::string>(int)>& wrapper = {}) {
+    const std::function<std::vector<std::string>(int)>& wrapper = {},
+    const std::set<int>& hanging = {}) {
   const torchser::testing::TempDir temp;
   const fs::path work = temp.path();
   const std::string store = (work / "store").string();
@@ -83,7 +89,13 @@ inline std::vector<RankRun> run_ranks(
   }
   std::vector<RankRun> runs(world);
   std::vector<bool> done(world, false);
-  const auto deadline = std::chrono::steady_clock::now() + limit;
+  const auto started = std::chrono::steady_clock::now();
+  const auto deadline = started + limit;
+  const auto since_start = [&] {
+    return std::chrono::duration<double>(
+               std::chrono::steady_clock::now() - started)
+        .count();
+  };
   int left = world;
   while (left > 0) {
     for (int r = 0; r < world; ++r) {
@@ -96,9 +108,17 @@ inline std::vector<RankRun> run_ranks(
         --left;
         runs[r].status =
             WIFEXITED(status) ? WEXITSTATUS(status) : -WTERMSIG(status);
+        runs[r].seconds = since_start();
       }
     }
-    if (left > 0 && std::chrono::steady_clock::now() > deadline) {
+    bool others_ended = !hanging.empty();
+    for (int r = 0; r < world; ++r) {
+      if (!done[r] && hanging.count(r) == 0) {
+        others_ended = false;
+      }
+    }
+    if (left > 0 &&
+        (others_ended || std::chrono::steady_clock::now() > deadline)) {
       for (int r = 0; r < world; ++r) {
         if (!done[r]) {
           ::kill(pids[r], SIGKILL);
@@ -106,6 +126,7 @@ inline std::vector<RankRun> run_ranks(
           ::waitpid(pids[r], &status, 0);
           runs[r].status = -SIGKILL;
           runs[r].killed_by_harness = true;
+          runs[r].seconds = since_start();
           done[r] = true;
         }
       }
@@ -123,7 +144,8 @@ inline std::string describe_runs(const std::vector<RankRun>& runs) {
   std::ostringstream out;
   for (std::size_t r = 0; r < runs.size(); ++r) {
     out << "--- rank " << r << " (status " << runs[r].status
-        << (runs[r].killed_by_harness ? ", killed by the harness" : "") << ")\n"
+        << (runs[r].killed_by_harness ? ", killed by the harness" : "")
+        << ", ended after " << runs[r].seconds << " s)\n"
         << runs[r].output << "\n";
   }
   return out.str();

@@ -317,9 +317,13 @@ TEST_F(DistributedLoadTest, ARankThatDiesOrHangsMidLoadFailsTheOthersInTime) {
   for (const int r : {0, 2}) {
     EXPECT_FALSE(killed[r].killed_by_harness) << describe_runs(killed);
     EXPECT_EQ(killed[r].status, 3) << describe_runs(killed);
-    EXPECT_THAT(killed[r].output, HasSubstr("DistBackendError"));
+    EXPECT_THAT(killed[r].output, HasSubstr("DistBackendError"))
+        << describe_runs(killed);
   }
-  // Hung after its first piece: the others give up after the group's 3 s.
+  // Hung after its first piece: the others give up after the group's 3 s
+  // (and gloo's own 3 s for the collective left behind). The harness's
+  // bound leaves room for ranks that start slowly on a busy machine: what
+  // is pinned is that they end by themselves, with the timeout's error.
   const auto hung = run_ranks(
       "mixed",
       checkpoint,
@@ -331,11 +335,14 @@ TEST_F(DistributedLoadTest, ARankThatDiesOrHangsMidLoadFailsTheOthersInTime) {
         }
         return args;
       },
-      std::chrono::seconds(10));
+      std::chrono::seconds(30),
+      {},
+      {2});
   for (const int r : {0, 1}) {
     EXPECT_FALSE(hung[r].killed_by_harness) << describe_runs(hung);
     EXPECT_EQ(hung[r].status, 3) << describe_runs(hung);
-    EXPECT_THAT(hung[r].output, HasSubstr("timeout of 3 s"));
+    EXPECT_THAT(hung[r].output, HasSubstr("timeout of 3 s"))
+        << describe_runs(hung);
   }
   EXPECT_TRUE(hung[2].killed_by_harness);
 }

@@ -389,7 +389,9 @@ TEST_F(
         }
         return args;
       },
-      std::chrono::seconds(20));
+      std::chrono::seconds(30),
+      {},
+      {2});
   for (int r = 0; r < 2; ++r) {
     EXPECT_FALSE(runs[r].killed_by_harness) << describe_runs(runs);
     EXPECT_EQ(runs[r].status, 3) << describe_runs(runs);
