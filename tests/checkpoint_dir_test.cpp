@@ -15,6 +15,7 @@
 
 #include <ATen/ops/arange.h>
 #include <ATen/ops/full.h>
+#include <torch/nn/modules/linear.h>
 
 #include <torchser/errors.h>
 #include <torchser/load.h>
@@ -430,6 +431,31 @@ TEST(ResolveTest, OneSetOfRulesForEveryLayout) {
           HasSubstr("load_torch_model(model, entry)")));
   EXPECT_THROW(
       detail::resolve_checkpoint(dir / "missing", cli), FileNotFoundError);
+}
+
+// A folder of PyTorch DCP's per-rank shard files is the distributed
+// load's (resharding reads the pieces where they lie); every other loader
+// says how to load it instead of "no valid checkpoint" alone.
+TEST(ResolveTest, DcpsPerRankLayoutIsTheDistributedLoadsAndOthersAreToldSo) {
+  const fs::path sharded =
+      fs::path(TORCHSER_FIXTURES_DIR) / "dcp" / "world2" / "sharded";
+  detail::ResolveOptions distributed;
+  distributed.allow_dcp = true;
+  const auto found = detail::resolve_checkpoint(sharded, distributed);
+  EXPECT_EQ(found.kind, detail::Checkpoint::Kind::kDcpSharded);
+  EXPECT_EQ(found.files.size(), 4U);
+  EXPECT_THAT(
+      [&] { detail::resolve_checkpoint(sharded, detail::ResolveOptions{}); },
+      ::testing::ThrowsMessage<ValueError>(::testing::AllOf(
+          HasSubstr("does not contain a valid checkpoint"),
+          HasSubstr("PyTorch DCP's sharded layout (4 shard-"),
+          HasSubstr("distributed load_torch_state_dict"),
+          HasSubstr("torchser consolidate " + sharded.string()))));
+  torch::nn::Linear model(2, 2);
+  EXPECT_THAT(
+      [&] { load_torch_model(*model, sharded); },
+      ::testing::ThrowsMessage<ValueError>(
+          HasSubstr("PyTorch DCP's sharded layout")));
 }
 
 } // namespace

@@ -200,6 +200,84 @@ TEST_F(DistributedLoadTest, ACheckpointPyTorchWroteLoadsIntoEveryWorldSize) {
   }
 }
 
+// PyTorch DCP's own sharded layout (each writing rank's
+// shard-R-model-K-of-N.safetensors files, pieces placed by
+// DCP_SHARDING_INFO), loaded as it is: each rank reads only where its
+// pieces overlap the stored ones, whatever the world size that wrote it.
+TEST_F(DistributedLoadTest, DcpsShardedLayoutLoadsIntoEveryWorldSize) {
+  const fs::path sharded =
+      fs::path(TORCHSER_FIXTURES_DIR) / "dcp" / "world2" / "sharded";
+  for (const bool direct : {false, true}) {
+    for (const int loader : {1, 2, 3, 4}) {
+      SCOPED_TRACE(
+          std::string(direct ? "kDirect" : "pread") + ", loaded by " +
+          std::to_string(loader));
+      const auto runs = run_ranks("dcp-fixture", sharded, loader, [&](int) {
+        std::vector<std::string> args = {"--load", "--strict"};
+        if (direct) {
+          args.push_back("--direct");
+        }
+        return args;
+      });
+      for (const RankRun& run : runs) {
+        ASSERT_EQ(run.status, 0) << describe_runs(runs);
+        EXPECT_THAT(run.output, HasSubstr("missing 0 unexpected 0"));
+        const Loaded l = loaded_of(run);
+        EXPECT_EQ(l.bytes_read, l.piece_bytes) << run.output;
+      }
+    }
+  }
+  // Read once: the replicated tensor by one rank, so the group reads the
+  // checkpoint's bytes once in all.
+  const auto runs = run_ranks("dcp-fixture", sharded, 3, [&](int) {
+    return std::vector<std::string>{"--load", "--read-once", "on"};
+  });
+  std::uint64_t total = 0;
+  for (const RankRun& run : runs) {
+    ASSERT_EQ(run.status, 0) << describe_runs(runs);
+    const Loaded l = loaded_of(run);
+    EXPECT_EQ(l.bytes_read + l.received, l.piece_bytes) << run.output;
+    total += l.bytes_read;
+  }
+  const auto full = torchser::testing::make_scenario("dcp-fixture", 0, 1).full;
+  std::uint64_t checkpoint_bytes = 0;
+  for (const auto& item : full) {
+    checkpoint_bytes += item.value().nbytes();
+  }
+  EXPECT_EQ(total, checkpoint_bytes) << describe_runs(runs);
+}
+
+TEST_F(DistributedLoadTest, ABrokenDcpLayoutFailsOnEveryRankNamingTheFiles) {
+  const fs::path source =
+      fs::path(TORCHSER_FIXTURES_DIR) / "dcp" / "world2" / "sharded";
+  // The first rank's files gone: a hole in every split tensor.
+  const fs::path missing = dir("missing-rank");
+  fs::copy(source, missing);
+  fs::remove(missing / "shard-00001-model-00001-of-00002.safetensors");
+  fs::remove(missing / "shard-00001-model-00002-of-00002.safetensors");
+  auto runs = run_ranks("dcp-fixture", missing, 2, [&](int) {
+    return std::vector<std::string>{"--load"};
+  });
+  for (const RankRun& run : runs) {
+    EXPECT_EQ(run.status, 3) << describe_runs(runs);
+    EXPECT_THAT(run.output, HasSubstr("none of shard 1")) << run.output;
+  }
+  // A shard file cut short: the format's error, naming it.
+  const fs::path truncated = dir("truncated");
+  fs::copy(source, truncated);
+  fs::resize_file(
+      truncated / "shard-00002-model-00001-of-00002.safetensors", 100);
+  runs = run_ranks("dcp-fixture", truncated, 2, [&](int) {
+    return std::vector<std::string>{"--load"};
+  });
+  for (const RankRun& run : runs) {
+    EXPECT_EQ(run.status, 3) << describe_runs(runs);
+    EXPECT_THAT(
+        run.output, HasSubstr("shard-00002-model-00001-of-00002.safetensors"))
+        << run.output;
+  }
+}
+
 // read_once: each tensor several ranks need whole is read by one of them
 // and broadcast, so the group reads the checkpoint once in all.
 TEST_F(

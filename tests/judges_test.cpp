@@ -17,6 +17,7 @@
 #include <map>
 #include <random>
 #include <set>
+#include <sstream>
 
 #include <ATen/ops/arange.h>
 #include <ATen/ops/empty.h>
@@ -931,6 +932,50 @@ TEST(JudgeTest, DcpAndTorchserReshardACheckpointIntoTheSamePieces) {
         const json mine = json::parse(runs[r].output.substr(
             at + marker.size(), end - at - marker.size()));
         EXPECT_EQ(mine, locals.at(r)) << "rank " << r;
+      }
+    }
+  }
+}
+
+// PyTorch DCP's per-rank layout as PyTorch leaves it (3 Gloo ranks,
+// HuggingFaceStorageWriter(save_distributed=True), no consolidation),
+// loaded as it is by torchser's distributed load on 2 and 4 ranks: every
+// rank's pieces hold what PyTorch wrote, and each rank reads only its
+// pieces' bytes.
+TEST(JudgeTest, TorchserReshardsDcpsPerRankLayoutAsPyTorchWroteIt) {
+  REQUIRE_PYTHON_JUDGES();
+  TempDir dir;
+  const json written =
+      judge({"dcp", (dir / "dcp").string(), "write-sharded", "3"});
+  print_tools(
+      written, "HuggingFaceStorageWriter(save_distributed=True), 3 Gloo ranks");
+  // The scenario the ranks compare with is what PyTorch wrote.
+  const auto full = torchser::testing::make_scenario("dcp-fixture", 0, 1).full;
+  ASSERT_EQ(written.at("tensors").size(), full.size());
+  for (const auto& item : full) {
+    EXPECT_EQ(describe(item.value()), written.at("tensors").at(item.key()))
+        << item.key();
+  }
+  for (const int world : {2, 4}) {
+    for (const bool direct : {false, true}) {
+      SCOPED_TRACE(
+          std::to_string(world) + " ranks, " + (direct ? "kDirect" : "pread"));
+      std::vector<std::string> args = {"--load", "--strict"};
+      if (direct) {
+        args.push_back("--direct");
+      }
+      const auto runs = torchser::testing::run_ranks(
+          "dcp-fixture", dir / "dcp", world, [&](int) { return args; });
+      for (const auto& run : runs) {
+        ASSERT_EQ(run.status, 0) << torchser::testing::describe_runs(runs);
+        EXPECT_THAT(run.output, ::testing::HasSubstr("missing 0 unexpected 0"));
+        std::istringstream numbers(
+            run.output.substr(run.output.find(" loaded ") + 8));
+        std::uint64_t bytes_read = 0;
+        std::uint64_t rchar = 0;
+        std::uint64_t piece_bytes = 0;
+        numbers >> bytes_read >> rchar >> piece_bytes;
+        EXPECT_EQ(bytes_read, piece_bytes) << run.output;
       }
     }
   }

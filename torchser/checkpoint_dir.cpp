@@ -24,6 +24,7 @@
 #include <torchser/constants.h>
 #include <torchser/errors.h>
 
+#include "torchser/detail/dcp_layout.h"
 #include "torchser/detail/file.h"
 #include "torchser/detail/tensor_file.h"
 
@@ -183,10 +184,37 @@ Checkpoint resolve_checkpoint(
       return out;
     }
   }
+  // PyTorch DCP's sharded layout: nothing but its shard files (one file of
+  // a one-rank save is a whole checkpoint to any loader).
+  const bool dcp_layout = !files.safetensors.empty() &&
+                          std::all_of(
+                              files.safetensors.begin(),
+                              files.safetensors.end(),
+                              [](const fs::path& p) {
+                                return is_dcp_shard_name(p.filename().string());
+                              });
+  if (dcp_layout && options.allow_dcp) {
+    Checkpoint out;
+    out.kind = Checkpoint::Kind::kDcpSharded;
+    out.directory = directory;
+    out.files = files.safetensors;
+    out.is_directory = true;
+    return out;
+  }
+  const std::string dcp_hint =
+      !dcp_layout ? std::string()
+                  : " It holds PyTorch DCP's sharded layout (" +
+                        std::to_string(files.safetensors.size()) +
+                        " shard-…-model-…-of-….safetensors files): load it "
+                        "with the distributed load_torch_state_dict (on any "
+                        "number of ranks, one included), or consolidate it "
+                        "first (torchser consolidate " +
+                        directory.string() + " OUT).";
   const auto single =
       [&](const std::vector<fs::path>& found) -> std::optional<Checkpoint> {
     if (found.size() > 1) {
-      throw ValueError("Directory '" + directory.string() + kNoCheckpoint);
+      throw ValueError(
+          "Directory '" + directory.string() + kNoCheckpoint + dcp_hint);
     }
     if (found.empty()) {
       return std::nullopt;
@@ -237,6 +265,9 @@ Checkpoint resolve_checkpoint(
           "load it (torchser's pickle reader "
           "never runs code from a file).";
     }
+  }
+  if (dcp_layout) {
+    hint = dcp_hint;
   }
   if (options.allow_dduf && files.archives.size() > 1) {
     hint = " It holds " + std::to_string(files.archives.size()) +

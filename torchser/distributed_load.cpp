@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -27,6 +28,7 @@
 
 #include "torchser/detail/checkpoint_dir.h"
 #include "torchser/detail/collectives.h"
+#include "torchser/detail/dcp_layout.h"
 #include "torchser/detail/direct_io.h"
 #include "torchser/detail/file.h"
 #include "torchser/detail/key_filter.h"
@@ -137,17 +139,27 @@ class PieceReader {
   std::unique_ptr<std::uint8_t[]> chunk_;
 };
 
+// Where bytes of a checkpoint tensor lie: a row-major piece of it in one
+// file (the whole tensor, but in DCP's sharded layout).
+struct Stored {
+  std::size_t file = 0; // into Plan::paths
+  Shape offsets;        // in the full tensor
+  Shape sizes;
+  // The piece's first byte in its file; none: a torch.save tensor that is
+  // no contiguous view of its record (read through the mapping).
+  std::optional<std::uint64_t> begin;
+};
+
 // One local tensor and where its values come from.
 struct Target {
   std::string local_name;
   std::string checkpoint_name;
-  std::size_t file = 0; // into Plan::files
   Shape full;
-  Shape offsets;
+  Shape offsets; // of the local piece in the full tensor
   at::ScalarType dtype = at::kFloat;
-  std::optional<std::uint64_t> offset; // in the file; none: not contiguous
-  std::uint64_t nbytes = 0;            // of the checkpoint's whole tensor
-  bool whole = false;                  // the piece is the whole tensor
+  std::uint64_t nbytes = 0; // of the checkpoint's whole tensor
+  bool whole = false;       // the piece is the whole tensor, every byte placed
+  std::vector<Stored> stored; // the stored pieces the local piece overlaps
 };
 
 // A tensor read once, by `reader`, and broadcast to the group.
@@ -170,13 +182,36 @@ std::string host_name() {
 }
 
 struct Plan {
+  // By file: its tensor file (its header, a torch.save file's pickle; none
+  // for DCP's shard files, whose headers the layout read) and its path.
   std::vector<std::unique_ptr<detail::TensorFile>> files;
-  std::vector<std::filesystem::path> paths; // of `files`
+  std::vector<std::filesystem::path> paths;
   std::vector<Target> targets;
   std::vector<std::string> missing;
   std::vector<std::string> mapped_names; // mapped, not ignored
   std::string where;                     // the checkpoint in messages
 };
+
+// The pieces of `layout`'s tensor that overlap the local piece at `offsets`
+// of `sizes`, with their files numbered through `file_index`.
+std::vector<Stored> overlapping(
+    const detail::DcpTensor& tensor,
+    const Shape& offsets,
+    c10::IntArrayRef sizes,
+    const std::function<std::size_t(std::size_t)>& file_index) {
+  std::vector<Stored> out;
+  for (const detail::DcpPiece& p : tensor.pieces) {
+    bool overlaps = true;
+    for (std::size_t d = 0; d < offsets.size(); ++d) {
+      overlaps = overlaps && offsets[d] < p.offsets[d] + p.sizes[d] &&
+                 p.offsets[d] < offsets[d] + sizes[d];
+    }
+    if (overlaps) {
+      out.push_back(Stored{file_index(p.file), p.offsets, p.sizes, p.begin});
+    }
+  }
+  return out;
+}
 
 Plan plan_load(
     const DistributedStateDict& state_dict,
@@ -192,21 +227,26 @@ Plan plan_load(
   detail::ResolveOptions resolve;
   resolve.filename_pattern = options.filename_pattern();
   resolve.allow_pickle = !options.safe();
+  resolve.allow_dcp = true;
   const detail::Checkpoint checkpoint =
       detail::resolve_checkpoint(target, resolve);
+  using Kind = detail::Checkpoint::Kind;
   Plan plan;
-  plan.where = checkpoint.kind == detail::Checkpoint::Kind::kSharded
+  plan.where = checkpoint.kind == Kind::kSharded
                    ? checkpoint.index_path.string()
+               : checkpoint.kind == Kind::kDcpSharded
+                   ? "'" + checkpoint.directory.string() + "'"
                    : checkpoint.files.front().string();
 
   // The checkpoint's names, the file holding each, and the alias records.
   std::vector<std::string> keys;
   std::map<std::string, std::string> file_of; // name → file, sharded only
   std::vector<std::pair<std::string, std::string>> aliases;
-  const bool is_single = checkpoint.kind != detail::Checkpoint::Kind::kSharded;
   std::unique_ptr<detail::TensorFile> single;
+  std::optional<detail::DcpLayout> dcp;
+  std::map<std::string, const detail::DcpTensor*> dcp_tensor;
   const detail::TensorFileOptions open{LoadBackend::kMmap, std::nullopt, {}};
-  if (!is_single) {
+  if (checkpoint.kind == Kind::kSharded) {
     keys.assign(checkpoint.index.keys.begin(), checkpoint.index.keys.end());
     for (const auto& [shard, names] : checkpoint.index.shards) {
       for (const std::string& name : names) {
@@ -214,6 +254,12 @@ Plan plan_load(
       }
     }
     aliases = checkpoint.index.metadata;
+  } else if (checkpoint.kind == Kind::kDcpSharded) {
+    dcp = detail::read_dcp_layout(checkpoint.directory);
+    for (const detail::DcpTensor& t : dcp->tensors) {
+      keys.push_back(t.name);
+      dcp_tensor.emplace(t.name, &t);
+    }
   } else {
     single = detail::open_tensor_file(checkpoint.files.front(), open);
     single->check_format_metadata();
@@ -255,6 +301,37 @@ Plan plan_load(
   // Each needed file opened once (its header; a torch.save file's pickle),
   // every piece checked against its tensor.
   std::map<std::string, std::size_t> opened;
+  const auto file_index = [&](const std::string& file_name, bool parse) {
+    auto at = opened.find(file_name);
+    if (at == opened.end()) {
+      at = opened.emplace(file_name, plan.files.size()).first;
+      if (!parse) {
+        plan.files.emplace_back();
+      } else if (single) {
+        plan.files.push_back(std::move(single));
+      } else {
+        plan.files.push_back(
+            detail::open_tensor_file(checkpoint.directory / file_name, open));
+        plan.files.back()->check_format_metadata();
+      }
+      plan.paths.push_back(checkpoint.directory / file_name);
+    }
+    return at->second;
+  };
+  const auto size_mismatch = [&](const std::string& name,
+                                 const Shape& stored,
+                                 const std::string& in,
+                                 const Target& t,
+                                 const Placement& placement) {
+    return RuntimeError(
+        "Error(s) in loading state_dict on rank " + std::to_string(rank) +
+        ":\n\tsize mismatch for " + name + ": copying a param with shape " +
+        detail::torch_size(stored) + " from checkpoint (" + in +
+        "), the shape in current model is " + detail::torch_size(t.full) +
+        (placement.is_replicate() ? std::string()
+                                  : " (the full shape of its placement)") +
+        ".");
+  };
   for (const auto& item : state_dict) {
     const std::string& name = item.key();
     const auto source = source_of.find(name);
@@ -264,59 +341,69 @@ Plan plan_load(
       }
       continue;
     }
-    const std::string& checkpoint_name = source->second;
-    const std::string file_name =
-        is_single ? checkpoint.files.front().filename().string()
-                  : file_of.at(checkpoint_name);
-    auto at = opened.find(file_name);
-    if (at == opened.end()) {
-      at = opened.emplace(file_name, plan.files.size()).first;
-      if (is_single) {
-        plan.files.push_back(std::move(single));
-      } else {
-        plan.files.push_back(
-            detail::open_tensor_file(checkpoint.directory / file_name, open));
-        plan.files.back()->check_format_metadata();
-      }
-      plan.paths.push_back(checkpoint.directory / file_name);
-    }
-    const detail::TensorFile& file = *plan.files[at->second];
-    const detail::TensorEntry* entry = nullptr;
-    for (const detail::TensorEntry& e : file.entries()) {
-      if (e.name == checkpoint_name) {
-        entry = &e;
-        break;
-      }
-    }
-    if (entry == nullptr) {
-      throw ValueError(
-          "Index " + plan.where + " places '" + checkpoint_name + "' in " +
-          file_name + ", but " + file.display_name() + " does not hold it");
-    }
+    const at::Tensor& local = item.value().local;
     Target t;
     t.local_name = name;
-    t.checkpoint_name = checkpoint_name;
-    t.file = at->second;
-    item.value().placement.locate(item.value().local, name, t.full, t.offsets);
-    if (entry->shape != t.full) {
-      throw RuntimeError(
-          "Error(s) in loading state_dict on rank " + std::to_string(rank) +
-          ":\n\tsize mismatch for " + name + ": copying a param with shape " +
-          detail::torch_size(entry->shape) + " from checkpoint (" +
-          file.display_name() + "), the shape in current model is " +
-          detail::torch_size(t.full) +
-          (item.value().placement.is_replicate()
-               ? std::string()
-               : " (the full shape of its placement)") +
-          ".");
+    t.checkpoint_name = source->second;
+    item.value().placement.locate(local, name, t.full, t.offsets);
+    if (dcp) {
+      const detail::DcpTensor& stored = *dcp_tensor.at(t.checkpoint_name);
+      if (stored.full != t.full) {
+        throw size_mismatch(
+            name,
+            stored.full,
+            "the pieces of " + plan.where,
+            t,
+            item.value().placement);
+      }
+      t.dtype = to_torch_dtype(stored.dtype);
+      t.nbytes = (static_cast<std::uint64_t>(detail::volume(stored.full)) *
+                      static_cast<std::uint64_t>(
+                          safetensors_dtype_bits(stored.dtype)) +
+                  7) /
+                 8;
+      t.stored =
+          overlapping(stored, t.offsets, local.sizes(), [&](std::size_t f) {
+            return file_index(dcp->files[f].path.filename().string(), false);
+          });
+    } else {
+      const std::string file_name =
+          checkpoint.kind == Kind::kSharded
+              ? file_of.at(t.checkpoint_name)
+              : checkpoint.files.front().filename().string();
+      const std::size_t f = file_index(file_name, true);
+      const detail::TensorFile& file = *plan.files[f];
+      const detail::TensorEntry* entry = nullptr;
+      for (const detail::TensorEntry& e : file.entries()) {
+        if (e.name == t.checkpoint_name) {
+          entry = &e;
+          break;
+        }
+      }
+      if (entry == nullptr) {
+        throw ValueError(
+            "Index " + plan.where + " places '" + t.checkpoint_name + "' in " +
+            file_name + ", but " + file.display_name() + " does not hold it");
+      }
+      if (entry->shape != t.full) {
+        throw size_mismatch(
+            name, entry->shape, file.display_name(), t, item.value().placement);
+      }
+      t.dtype = dtype_of(*entry, file.display_name());
+      t.nbytes = entry->nbytes;
+      t.stored.push_back(Stored{
+          f,
+          Shape(t.full.size(), 0),
+          t.full,
+          file.file_offset(t.checkpoint_name)});
     }
-    t.dtype = dtype_of(*entry, file.display_name());
-    t.offset = file.file_offset(checkpoint_name);
-    t.nbytes = entry->nbytes;
     // (A piece of the full shape sits at offsets zero: locate() checked
     // that it fits.)
-    t.whole = item.value().local.sizes() == c10::IntArrayRef(t.full) &&
-              t.offset.has_value();
+    t.whole =
+        local.sizes() == c10::IntArrayRef(t.full) &&
+        std::all_of(t.stored.begin(), t.stored.end(), [](const Stored& s) {
+          return s.begin.has_value();
+        });
     plan.targets.push_back(std::move(t));
   }
   std::sort(plan.missing.begin(), plan.missing.end());
@@ -462,74 +549,125 @@ DistributedLoadResult load_torch_state_dict(
           static_cast<std::uint64_t>(state_dict[t.local_name].local.numel()) *
           c10::elementSize(t.dtype);
     }
-    std::set<detail::ViewKey> done; // tied locals are read once
-    for (std::size_t f = 0; f < plan.files.size(); ++f) {
-      std::optional<PieceReader> reader;
-      for (const Target& t : plan.targets) {
-        if (t.file != f) {
+    // File by file (by each target's first), each file open from its first
+    // target to its last.
+    std::vector<std::size_t> order(plan.targets.size());
+    for (std::size_t i = 0; i < order.size(); ++i) {
+      order[i] = i;
+    }
+    const auto first_file = [&](std::size_t i) {
+      const auto& stored = plan.targets[i].stored;
+      return stored.empty() ? std::size_t{0} : stored.front().file;
+    };
+    std::stable_sort(order.begin(), order.end(), [&](auto a, auto b) {
+      return first_file(a) < first_file(b);
+    });
+    std::vector<std::size_t> last_use(plan.paths.size(), 0);
+    for (std::size_t k = 0; k < order.size(); ++k) {
+      for (const Stored& s : plan.targets[order[k]].stored) {
+        last_use[s.file] = k;
+      }
+    }
+    std::map<std::size_t, PieceReader> readers;
+    // Fills `dest` (target t's piece at `offsets`, or the whole tensor)
+    // from the stored pieces it overlaps: the overlap's runs in each.
+    const auto read = [&](const Target& t,
+                          const at::Tensor& dest,
+                          const Shape& offsets) {
+      std::uint64_t bytes = 0;
+      for (const Stored& s : t.stored) {
+        at::Tensor part = dest;
+        Shape within(s.offsets.size());
+        bool empty = false;
+        for (std::size_t d = 0; d < s.offsets.size(); ++d) {
+          const auto dim = static_cast<std::int64_t>(d);
+          const std::int64_t lo = std::max(offsets[d], s.offsets[d]);
+          const std::int64_t hi =
+              std::min(offsets[d] + dest.size(dim), s.offsets[d] + s.sizes[d]);
+          empty = empty || hi <= lo;
+          if (empty) {
+            break;
+          }
+          part = part.narrow(dim, lo - offsets[d], hi - lo);
+          within[d] = lo - s.offsets[d];
+        }
+        if (empty) {
           continue;
         }
-        at::Tensor& local = state_dict[t.local_name].local;
-        result.loaded_keys.push_back(t.local_name);
-        // A piece of a tensor others need whole is this rank's own to read.
-        const auto fanned =
-            t.whole ? fan_out.find(t.checkpoint_name) : fan_out.end();
-        if (fanned != fan_out.end()) {
-          if (fanned->second.reader != me ||
-              sources.count(t.checkpoint_name) != 0) {
-            continue; // received, or already read for the group
+        if (s.begin.has_value()) {
+          auto reader = readers.find(s.file);
+          if (reader == readers.end()) {
+            reader = readers
+                         .emplace(
+                             std::piecewise_construct,
+                             std::forward_as_tuple(s.file),
+                             std::forward_as_tuple(plan.paths[s.file], direct))
+                         .first;
           }
+          bytes +=
+              reader->second.read(part, s.sizes, within, t.dtype, *s.begin);
+          continue;
+        }
+        // A torch.save tensor that is no contiguous view of its record:
+        // its piece, through the mapping.
+        at::Tensor whole = plan.files[s.file]->get(t.checkpoint_name);
+        for (std::size_t d = 0; d < within.size(); ++d) {
+          whole = whole.narrow(
+              static_cast<std::int64_t>(d), within[d], part.size(d));
+        }
+        part.copy_(whole);
+        bytes += static_cast<std::uint64_t>(part.numel()) *
+                 c10::elementSize(t.dtype);
+      }
+      return bytes;
+    };
+    std::set<detail::ViewKey> done; // tied locals are read once
+    for (std::size_t k = 0; k < order.size(); ++k) {
+      const Target& t = plan.targets[order[k]];
+      at::Tensor& local = state_dict[t.local_name].local;
+      result.loaded_keys.push_back(t.local_name);
+      // A piece of a tensor others need whole is this rank's own to read.
+      const auto fanned =
+          t.whole ? fan_out.find(t.checkpoint_name) : fan_out.end();
+      bool progressed = false;
+      if (fanned != fan_out.end()) {
+        if (fanned->second.reader == me &&
+            sources.count(t.checkpoint_name) == 0) {
           // Read for the group: into the local tensor when it holds the
           // file's bytes as they are, else into a copy that is broadcast.
-          if (!reader) {
-            reader.emplace(plan.paths[f], direct);
-          }
           at::Tensor source =
               takes_file_bytes(local, t.dtype)
                   ? local
                   : at::empty(t.full, at::TensorOptions().dtype(t.dtype));
-          const Shape zeros(t.full.size(), 0);
-          result.bytes_read +=
-              reader->read(source, t.full, zeros, t.dtype, *t.offset);
+          result.bytes_read += read(t, source, Shape(t.full.size(), 0));
           if (!source.is_same(local)) {
             local.copy_(source);
           }
           sources.emplace(t.checkpoint_name, source);
           done.insert(detail::view_key(local));
-          continue;
         }
-        // Ties as the distributed save finds them.
-        if (local.numel() > 0 && !done.insert(detail::view_key(local)).second) {
-          continue;
-        }
-        std::uint64_t bytes = 0;
-        if (t.offset.has_value()) {
-          if (!reader) {
-            reader.emplace(plan.paths[f], direct);
-          }
-          bytes = reader->read(local, t.full, t.offsets, t.dtype, *t.offset);
-        } else {
-          // A torch.save tensor that is no contiguous view of its record:
-          // its piece, through the mapping.
-          at::Tensor whole = plan.files[f]->get(t.checkpoint_name);
-          for (std::size_t d = 0; d < t.offsets.size(); ++d) {
-            whole = whole.narrow(
-                static_cast<std::int64_t>(d), t.offsets[d], local.size(d));
-          }
-          local.copy_(whole);
-          bytes = static_cast<std::uint64_t>(local.numel()) *
-                  c10::elementSize(t.dtype);
-        }
-        result.bytes_read += bytes;
-        if (options.progress()) {
-          options.progress()(Progress{
-              plan.paths[f].filename().string(),
-              t.local_name,
-              result.bytes_read,
-              planned});
+        // (Else received, or already read for the group.)
+      } else if (
+          local.numel() == 0 || done.insert(detail::view_key(local)).second) {
+        // (Ties as the distributed save finds them: read once.)
+        result.bytes_read += read(t, local, t.offsets);
+        progressed = true;
+      }
+      if (progressed && options.progress()) {
+        options.progress()(Progress{
+            t.stored.empty()
+                ? std::string()
+                : plan.paths[t.stored.front().file].filename().string(),
+            t.local_name,
+            result.bytes_read,
+            planned});
+      }
+      for (const Stored& s : t.stored) {
+        if (last_use[s.file] == k) {
+          readers.erase(s.file);
+          plan.files[s.file].reset();
         }
       }
-      plan.files[f].reset();
     }
   });
   // 4. The tensors read once, broadcast chunk by chunk, straight into the

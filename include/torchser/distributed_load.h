@@ -60,14 +60,19 @@ struct TORCHSER_API DistributedLoadResult {
 /// Fills each rank's local tensors from `checkpoint` (a `.safetensors` or
 /// `.bin` file, a sharded checkpoint's folder or index, or a folder holding
 /// one file; written by huggingface_hub, transformers, torchser on one
-/// process or distributed), run by every rank of `group` at once. A
+/// process or distributed; or a folder of PyTorch DCP's per-rank layout,
+/// `shard-RRRRR-model-KKKKK-of-NNNNN.safetensors` files as
+/// `HuggingFaceStorageWriter(save_distributed=True)` leaves them, read
+/// where its pieces lie, with no consolidation), run by every rank of
+/// `group` at once. A
 /// sharded local tensor receives its slice of the checkpoint's tensor of
 /// the placement's full shape; a replicated one the whole tensor. Values
 /// are copied into the local tensors in place (any device, any strides,
 /// converted to their dtype), without autograd.
 ///
 /// - Each rank reads only the byte ranges of its pieces (contiguous runs of
-///   the row-major tensors) with positional reads, straight into the local
+///   the row-major tensors; in DCP's layout, of the parts of the stored
+///   pieces its own overlap) with positional reads, straight into the local
 ///   tensor when its layout and dtype are the file's, else through a 16 MiB
 ///   chunk. Shards holding none of a rank's tensors are not opened.
 /// - Before anything is copied, the ranks check everything together:

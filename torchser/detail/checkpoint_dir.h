@@ -57,10 +57,14 @@ struct TORCHSER_API ResolveOptions {
   /// Whether a `.dduf` archive (or a folder holding only one) counts: the
   /// CLI's commands take one; a module load does not.
   bool allow_dduf = false;
+  /// Whether a folder of PyTorch DCP's sharded layout counts (only shard
+  /// files, see dcp_layout.h): the distributed load takes one; the others
+  /// are told to use it or to consolidate first.
+  bool allow_dcp = false;
 };
 
 struct TORCHSER_API Checkpoint {
-  enum class Kind { kFile, kSharded, kDDUF };
+  enum class Kind { kFile, kSharded, kDDUF, kDcpSharded };
   Kind kind = Kind::kFile;
   /// The folder of the checkpoint (a single file's parent).
   std::filesystem::path directory;
@@ -69,7 +73,8 @@ struct TORCHSER_API Checkpoint {
   /// kSharded: what the index says (shards validated not to leave the
   /// folder and to carry the index's extension).
   IndexFile index;
-  /// The tensor files: shards in sorted order, or the single file or archive.
+  /// The tensor files: shards in sorted order (kDcpSharded: DCP's shard
+  /// files), or the single file or archive.
   std::vector<std::filesystem::path> files;
   /// What was chosen over what else, for the CLI to say ("using
   /// model.safetensors; the folder also holds pytorch_model.bin").
