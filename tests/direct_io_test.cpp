@@ -454,6 +454,13 @@ TEST(DirectLoadTest, AFileReplacedByRenameAfterOpeningIsStillTheOneRead) {
   checkpoint_file->prefetch({"big", "half"});
   EXPECT_TRUE(at::equal(checkpoint_file->get("big"), old_sd["big"]));
   EXPECT_TRUE(at::equal(checkpoint_file->get("half"), old_sd["half"]));
+  // A .bin: its records are read from the file whose pickle was replayed.
+  torch_save(old_sd, dir / "m.bin");
+  const auto bin = torchser::detail::open_tensor_file(dir / "m.bin", direct);
+  torch_save(other, dir / "new.bin");
+  fs::rename(dir / "new.bin", dir / "m.bin");
+  EXPECT_TRUE(at::equal(bin->get("big"), old_sd["big"]));
+  EXPECT_TRUE(at::equal(bin->get("idx"), old_sd["idx"]));
 }
 
 TEST(DirectLoadTest, ATruncatedBinIsAnErrorNamingItNeverAFault) {

@@ -308,19 +308,19 @@ class PickleFile final : public TensorFile {
       bool ambiguous,
       fs::path path,
       std::optional<std::string> key,
-      bool direct,
+      const File* direct,
       c10::Device device)
       : tensors_(std::move(tensors)),
         mapped_(mapped),
         path_(std::move(path)),
         key_(std::move(key)),
         device_(device) {
-    if (direct) {
-      // The entries are the layout's stand-ins, never handed out; the file
-      // is opened again at once, so that the records come from the file
-      // whose pickle was read.
+    if (direct != nullptr) {
+      // The entries are the layout's stand-ins, never handed out; the
+      // records are read from the very file whose pickle was read (`direct`
+      // is it, open), even if a save has renamed another over the path.
       layout_ = tensors_;
-      reader_ = std::make_unique<DirectFile>(path_, display_);
+      reader_ = std::make_unique<DirectFile>(path_, display, direct->fd());
     }
     selection_ = std::move(selection);
     ambiguous_ = ambiguous;
@@ -561,8 +561,9 @@ std::unique_ptr<TensorFile> open_tensor_file(
   // storages (nothing is mapped, no record is read: a file cut short is an
   // OSError, never a fault) and reads the records it is asked for itself.
   const bool direct = options.backend == LoadBackend::kDirect;
+  const File opened = direct ? File::open_read(path) : File();
   Selected selected = select_state_dict(
-      direct ? torch_load_layout(path)
+      direct ? torch_load_layout(path, &opened)
              : torch_load(
                    path,
                    TorchLoadOptions()
@@ -580,7 +581,7 @@ std::unique_ptr<TensorFile> open_tensor_file(
       selected.ambiguous,
       path,
       options.key,
-      direct,
+      direct ? &opened : nullptr,
       device.is_meta() ? c10::Device(c10::kCPU) : device);
 }
 

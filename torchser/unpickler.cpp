@@ -779,7 +779,8 @@ namespace {
 PickleValue load_archive(
     const std::filesystem::path& path,
     const TorchLoadOptions& options,
-    bool layout_only);
+    bool layout_only,
+    const detail::File* opened = nullptr);
 
 } // namespace
 
@@ -790,8 +791,9 @@ PickleValue torch_load(
 
 namespace detail {
 
-PickleValue torch_load_layout(const std::filesystem::path& path) {
-  return load_archive(path, TorchLoadOptions().mmap(false), true);
+PickleValue torch_load_layout(
+    const std::filesystem::path& path, const File* opened) {
+  return load_archive(path, TorchLoadOptions().mmap(false), true, opened);
 }
 
 } // namespace detail
@@ -801,9 +803,12 @@ namespace {
 PickleValue load_archive(
     const std::filesystem::path& path,
     const TorchLoadOptions& options,
-    bool layout_only) {
+    bool layout_only,
+    const detail::File* opened) {
   const std::string source = "'" + path.string() + "'";
-  const detail::File file = detail::File::open_read(path);
+  const detail::File owned =
+      opened != nullptr ? detail::File() : detail::File::open_read(path);
+  const detail::File& file = opened != nullptr ? *opened : owned;
   // mmap: tensors are views of a mapping of the file. Otherwise nothing is
   // mapped: every byte is read with pread, so a file truncated or rewritten
   // while it is read gives an OSError naming it, never a SIGBUS.

@@ -9,6 +9,8 @@
 #include <torchser/export.h>
 #include <torchser/pickle.h>
 
+#include "torchser/detail/file.h"
+
 namespace torchser::detail {
 
 /// The address of a layout's stand-in storage is this plus the file offset
@@ -19,7 +21,10 @@ inline constexpr std::uintptr_t kLayoutBase = std::uintptr_t{1} << 46;
 /// stand-in at kLayoutBase + its record's data offset, so that a tensor's
 /// first element lies at `data_ptr() - kLayoutBase` in the file (its
 /// storage offset, sizes and strides as the pickle gives them). Only the
-/// ZIP directory and the pickle are read. Errors as torch_load().
-TORCHSER_API PickleValue torch_load_layout(const std::filesystem::path& path);
+/// ZIP directory and the pickle are read. Errors as torch_load(). With
+/// `opened` (`path` open for reading), that very file is read, so that a
+/// reader of its records can be sure they are the file the layout describes.
+TORCHSER_API PickleValue torch_load_layout(
+    const std::filesystem::path& path, const File* opened = nullptr);
 
 } // namespace torchser::detail
