@@ -152,7 +152,6 @@ TEST(ChecksumTest, AFlippedBitIsLocatedToItsTensorOnLoadAndVerify) {
         SaveOptions().checksums(true).max_shard_size(max));
     const fs::path file = max == 1 ? dir / "model-00001-of-00003.safetensors"
                                    : dir / "model.safetensors";
-    flip_bit(file, data_offset(file, "a") + 17);
     struct Three : torch::nn::Module {
       Three() {
         a = register_buffer("a", at::zeros({1000}));
@@ -160,13 +159,26 @@ TEST(ChecksumTest, AFlippedBitIsLocatedToItsTensorOnLoadAndVerify) {
         c = register_buffer("c", at::zeros({3, 4}, at::kBFloat16));
       }
       at::Tensor a, b, c;
-    } module;
-    try {
-      load_torch_model(module, dir.path());
-      FAIL() << "no error";
-    } catch (const OSError& e) {
-      EXPECT_THAT(e.what(), HasSubstr("tensor 'a'"));
-      EXPECT_THAT(e.what(), HasSubstr(file.filename().string()));
+    };
+    // Whole, it loads checked with every backend (kDirect checks batches
+    // it read once).
+    for (const auto backend :
+         {LoadBackend::kMmap, LoadBackend::kPread, LoadBackend::kDirect}) {
+      Three whole;
+      load_torch_model(whole, dir.path(), LoadOptions().backend(backend));
+      EXPECT_TRUE(whole.a.equal(three_tensors()["a"]));
+    }
+    flip_bit(file, data_offset(file, "a") + 17);
+    Three module;
+    for (const auto backend :
+         {LoadBackend::kMmap, LoadBackend::kPread, LoadBackend::kDirect}) {
+      try {
+        load_torch_model(module, dir.path(), LoadOptions().backend(backend));
+        FAIL() << "no error";
+      } catch (const OSError& e) {
+        EXPECT_THAT(e.what(), HasSubstr("tensor 'a'"));
+        EXPECT_THAT(e.what(), HasSubstr(file.filename().string()));
+      }
     }
     EXPECT_TRUE(module.b.equal(at::zeros({10}, at::kLong))); // nothing copied
     EXPECT_THROW(load_state_dict_from_file(file), OSError);

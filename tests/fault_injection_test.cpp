@@ -21,6 +21,7 @@
 #include <set>
 #include <string>
 
+#include <ATen/Parallel.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/zeros.h>
 #include <torch/nn/module.h>
@@ -99,6 +100,9 @@ std::string in_child(const std::function<std::string()>& body) {
   }
   const pid_t child = ::fork();
   if (child == 0) {
+    // LibTorch's OpenMP pool, started by an earlier test in the parent, has
+    // no threads in the child: a parallel kernel there would wait forever.
+    at::set_num_threads(1);
     ::close(pipe_fds[0]);
     std::string report;
     try {
@@ -307,6 +311,7 @@ TEST(FaultInjectionTest, ConcurrentLoadsNeverSeeAPartialCheckpoint) {
     save_torch_state_dict(version(0), dir.path(), options);
     const pid_t saver = ::fork();
     if (saver == 0) {
+      at::set_num_threads(1); // as in in_child()
       for (int v = 1;; ++v) {
         save_torch_state_dict(
             version(static_cast<float>(v * 100)), dir.path(), options);
