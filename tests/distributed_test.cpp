@@ -570,6 +570,41 @@ TEST(ProcessGroupTest, MissingOrBadSettingsAreValueErrorsNamingThem) {
   ::unsetenv("WORLD_SIZE");
 }
 
+// A peer that dies mid-collective must be a DistBackendError on the ranks
+// left, never SIGPIPE's silent death in a socket write (seen: a rank killed
+// while its peer wrote to it). Forming a group ignores SIGPIPE when its
+// action is the default; a handler of the program's stays.
+void count_sigpipe(int) {}
+
+TEST(ProcessGroupTest, FormingAGroupIgnoresSigpipeUnlessTheProgramHandlesIt) {
+  const torchser::testing::TempDir temp;
+  struct sigaction saved {};
+  ASSERT_EQ(::sigaction(SIGPIPE, nullptr, &saved), 0);
+  const auto form = [&](const std::string& name) {
+    return torchser::init_process_group(
+        torchser::ProcessGroupOptions()
+            .init_method("file://" + (temp.path() / name).string())
+            .rank(0)
+            .world_size(1)
+            .hostname("127.0.0.1")
+            .timeout(std::chrono::seconds(20)));
+  };
+  struct sigaction action {};
+  action.sa_handler = SIG_DFL;
+  ::sigemptyset(&action.sa_mask);
+  ASSERT_EQ(::sigaction(SIGPIPE, &action, nullptr), 0);
+  form("default");
+  struct sigaction now {};
+  ::sigaction(SIGPIPE, nullptr, &now);
+  EXPECT_EQ(now.sa_handler, SIG_IGN);
+  action.sa_handler = count_sigpipe;
+  ASSERT_EQ(::sigaction(SIGPIPE, &action, nullptr), 0);
+  form("handled");
+  ::sigaction(SIGPIPE, nullptr, &now);
+  EXPECT_EQ(now.sa_handler, count_sigpipe);
+  ::sigaction(SIGPIPE, &saved, nullptr);
+}
+
 TEST(ProcessGroupTest, AOneRankGroupSavesInProcess) {
   const torchser::testing::TempDir temp;
   const fs::path root = temp.path();

@@ -3,6 +3,8 @@
 
 #include <torchser/process_group.h>
 
+#include <signal.h>
+
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -91,12 +93,30 @@ struct GroupImpl final : ProcessGroup::Impl {
   c10::intrusive_ptr<Group> group;
 };
 
+// Gloo's and the TCP store's sockets write without MSG_NOSIGNAL: a write to
+// a peer that died raises SIGPIPE, whose default action kills this process
+// silently where it should become a DistBackendError ("Connection closed by
+// peer") on the ranks left. Python ignores SIGPIPE at startup, so PyTorch
+// never meets it; a C++ program must. Only the default action is replaced: a
+// handler or disposition the program chose stays.
+void ignore_sigpipe() {
+  struct sigaction current {};
+  if (::sigaction(SIGPIPE, nullptr, &current) == 0 &&
+      (current.sa_flags & SA_SIGINFO) == 0 && current.sa_handler == SIG_DFL) {
+    struct sigaction ignore {};
+    ignore.sa_handler = SIG_IGN;
+    ::sigemptyset(&ignore.sa_mask);
+    ::sigaction(SIGPIPE, &ignore, nullptr);
+  }
+}
+
 template <typename Group>
 std::shared_ptr<ProcessGroup::Impl> make_impl(
     const c10::intrusive_ptr<Group>& group, std::chrono::milliseconds timeout) {
   if (!group) {
     throw ValueError("torchser::ProcessGroup: the c10d group is null");
   }
+  ignore_sigpipe();
   auto impl = std::make_shared<GroupImpl<Group>>(group);
   impl->timeout = timeout;
   if (impl->backend() == "nccl") {
@@ -235,6 +255,7 @@ bool is_nccl_available() noexcept {
 }
 
 ProcessGroup init_process_group(const ProcessGroupOptions& options) {
+  ignore_sigpipe(); // before the store's sockets, see ignore_sigpipe()
   const std::string& backend = options.backend();
   if (backend != "gloo" && backend != "nccl") {
     throw ValueError(

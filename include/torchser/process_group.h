@@ -14,6 +14,11 @@
 /// The one difference between LibTorch releases lives behind this handle:
 /// LibTorch 1.13's `ProcessGroupGloo` is a `c10d::ProcessGroup`, 2.x's a
 /// `c10d::Backend` that a `c10d::ProcessGroup` wraps. Both can be wrapped.
+///
+/// SIGPIPE: creating or wrapping a group sets SIGPIPE to ignored when its
+/// action is still the default (as Python does at startup), so that a peer
+/// that dies becomes a DistBackendError on the ranks left instead of killing
+/// them silently in a socket write. A handler the program set stays.
 
 #include <chrono>
 #include <memory>
