@@ -12,6 +12,8 @@
 
 #include <cstdlib>
 #include <random>
+#include <set>
+#include <string>
 
 #include <ATen/Context.h>
 #include <ATen/ops/arange.h>
@@ -33,7 +35,9 @@
 #include "test_utils.h"
 #include "tied_net.h"
 #include "torchser/detail/direct_io.h"
+#include "torchser/detail/file.h"
 #include "torchser/detail/tensor_file.h"
+#include "torchser/detail/torch_load_layout.h"
 
 namespace {
 
@@ -461,6 +465,21 @@ TEST(DirectLoadTest, AFileReplacedByRenameAfterOpeningIsStillTheOneRead) {
   fs::rename(dir / "new.bin", dir / "m.bin");
   EXPECT_TRUE(at::equal(bin->get("big"), old_sd["big"]));
   EXPECT_TRUE(at::equal(bin->get("idx"), old_sd["idx"]));
+  // The layout comes from the open file, not from what the path names by
+  // then (the window between replaying the pickle and opening the reader).
+  torch_save(old_sd, dir / "m.bin");
+  const auto opened = torchser::detail::File::open_read(dir / "m.bin");
+  torch_save(other, dir / "new.bin");
+  fs::rename(dir / "new.bin", dir / "m.bin");
+  const PickleValue layout =
+      torchser::detail::torch_load_layout(dir / "m.bin", &opened);
+  ASSERT_EQ(layout.kind(), PickleValue::Kind::kDict);
+  std::set<std::string> keys;
+  for (const auto& item : layout.dict_items()) {
+    keys.insert(item.first.to_string());
+  }
+  EXPECT_EQ(keys.count("big"), 1U);
+  EXPECT_EQ(keys.count("x"), 0U);
 }
 
 TEST(DirectLoadTest, ATruncatedBinIsAnErrorNamingItNeverAFault) {

@@ -9,11 +9,21 @@
 #include <filesystem>
 #include <sstream>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <ATen/ops/arange.h>
+#include <ATen/ops/ones.h>
+#include <ATen/ops/zeros.h>
+#include <nlohmann/json.hpp>
+
+#include <torchser/distributed_load.h>
+#include <torchser/key_mapping.h>
+#include <torchser/process_group.h>
+#include <torchser/safetensors.h>
 #include <torchser/save.h>
 
 #include "dist_harness.h"
@@ -245,6 +255,98 @@ TEST_F(DistributedLoadTest, DcpsShardedLayoutLoadsIntoEveryWorldSize) {
     checkpoint_bytes += item.value().nbytes();
   }
   EXPECT_EQ(total, checkpoint_bytes) << describe_runs(runs);
+}
+
+// DCP's layout with the load's options and conversions, on a one-rank
+// group in this process: a shard file written as DCP writes one (its pieces'
+// saved_offsets in DCP_SHARDING_INFO), a local block that overlaps pieces of
+// two files, held transposed in another dtype; renamed keys, an ignored
+// one, a tensor with an empty piece.
+TEST_F(DistributedLoadTest, DcpsLayoutTakesTheLoadOptionsAndConvertsPieces) {
+  const fs::path layout = dir("dcp-written");
+  const at::Tensor w = at::arange(24, at::kFloat).view({4, 6});
+  const at::Tensor b = at::arange(5, at::kFloat) * 10;
+  const at::Tensor e = at::arange(6, at::kFloat).view({3, 2}) * 100;
+  const auto shard =
+      [&](int rank,
+          const std::vector<
+              std::tuple<std::string, at::Tensor, std::vector<std::int64_t>>>&
+              pieces) {
+        torchser::StateDict sd;
+        nlohmann::json info = nlohmann::json::object();
+        for (const auto& [name, piece, offsets] : pieces) {
+          sd.insert(name, piece.contiguous());
+          info[name] = {{"saved_offsets", offsets}};
+        }
+        torchser::save_file(
+            sd,
+            layout / ("shard-0000" + std::to_string(rank) +
+                      "-model-00001-of-00001.safetensors"),
+            torchser::SafetensorsMetadata{
+                {"format", "pt"}, {"DCP_SHARDING_INFO", info.dump()}});
+      };
+  shard(
+      1,
+      {{"w", w.narrow(0, 0, 2), {0, 0}},
+       {"b", b, {0}},
+       {"e", e, {0, 0}},
+       {"skip", at::ones({2}), {0}}});
+  shard(
+      2, {{"w", w.narrow(0, 2, 2), {2, 0}}, {"e", e.narrow(0, 3, 0), {3, 0}}});
+
+  const torchser::ProcessGroup group = torchser::init_process_group(
+      torchser::ProcessGroupOptions()
+          .init_method("file://" + (dir("store") / "store").string())
+          .rank(0)
+          .world_size(1)
+          .hostname("127.0.0.1")
+          .timeout(std::chrono::seconds(20)));
+  for (const auto backend :
+       {torchser::LoadBackend::kMmap, torchser::LoadBackend::kDirect}) {
+    torchser::DistributedStateDict sd;
+    // Rows 1-3, columns 2-4: pieces of both files, float64, transposed.
+    const at::Tensor block = at::zeros({3, 3}, at::kDouble).t();
+    sd.insert("model.w", {block, torchser::Placement::block({4, 6}, {1, 2})});
+    sd.insert(
+        "model.b",
+        {at::zeros({5}, at::kFloat), torchser::Placement::replicate()});
+    sd.insert(
+        "model.e",
+        {at::zeros({3, 2}, at::kFloat), torchser::Placement::replicate()});
+    const auto result = torchser::load_torch_state_dict(
+        sd,
+        fs::path(layout),
+        group,
+        torchser::LoadOptions()
+            .strict(true)
+            .backend(backend)
+            .key_mapping(torchser::KeyMapping().add_prefix("model."))
+            .ignore_keys({"^model\\.skip$"}));
+    EXPECT_TRUE(sd["model.w"].local.equal(
+        w.narrow(0, 1, 3).narrow(1, 2, 3).to(at::kDouble)));
+    EXPECT_TRUE(sd["model.b"].local.equal(b));
+    EXPECT_TRUE(sd["model.e"].local.equal(e));
+    EXPECT_EQ(result.bytes_read, (9 + 5 + 6) * 4U);
+    EXPECT_TRUE(result.missing_keys.empty());
+    EXPECT_TRUE(result.unexpected_keys.empty());
+  }
+  // A shape that is not the pieces' full shape: PyTorch's message, naming
+  // the layout's folder.
+  torchser::DistributedStateDict wrong;
+  wrong.insert(
+      "model.w",
+      {at::zeros({5, 6}, at::kFloat), torchser::Placement::replicate()});
+  EXPECT_THAT(
+      [&] {
+        torchser::load_torch_state_dict(
+            wrong,
+            layout,
+            group,
+            torchser::LoadOptions().key_mapping(
+                torchser::KeyMapping().add_prefix("model.")));
+      },
+      ::testing::ThrowsMessage<torchser::RuntimeError>(::testing::AllOf(
+          HasSubstr("size mismatch for model.w"), HasSubstr(layout.string()))));
 }
 
 TEST_F(DistributedLoadTest, ABrokenDcpLayoutFailsOnEveryRankNamingTheFiles) {

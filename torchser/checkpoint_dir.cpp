@@ -184,9 +184,10 @@ Checkpoint resolve_checkpoint(
       return out;
     }
   }
-  // PyTorch DCP's sharded layout: nothing but its shard files (one file of
-  // a one-rank save is a whole checkpoint to any loader).
-  const bool dcp_layout = !files.safetensors.empty() &&
+  // PyTorch DCP's sharded layout: nothing but its shard files, more than
+  // one (one file, of a one-rank save, holds whole tensors: a single-file
+  // checkpoint to any loader).
+  const bool dcp_layout = files.safetensors.size() > 1 &&
                           std::all_of(
                               files.safetensors.begin(),
                               files.safetensors.end(),

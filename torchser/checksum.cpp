@@ -6,6 +6,7 @@
 #include <climits>
 #include <cstdio>
 #include <exception>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -165,37 +166,56 @@ std::map<std::string, std::uint32_t> recorded_checksums(
 }
 
 void check_checksums(
-    const TensorFile& file, const std::set<std::string>& names) {
+    const TensorFile& file, const std::set<std::string>& names, bool batches) {
   const std::map<std::string, std::uint32_t> recorded =
       recorded_checksums(file);
   struct Work {
     std::string name;
     std::uint32_t expected;
     std::uint64_t nbytes;
+    const std::string* storage; // empty: its own bytes
+    std::uint64_t storage_bytes;
   };
   std::vector<Work> work;
   for (const TensorEntry& entry : file.entries()) {
     const auto it = recorded.find(entry.name);
     if (it != recorded.end() &&
         (names.empty() || names.count(entry.name) != 0)) {
-      work.push_back({entry.name, it->second, entry.nbytes});
+      work.push_back(
+          {entry.name,
+           it->second,
+           entry.nbytes,
+           &entry.storage,
+           entry.storage_bytes});
     }
   }
-  // Batches of up to 256 MiB, each prefetched (kDirect reads a batch with
-  // many reads in flight, where a get() each would set up a queue per
-  // tensor) and released once checked; the other backends read on demand.
+  // In batches of up to 256 MiB of what is read: a tensor's own bytes, or
+  // once per batch the whole storage record its views share (a .bin).
   constexpr std::uint64_t kBatchBytes = std::uint64_t{256} << 20;
   for (std::size_t first = 0; first < work.size();) {
     std::size_t last = first;
     std::uint64_t bytes = 0;
+    std::set<std::string> storages;
     std::vector<std::string> batch;
-    while (last < work.size() &&
-           (last == first || bytes + work[last].nbytes <= kBatchBytes)) {
-      bytes += work[last].nbytes;
-      batch.push_back(work[last].name);
+    while (last < work.size()) {
+      const Work& w = work[last];
+      const std::uint64_t cost = w.storage->empty() ? w.nbytes
+                                 : storages.count(*w.storage) != 0
+                                     ? 0
+                                     : w.storage_bytes;
+      if (batches && last > first && bytes + cost > kBatchBytes) {
+        break;
+      }
+      if (!w.storage->empty()) {
+        storages.insert(*w.storage);
+      }
+      bytes += cost;
+      batch.push_back(w.name);
       ++last;
     }
-    file.prefetch(batch);
+    if (batches) {
+      file.prefetch(batch);
+    }
     std::exception_ptr failure;
     try {
       parallel_for(last - first, 4, [&](std::size_t i) {
@@ -211,7 +231,8 @@ void check_checksums(
     } catch (...) {
       failure = std::current_exception();
     }
-    for (const std::string& name : batch) {
+    for (const std::string& name :
+         batches ? batch : std::vector<std::string>{}) {
       file.release(name);
     }
     if (failure) {

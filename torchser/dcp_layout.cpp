@@ -5,6 +5,7 @@
 #include <map>
 #include <regex>
 #include <set>
+#include <stdexcept>
 
 #include <nlohmann/json.hpp>
 

@@ -14,6 +14,7 @@
 #include <memory>
 #include <optional>
 #include <set>
+#include <tuple>
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
@@ -43,10 +44,32 @@ using detail::Shape;
 
 constexpr std::size_t kChunkBytes = std::size_t{16} << 20;
 
+// The torch dtype of a stored tensor, named in errors: one this LibTorch
+// lacks, or one whose elements are not whole bytes (F4, F6: a piece's runs
+// cannot be placed byte-wise, and LibTorch packs F4 two to a byte).
+at::ScalarType torch_dtype_of(
+    SafetensorsDtype code, const std::string& name, const std::string& where) {
+  if (safetensors_dtype_bits(code) % 8 != 0) {
+    throw ValueError(
+        "Tensor '" + name + "' of " + where + " is " +
+        safetensors_dtype_name(code) +
+        ", whose elements are not whole bytes: a distributed load cannot "
+        "place its pieces (load it whole with load_torch_model)");
+  }
+  try {
+    return to_torch_dtype(code);
+  } catch (const SafetensorError& e) {
+    throw ValueError(
+        "Tensor '" + name + "' of " + where + " has dtype " +
+        safetensors_dtype_name(code) +
+        ", which this LibTorch build cannot hold (" + e.what() + ")");
+  }
+}
+
 at::ScalarType dtype_of(
     const detail::TensorEntry& entry, const std::string& file) {
   if (const auto code = parse_safetensors_dtype(entry.dtype)) {
-    return to_torch_dtype(*code);
+    return torch_dtype_of(*code, entry.name, file);
   }
   if (entry.dtype == c10::toString(at::kComplexDouble)) {
     return at::kComplexDouble;
@@ -66,8 +89,15 @@ class PieceReader {
  public:
   // `direct`: the runs that take the file's bytes go through the cold-cache
   // reader (LoadBackend::kDirect), all of a piece's runs in one pass.
-  PieceReader(std::filesystem::path path, bool direct)
-      : path_(std::move(path)), file_(detail::File::open_read(path_)) {
+  // `chunk`: the conversion buffer (kChunkBytes), shared by the readers of
+  // one load and allocated on first use.
+  PieceReader(
+      std::filesystem::path path,
+      bool direct,
+      std::unique_ptr<std::uint8_t[]>* chunk)
+      : path_(std::move(path)),
+        file_(detail::File::open_read(path_)),
+        chunk_(*chunk) {
     if (direct) {
       direct_ = std::make_unique<detail::DirectFile>(path_, path_.string());
     }
@@ -136,7 +166,7 @@ class PieceReader {
   std::filesystem::path path_;
   detail::File file_;
   std::unique_ptr<detail::DirectFile> direct_;
-  std::unique_ptr<std::uint8_t[]> chunk_;
+  std::unique_ptr<std::uint8_t[]>& chunk_;
 };
 
 // Where bytes of a checkpoint tensor lie: a row-major piece of it in one
@@ -201,7 +231,7 @@ std::vector<Stored> overlapping(
     const std::function<std::size_t(std::size_t)>& file_index) {
   std::vector<Stored> out;
   for (const detail::DcpPiece& p : tensor.pieces) {
-    bool overlaps = true;
+    bool overlaps = detail::volume(p.sizes) > 0;
     for (std::size_t d = 0; d < offsets.size(); ++d) {
       overlaps = overlaps && offsets[d] < p.offsets[d] + p.sizes[d] &&
                  p.offsets[d] < offsets[d] + sizes[d];
@@ -235,7 +265,7 @@ Plan plan_load(
   plan.where = checkpoint.kind == Kind::kSharded
                    ? checkpoint.index_path.string()
                : checkpoint.kind == Kind::kDcpSharded
-                   ? "'" + checkpoint.directory.string() + "'"
+                   ? checkpoint.directory.string()
                    : checkpoint.files.front().string();
 
   // The checkpoint's names, the file holding each, and the alias records.
@@ -356,7 +386,7 @@ Plan plan_load(
             t,
             item.value().placement);
       }
-      t.dtype = to_torch_dtype(stored.dtype);
+      t.dtype = torch_dtype_of(stored.dtype, t.checkpoint_name, plan.where);
       t.nbytes = (static_cast<std::uint64_t>(detail::volume(stored.full)) *
                       static_cast<std::uint64_t>(
                           safetensors_dtype_bits(stored.dtype)) +
@@ -568,59 +598,66 @@ DistributedLoadResult load_torch_state_dict(
         last_use[s.file] = k;
       }
     }
+    // Open readers, by file: a piece split across every writer's file of
+    // DCP's layout would otherwise hold them all open at once.
+    constexpr std::size_t kMaxOpenReaders = 16;
     std::map<std::size_t, PieceReader> readers;
+    std::unique_ptr<std::uint8_t[]> chunk; // shared by the readers
     // Fills `dest` (target t's piece at `offsets`, or the whole tensor)
     // from the stored pieces it overlaps: the overlap's runs in each.
-    const auto read = [&](const Target& t,
-                          const at::Tensor& dest,
-                          const Shape& offsets) {
-      std::uint64_t bytes = 0;
-      for (const Stored& s : t.stored) {
-        at::Tensor part = dest;
-        Shape within(s.offsets.size());
-        bool empty = false;
-        for (std::size_t d = 0; d < s.offsets.size(); ++d) {
-          const auto dim = static_cast<std::int64_t>(d);
-          const std::int64_t lo = std::max(offsets[d], s.offsets[d]);
-          const std::int64_t hi =
-              std::min(offsets[d] + dest.size(dim), s.offsets[d] + s.sizes[d]);
-          empty = empty || hi <= lo;
-          if (empty) {
-            break;
+    const auto read =
+        [&](const Target& t, const at::Tensor& dest, const Shape& offsets) {
+          std::uint64_t bytes = 0;
+          for (const Stored& s : t.stored) {
+            at::Tensor part = dest;
+            Shape within(s.offsets.size());
+            bool empty = false;
+            for (std::size_t d = 0; d < s.offsets.size(); ++d) {
+              const auto dim = static_cast<std::int64_t>(d);
+              const std::int64_t lo = std::max(offsets[d], s.offsets[d]);
+              const std::int64_t hi = std::min(
+                  offsets[d] + dest.size(dim), s.offsets[d] + s.sizes[d]);
+              empty = empty || hi <= lo;
+              if (empty) {
+                break;
+              }
+              part = part.narrow(dim, lo - offsets[d], hi - lo);
+              within[d] = lo - s.offsets[d];
+            }
+            if (empty) {
+              continue;
+            }
+            if (s.begin.has_value()) {
+              auto reader = readers.find(s.file);
+              if (reader == readers.end()) {
+                if (readers.size() >= kMaxOpenReaders) {
+                  readers.erase(readers.begin()); // opened again if needed
+                }
+                reader = readers
+                             .emplace(
+                                 std::piecewise_construct,
+                                 std::forward_as_tuple(s.file),
+                                 std::forward_as_tuple(
+                                     plan.paths[s.file], direct, &chunk))
+                             .first;
+              }
+              bytes +=
+                  reader->second.read(part, s.sizes, within, t.dtype, *s.begin);
+              continue;
+            }
+            // A torch.save tensor that is no contiguous view of its record:
+            // its piece, through the mapping.
+            at::Tensor whole = plan.files[s.file]->get(t.checkpoint_name);
+            for (std::size_t d = 0; d < within.size(); ++d) {
+              whole = whole.narrow(
+                  static_cast<std::int64_t>(d), within[d], part.size(d));
+            }
+            part.copy_(whole);
+            bytes += static_cast<std::uint64_t>(part.numel()) *
+                     c10::elementSize(t.dtype);
           }
-          part = part.narrow(dim, lo - offsets[d], hi - lo);
-          within[d] = lo - s.offsets[d];
-        }
-        if (empty) {
-          continue;
-        }
-        if (s.begin.has_value()) {
-          auto reader = readers.find(s.file);
-          if (reader == readers.end()) {
-            reader = readers
-                         .emplace(
-                             std::piecewise_construct,
-                             std::forward_as_tuple(s.file),
-                             std::forward_as_tuple(plan.paths[s.file], direct))
-                         .first;
-          }
-          bytes +=
-              reader->second.read(part, s.sizes, within, t.dtype, *s.begin);
-          continue;
-        }
-        // A torch.save tensor that is no contiguous view of its record:
-        // its piece, through the mapping.
-        at::Tensor whole = plan.files[s.file]->get(t.checkpoint_name);
-        for (std::size_t d = 0; d < within.size(); ++d) {
-          whole = whole.narrow(
-              static_cast<std::int64_t>(d), within[d], part.size(d));
-        }
-        part.copy_(whole);
-        bytes += static_cast<std::uint64_t>(part.numel()) *
-                 c10::elementSize(t.dtype);
-      }
-      return bytes;
-    };
+          return bytes;
+        };
     std::set<detail::ViewKey> done; // tied locals are read once
     for (std::size_t k = 0; k < order.size(); ++k) {
       const Target& t = plan.targets[order[k]];

@@ -691,7 +691,8 @@ StateDict load_state_dict_from_file(
   // kDirect reads them all now, many reads in flight; the others on get().
   file->prefetch(std::vector<std::string>(read.begin(), read.end()));
   if (options.verify_checksums() && !read.empty()) {
-    detail::check_checksums(*file, read);
+    // On what was just read (kept: it is what this returns).
+    detail::check_checksums(*file, read, false);
   }
   const std::string name = path.filename().string();
   StateDict out;

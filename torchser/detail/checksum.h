@@ -50,8 +50,13 @@ TORCHSER_API std::map<std::string, std::uint32_t> recorded_checksums(
 
 /// Checks the recorded checksum of each tensor of `file` in `names` (all
 /// when empty), on up to four threads. OSError naming the file, the tensor
-/// and both values at the first mismatch.
+/// and both values at the first mismatch. `batches`: reads batches of up to
+/// 256 MiB of stored bytes through TensorFile::prefetch (kDirect: many
+/// reads in flight) and releases each once checked; false when the caller
+/// has prefetched `names` itself and keeps them (nothing read twice).
 TORCHSER_API void check_checksums(
-    const TensorFile& file, const std::set<std::string>& names = {});
+    const TensorFile& file,
+    const std::set<std::string>& names = {},
+    bool batches = true);
 
 } // namespace torchser::detail
