@@ -61,6 +61,22 @@ Loaded loaded_of(const RankRun& run) {
   return out;
 }
 
+// A read-once load's ranks: each succeeded, and each piece's bytes were
+// read or received; returns the bytes the group read in all.
+std::uint64_t read_once_total(const std::vector<RankRun>& runs) {
+  std::uint64_t total = 0;
+  for (const RankRun& run : runs) {
+    [&] { ASSERT_EQ(run.status, 0) << describe_runs(runs); }();
+    if (::testing::Test::HasFatalFailure()) {
+      return total;
+    }
+    const Loaded l = loaded_of(run);
+    EXPECT_EQ(l.bytes_read + l.received, l.piece_bytes) << run.output;
+    total += l.bytes_read;
+  }
+  return total;
+}
+
 class DistributedLoadTest : public ::testing::Test {
  protected:
   fs::path dir(const std::string& name) {
@@ -243,12 +259,7 @@ TEST_F(DistributedLoadTest, DcpsShardedLayoutLoadsIntoEveryWorldSize) {
     return std::vector<std::string>{"--load", "--read-once", "on"};
   });
   std::uint64_t total = 0;
-  for (const RankRun& run : runs) {
-    ASSERT_EQ(run.status, 0) << describe_runs(runs);
-    const Loaded l = loaded_of(run);
-    EXPECT_EQ(l.bytes_read + l.received, l.piece_bytes) << run.output;
-    total += l.bytes_read;
-  }
+  ASSERT_NO_FATAL_FAILURE(total = read_once_total(runs));
   const auto full = torchser::testing::make_scenario("dcp-fixture", 0, 1).full;
   std::uint64_t checkpoint_bytes = 0;
   for (const auto& item : full) {
@@ -392,12 +403,7 @@ TEST_F(
           "--load", "--strict", "--read-once", "on"};
     });
     std::uint64_t total = 0;
-    for (const RankRun& run : runs) {
-      ASSERT_EQ(run.status, 0) << describe_runs(runs);
-      const Loaded l = loaded_of(run);
-      EXPECT_EQ(l.bytes_read + l.received, l.piece_bytes) << run.output;
-      total += l.bytes_read;
-    }
+    ASSERT_NO_FATAL_FAILURE(total = read_once_total(runs));
     // The four 1 MiB tensors, once.
     EXPECT_EQ(total, std::uint64_t{4} << 20) << describe_runs(runs);
   }

@@ -231,9 +231,8 @@ void check_checksums(
     } catch (...) {
       failure = std::current_exception();
     }
-    for (const std::string& name :
-         batches ? batch : std::vector<std::string>{}) {
-      file.release(name);
+    for (std::size_t i = first; batches && i < last; ++i) {
+      file.release(work[i].name);
     }
     if (failure) {
       std::rethrow_exception(failure);

@@ -231,12 +231,7 @@ std::vector<Stored> overlapping(
     const std::function<std::size_t(std::size_t)>& file_index) {
   std::vector<Stored> out;
   for (const detail::DcpPiece& p : tensor.pieces) {
-    bool overlaps = detail::volume(p.sizes) > 0;
-    for (std::size_t d = 0; d < offsets.size(); ++d) {
-      overlaps = overlaps && offsets[d] < p.offsets[d] + p.sizes[d] &&
-                 p.offsets[d] < offsets[d] + sizes[d];
-    }
-    if (overlaps) {
+    if (detail::intersection({offsets, sizes.vec()}, {p.offsets, p.sizes})) {
       out.push_back(Stored{file_index(p.file), p.offsets, p.sizes, p.begin});
     }
   }
@@ -387,11 +382,8 @@ Plan plan_load(
             item.value().placement);
       }
       t.dtype = torch_dtype_of(stored.dtype, t.checkpoint_name, plan.where);
-      t.nbytes = (static_cast<std::uint64_t>(detail::volume(stored.full)) *
-                      static_cast<std::uint64_t>(
-                          safetensors_dtype_bits(stored.dtype)) +
-                  7) /
-                 8;
+      t.nbytes = static_cast<std::uint64_t>(detail::volume(stored.full)) *
+                 c10::elementSize(t.dtype); // whole bytes: see torch_dtype_of
       t.stored =
           overlapping(stored, t.offsets, local.sizes(), [&](std::size_t f) {
             return file_index(dcp->files[f].path.filename().string(), false);
@@ -609,23 +601,19 @@ DistributedLoadResult load_torch_state_dict(
         [&](const Target& t, const at::Tensor& dest, const Shape& offsets) {
           std::uint64_t bytes = 0;
           for (const Stored& s : t.stored) {
+            const auto shared = detail::intersection(
+                {offsets, dest.sizes().vec()}, {s.offsets, s.sizes});
+            if (!shared) {
+              continue;
+            }
             at::Tensor part = dest;
             Shape within(s.offsets.size());
-            bool empty = false;
             for (std::size_t d = 0; d < s.offsets.size(); ++d) {
-              const auto dim = static_cast<std::int64_t>(d);
-              const std::int64_t lo = std::max(offsets[d], s.offsets[d]);
-              const std::int64_t hi = std::min(
-                  offsets[d] + dest.size(dim), s.offsets[d] + s.sizes[d]);
-              empty = empty || hi <= lo;
-              if (empty) {
-                break;
-              }
-              part = part.narrow(dim, lo - offsets[d], hi - lo);
-              within[d] = lo - s.offsets[d];
-            }
-            if (empty) {
-              continue;
+              part = part.narrow(
+                  static_cast<std::int64_t>(d),
+                  shared->offsets[d] - offsets[d],
+                  shared->sizes[d]);
+              within[d] = shared->offsets[d] - s.offsets[d];
             }
             if (s.begin.has_value()) {
               auto reader = readers.find(s.file);
@@ -666,7 +654,6 @@ DistributedLoadResult load_torch_state_dict(
       // A piece of a tensor others need whole is this rank's own to read.
       const auto fanned =
           t.whole ? fan_out.find(t.checkpoint_name) : fan_out.end();
-      bool progressed = false;
       if (fanned != fan_out.end()) {
         if (fanned->second.reader == me &&
             sources.count(t.checkpoint_name) == 0) {
@@ -688,16 +675,15 @@ DistributedLoadResult load_torch_state_dict(
           local.numel() == 0 || done.insert(detail::view_key(local)).second) {
         // (Ties as the distributed save finds them: read once.)
         result.bytes_read += read(t, local, t.offsets);
-        progressed = true;
-      }
-      if (progressed && options.progress()) {
-        options.progress()(Progress{
-            t.stored.empty()
-                ? std::string()
-                : plan.paths[t.stored.front().file].filename().string(),
-            t.local_name,
-            result.bytes_read,
-            planned});
+        if (options.progress()) {
+          options.progress()(Progress{
+              t.stored.empty()
+                  ? std::string()
+                  : plan.paths[t.stored.front().file].filename().string(),
+              t.local_name,
+              result.bytes_read,
+              planned});
+        }
       }
       for (const Stored& s : t.stored) {
         if (last_use[s.file] == k) {

@@ -1,5 +1,7 @@
 #include "torchser/detail/tiling.h"
 
+#include <algorithm>
+
 #include <torchser/errors.h>
 
 namespace torchser::detail {
@@ -88,6 +90,21 @@ std::string shape_text(const Shape& shape) {
   return out + "]";
 }
 
+std::optional<Block> intersection(const Block& a, const Block& b) {
+  Block out{Shape(a.offsets.size()), Shape(a.offsets.size())};
+  for (std::size_t d = 0; d < a.offsets.size(); ++d) {
+    const std::int64_t lo = std::max(a.offsets[d], b.offsets[d]);
+    const std::int64_t hi =
+        std::min(a.offsets[d] + a.sizes[d], b.offsets[d] + b.sizes[d]);
+    if (hi <= lo) {
+      return std::nullopt;
+    }
+    out.offsets[d] = lo;
+    out.sizes[d] = hi - lo;
+  }
+  return out;
+}
+
 void check_tiling(
     const std::string& name,
     const Shape& full,
@@ -100,12 +117,7 @@ void check_tiling(
     held += volume(a.sizes);
     for (std::size_t j = i + 1; j < pieces.size(); ++j) {
       const TilePiece& b = pieces[j];
-      bool overlap = volume(a.sizes) > 0 && volume(b.sizes) > 0;
-      for (std::size_t d = 0; overlap && d < a.sizes.size(); ++d) {
-        overlap = a.offsets[d] < b.offsets[d] + b.sizes[d] &&
-                  b.offsets[d] < a.offsets[d] + a.sizes[d];
-      }
-      if (overlap) {
+      if (intersection({a.offsets, a.sizes}, {b.offsets, b.sizes})) {
         throw ValueError(
             "Tensor '" + name + "': the pieces of " + a.holder + " (offsets " +
             shape_text(a.offsets) + ", shape " + shape_text(a.sizes) +

@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -78,6 +79,16 @@ TORCHSER_API void for_each_chunk(
 using ViewKey =
     std::tuple<const void*, std::int64_t, Shape, Shape, c10::ScalarType>;
 TORCHSER_API ViewKey view_key(const at::Tensor& tensor);
+
+/// A block of a row-major tensor: its offsets and sizes in every dimension.
+struct TORCHSER_API Block {
+  Shape offsets;
+  Shape sizes;
+};
+
+/// The elements blocks `a` and `b` of one tensor share, as a block; nullopt
+/// when they share none (a block with no elements shares none).
+TORCHSER_API std::optional<Block> intersection(const Block& a, const Block& b);
 
 /// Elements of `shape`; ValueError when negative or past 2^63 − 1.
 TORCHSER_API std::int64_t volume(const Shape& shape);
